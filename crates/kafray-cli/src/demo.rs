@@ -1,0 +1,136 @@
+//! `kafray demo`: the whole pipeline on one machine, with nothing set up by hand.
+use crate::KafkaArgs;
+use clap::Args;
+use kafray::broker::EmbeddedBroker;
+use kafray::eval::{self, EvalOptions};
+use kafray::metrics::Metrics;
+use kafray::publish::{self, Publisher};
+use kafray::WorkerConfig;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Use this Kafka cluster instead of starting a local broker.
+    #[arg(short, long, env = "KAFRAY_BROKERS")]
+    brokers: Option<String>,
+    /// librdkafka property for every client, e.g. -X security.protocol=SSL (repeatable).
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    properties: Vec<String>,
+    /// Number of workers (consumer-group members, one thread each).
+    #[arg(short, long, default_value_t = 2)]
+    workers: usize,
+    /// Partitions of the frames topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: usize,
+    /// Largest micro-batch.
+    #[arg(long, default_value_t = 10)]
+    batch_size: usize,
+    /// Send a batch when its first frame has waited this long.
+    #[arg(long, default_value_t = 20)]
+    max_wait_ms: u64,
+    /// How many of the 10,000 test digits to stream.
+    #[arg(short = 'n', long, default_value_t = 10_000)]
+    limit: usize,
+    /// MNIST images file.
+    #[arg(long, default_value = "assets/mnist/t10k-images-idx3-ubyte.gz")]
+    images: PathBuf,
+    /// MNIST labels file.
+    #[arg(long, default_value = "assets/mnist/t10k-labels-idx1-ubyte.gz")]
+    labels: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let digits = kafray::mnist::load(&args.images, &args.labels)
+        .map_err(|e| anyhow::anyhow!("{e}\n  (run from the repository root, or pass --images/--labels)"))?;
+    let n = args.limit.min(digits.len());
+    let say = |s: String| if !args.json { eprintln!("{s}") };
+
+    let (_broker, brokers, prefix) = match &args.brokers {
+        Some(b) => {
+            // On a shared cluster, fresh topics keep this run's numbers exact.
+            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            (None, b.clone(), format!("kafray-demo-{stamp}-"))
+        }
+        None => {
+            let broker = EmbeddedBroker::start()?;
+            say(format!("started a local broker (Tansu) on {}", broker.bootstrap()));
+            let b = broker.bootstrap();
+            (Some(broker), b, String::new())
+        }
+    };
+    let props = KafkaArgs { brokers: brokers.clone(), properties: args.properties.clone() }.properties()?;
+    let (frames, predictions) = (format!("{prefix}frames"), format!("{prefix}predictions"));
+    let dlq = format!("{frames}.dlq");
+    kafray::admin::ensure_topics(&brokers, &[(&frames, args.partitions), (&predictions, args.partitions), (&dlq, 1)], &props)?;
+
+    let model = kafray::model::find_model("mnist")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    let mut worker_metrics = Vec::new();
+    for i in 0..args.workers.max(1) {
+        let config = WorkerConfig {
+            brokers: brokers.clone(),
+            input_topic: frames.clone(),
+            output_topic: predictions.clone(),
+            group: format!("{prefix}kafray-demo"),
+            model: model.display().to_string(),
+            batch_size: args.batch_size,
+            max_wait_ms: args.max_wait_ms,
+            status_interval_s: 0,
+            worker_id: Some(format!("demo-worker-{i}")),
+            kafka: props.clone(),
+            ..WorkerConfig::default()
+        };
+        config.validate()?;
+        let (stop, metrics) = (stop.clone(), Arc::new(Metrics::new()));
+        worker_metrics.push(metrics.clone());
+        workers.push(std::thread::spawn(move || kafray::worker::run(&config, stop, metrics)));
+    }
+    say(format!("{} workers on {frames} -> {predictions}, model {}", args.workers.max(1), model.display()));
+    // Publish once the group owns every partition, so latency measures the pipeline, not the join.
+    let joined = Instant::now();
+    while worker_metrics.iter().map(|m| m.assigned_partitions.load(Ordering::Relaxed)).sum::<usize>() < args.partitions {
+        if joined.elapsed() > Duration::from_secs(60) || workers.iter().any(|w| w.is_finished()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    say(format!("the group joined in {:.1} s", joined.elapsed().as_secs_f64()));
+
+    let start = Instant::now();
+    let mut publisher = Publisher::new(&brokers, &frames, &props)?;
+    for frame in publish::mnist_frames(&digits, 8).take(n) {
+        publisher.send(&frame)?;
+    }
+    publisher.finish(Duration::from_secs(60))?;
+    say(format!("published {n} MNIST test digits in {:.1} s; waiting for predictions", start.elapsed().as_secs_f64()));
+
+    let opts = EvalOptions {
+        brokers: brokers.clone(),
+        topic: predictions,
+        expect: Some(n),
+        timeout: Duration::from_secs(300),
+        idle: Duration::from_secs(30),
+        kafka: props,
+    };
+    let read = eval::read_predictions(&opts);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+    }
+    let (read, unparseable, timed_out) = read?;
+    let report = eval::report(&read, unparseable, timed_out);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(if report.distinct_frames == n { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,220 @@
+//! `kafray`: classify live image streams from Kafka with ONNX models.
+mod bench;
+mod demo;
+mod produce;
+
+use clap::{Args, Parser, Subcommand};
+use kafray::config::{parse_property, WorkerConfig};
+use kafray::eval::{self, EvalOptions};
+use kafray::metrics::Metrics;
+use kafray::ErrorKind;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "kafray", version, about = "Classify live image streams from Kafka with ONNX models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream the 10,000 MNIST test digits through 2 workers and report accuracy, throughput
+    /// and latency (starts a local broker unless --brokers is given).
+    Demo(demo::DemoArgs),
+    /// Publish frames: MNIST digits, image files, or a synthetic camera fleet.
+    Produce(produce::ProduceArgs),
+    /// Run one worker: consume frames, classify them in micro-batches, publish predictions.
+    Worker(WorkerArgs),
+    /// Read the predictions topic back: count, duplicates, accuracy, throughput, latency.
+    Eval(EvalArgs),
+    /// Measure raw model throughput and end-to-end pipeline throughput; write CSV.
+    Bench(bench::BenchArgs),
+}
+
+/// librdkafka properties, as kcat takes them.
+#[derive(Args, Clone, Default)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(short, long, global = true, env = "KAFRAY_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// librdkafka property passed through, e.g. -X security.protocol=SASL_SSL (repeatable).
+    #[arg(short = 'X', global = true, value_name = "KEY=VALUE")]
+    pub properties: Vec<String>,
+}
+
+impl KafkaArgs {
+    pub fn properties(&self) -> kafray::Result<Vec<(String, String)>> {
+        self.properties.iter().map(|p| parse_property(p)).collect()
+    }
+}
+
+/// Flags override the config file, which overrides the defaults; `KAFRAY_*` variables stand in for flags.
+#[derive(Args)]
+struct WorkerArgs {
+    /// TOML file with worker settings (field names as in `WorkerConfig`; unknown fields are rejected).
+    #[arg(long, env = "KAFRAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers.
+    #[arg(short, long, env = "KAFRAY_BROKERS")]
+    brokers: Option<String>,
+    /// Topic the frames arrive on [default: frames].
+    #[arg(long, env = "KAFRAY_INPUT_TOPIC")]
+    input_topic: Option<String>,
+    /// Topic predictions go to [default: predictions].
+    #[arg(long, env = "KAFRAY_OUTPUT_TOPIC")]
+    output_topic: Option<String>,
+    /// Topic for frames that cannot be classified [default: <input-topic>.dlq].
+    #[arg(long, env = "KAFRAY_DEAD_LETTER_TOPIC")]
+    dead_letter_topic: Option<String>,
+    /// Consumer group [default: kafray].
+    #[arg(short, long, env = "KAFRAY_GROUP")]
+    group: Option<String>,
+    /// Model: path to an .onnx file, or mnist | mobilenet_v2 | efficientnet_lite0 [default: mnist].
+    #[arg(short, long, env = "KAFRAY_MODEL")]
+    model: Option<String>,
+    /// Largest micro-batch [default: 10].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Send a batch when its first frame has waited this long [default: 20].
+    #[arg(long)]
+    max_wait_ms: Option<u64>,
+    /// ONNX Runtime intra-op threads [default: 1].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Classes listed per prediction [default: 5].
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Frames in flight before polling pauses (backpressure) [default: 1000].
+    #[arg(long)]
+    max_in_flight: Option<usize>,
+    /// Seconds between status lines, 0 for none [default: 5].
+    #[arg(long)]
+    status_interval: Option<u64>,
+    /// Name reported in predictions [default: <hostname>-<pid>].
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Create missing input, output and dead-letter topics with this many partitions.
+    #[arg(long)]
+    create_topics: Option<usize>,
+    /// librdkafka property for the consumer and producer, e.g. -X session.timeout.ms=6000 (repeatable).
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    properties: Vec<String>,
+}
+
+impl WorkerArgs {
+    fn to_config(&self) -> kafray::Result<WorkerConfig> {
+        let mut c = match &self.config {
+            Some(path) => WorkerConfig::from_file(path)?,
+            None => WorkerConfig::default(),
+        };
+        macro_rules! take {
+            ($($field:ident => $target:ident),*) => { $( if let Some(v) = &self.$field { c.$target = v.clone(); } )* };
+        }
+        take!(brokers => brokers, input_topic => input_topic, output_topic => output_topic, group => group,
+              model => model, batch_size => batch_size, max_wait_ms => max_wait_ms, threads => threads,
+              top_k => top_k, max_in_flight => max_in_flight, status_interval => status_interval_s);
+        if self.dead_letter_topic.is_some() {
+            c.dead_letter_topic = self.dead_letter_topic.clone();
+        }
+        if self.worker_id.is_some() {
+            c.worker_id = self.worker_id.clone();
+        }
+        for p in &self.properties {
+            c.kafka.push(parse_property(p)?);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Predictions topic.
+    #[arg(short, long, default_value = "predictions")]
+    topic: String,
+    /// Stop once this many distinct frames have a prediction.
+    #[arg(short = 'n', long)]
+    expect: Option<usize>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Stop when nothing new arrived for this many seconds.
+    #[arg(long, default_value_t = 5)]
+    idle: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Worker(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KAFRAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},librdkafka=warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            match e.downcast_ref::<kafray::Error>().map(kafray::Error::kind) {
+                Some(ErrorKind::User) => ExitCode::from(2),
+                Some(ErrorKind::Internal) => ExitCode::from(70),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Produce(args) => produce::run(args).map(|_| ExitCode::SUCCESS),
+        Command::Worker(args) => {
+            let config = args.to_config()?;
+            if let Some(partitions) = args.create_topics {
+                let dlq = config.dead_letter_topic();
+                kafray::admin::ensure_topics(
+                    &config.brokers,
+                    &[(config.input_topic.as_str(), partitions), (config.output_topic.as_str(), partitions), (dlq.as_str(), 1)],
+                    &config.kafka,
+                )?;
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, stop.clone())?;
+            }
+            let last = kafray::worker::run(&config, stop, Arc::new(Metrics::new()))?;
+            eprintln!("worker done: {} predicted, {} dead-lettered", last.predicted, last.dead_lettered);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(args) => {
+            let opts = EvalOptions {
+                brokers: args.kafka.brokers.clone(),
+                topic: args.topic.clone(),
+                expect: args.expect,
+                timeout: Duration::from_secs(args.timeout),
+                idle: Duration::from_secs(args.idle),
+                kafka: args.kafka.properties()?,
+            };
+            let (read, unparseable, timed_out) = eval::read_predictions(&opts)?;
+            let report = eval::report(&read, unparseable, timed_out);
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(if report.timed_out { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Command::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
+    }
+}

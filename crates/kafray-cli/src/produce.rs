@@ -1,0 +1,146 @@
+//! `kafray produce`: MNIST digits, image files, or a synthetic camera fleet.
+use crate::KafkaArgs;
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use kafray::publish::{self, OutFrame, Publisher};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct ProduceArgs {
+    #[command(subcommand)]
+    source: Source,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Topic to publish to.
+    #[arg(short, long, global = true, default_value = "frames")]
+    topic: String,
+    /// Stop after this many frames.
+    #[arg(short = 'n', long, global = true)]
+    limit: Option<usize>,
+    /// Frames per second over all sources (default: as fast as the broker takes them).
+    #[arg(long, global = true)]
+    rate: Option<f64>,
+    /// Create the topic with this many partitions when it does not exist.
+    #[arg(long, global = true)]
+    partitions: Option<usize>,
+    /// No progress bar.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Source {
+    /// The MNIST test set (IDX, gzip or not) as raw 28x28x1 frames with labels.
+    Mnist {
+        /// Images file (idx3-ubyte).
+        #[arg(long, default_value = "assets/mnist/t10k-images-idx3-ubyte.gz")]
+        images: PathBuf,
+        /// Labels file (idx1-ubyte).
+        #[arg(long, default_value = "assets/mnist/t10k-labels-idx1-ubyte.gz")]
+        labels: PathBuf,
+        /// Number of source ids (keys) the digits are spread over.
+        #[arg(long, default_value_t = 8)]
+        sources: usize,
+    },
+    /// PNG/JPEG files as they are; the key is the file name without extension.
+    Images {
+        /// Files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Publish the set this many times.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+    },
+    /// N cameras, each sending F frames/s, cycling over the images of a folder.
+    Camera {
+        /// Folder (or file) of images the cameras cycle over.
+        path: PathBuf,
+        /// Number of cameras (keys cam-0 .. cam-N-1).
+        #[arg(long, default_value_t = 4)]
+        cameras: usize,
+        /// Frames per second per camera.
+        #[arg(long, default_value_t = 5.0)]
+        fps: f64,
+        /// Re-encode frames as SIZExSIZE JPEG, as a camera at that resolution would send.
+        #[arg(long)]
+        size: Option<u32>,
+        /// Stop after this many seconds (default: run until --limit or Ctrl-C).
+        #[arg(long)]
+        duration: Option<f64>,
+    },
+}
+
+pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
+    let props = args.kafka.properties()?;
+    if let Some(p) = args.partitions {
+        kafray::admin::ensure_topics(&args.kafka.brokers, &[(args.topic.as_str(), p)], &props)?;
+    }
+    let mut publisher = Publisher::new(&args.kafka.brokers, &args.topic, &props)?;
+    let (frames, rate, total, duration): (Box<dyn Iterator<Item = OutFrame>>, Option<f64>, Option<usize>, Option<f64>) =
+        match args.source {
+            Source::Mnist { images, labels, sources } => {
+                let digits = kafray::mnist::load(&images, &labels)
+                    .with_context(|| "load MNIST (run from the repository root, or pass --images/--labels)")?;
+                let frames: Vec<OutFrame> = publish::mnist_frames(&digits, sources).collect();
+                let n = frames.len();
+                (Box::new(frames.into_iter()), args.rate, Some(n), None)
+            }
+            Source::Images { paths, repeat } => {
+                let mut frames = Vec::new();
+                for p in &paths {
+                    for (file, bytes, format) in publish::image_files(p)? {
+                        let source = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                        frames.push(OutFrame { source, value: bytes, format, shape: None, label: None });
+                    }
+                }
+                let n = frames.len() * repeat;
+                (Box::new(frames.into_iter().cycle().take(n)), args.rate, Some(n), None)
+            }
+            Source::Camera { path, cameras, fps, size, duration } => {
+                anyhow::ensure!(cameras > 0 && fps > 0.0, "--cameras and --fps must be positive");
+                let mut images = Vec::new();
+                for (_, bytes, format) in publish::image_files(&path)? {
+                    match size {
+                        Some(s) => images.push((publish::to_jpeg(&bytes, s, 90)?, kafray::frame::PixelFormat::Jpeg)),
+                        None => images.push((bytes, format)),
+                    }
+                }
+                let frames = (0..).map(move |i: usize| {
+                    let (cam, tick) = (i % cameras, i / cameras);
+                    let (value, format) = images[(tick + cam) % images.len()].clone();
+                    OutFrame { source: format!("cam-{cam}"), value, format, shape: None, label: None }
+                });
+                (Box::new(frames), Some(args.rate.unwrap_or(cameras as f64 * fps)), None, duration)
+            }
+        };
+    let total = match (total, args.limit) {
+        (Some(t), Some(l)) => Some(t.min(l)),
+        (t, l) => t.or(l),
+    };
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total.unwrap_or(0) as u64) };
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} frames {per_sec} {elapsed}").unwrap());
+    let start = Instant::now();
+    let mut sent = 0usize;
+    for frame in frames {
+        if total.is_some_and(|t| sent >= t) || duration.is_some_and(|d| start.elapsed().as_secs_f64() >= d) {
+            break;
+        }
+        if let Some(r) = rate {
+            // Paced against the start, so slow sends are caught up rather than accumulated.
+            let due = Duration::from_secs_f64(sent as f64 / r);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        publisher.send(&frame)?;
+        sent += 1;
+        bar.inc(1);
+    }
+    let acked = publisher.finish(Duration::from_secs(60))?;
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!("published {acked} frames to {} in {secs:.1} s ({:.0} frames/s)", args.topic, acked as f64 / secs);
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! End-to-end tests: real broker, real `kafray` processes, real models and data.
+mod common;
+
+use common::*;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use std::time::Duration;
+
+const CATS: [&str; 3] = ["Egyptian cat", "tabby", "tiger cat"];
+
+/// The README's first command: all 10,000 test digits, 2 workers, one prediction each.
+#[test]
+fn demo_predicts_every_mnist_digit_once_and_accurately() {
+    let out = run_ok(&mut kafray(&["demo", "--json"]));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["distinct_frames"], 10_000, "{report:#}");
+    assert_eq!(report["predictions"], 10_000, "exactly one prediction per digit: {report:#}");
+    assert_eq!(report["labelled"], 10_000);
+    let accuracy = report["accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.985, "accuracy {accuracy}");
+    assert_eq!(report["per_worker"].as_object().unwrap().len(), 2, "both workers took part: {report:#}");
+}
+
+#[test]
+fn mobilenet_recognises_the_cat_and_the_espresso() {
+    let broker = broker();
+    let b = broker.bootstrap();
+    let images = shared_assets().join("images");
+    let (chelsea, coffee) = (images.join("chelsea.png"), images.join("coffee.png"));
+    run_ok(&mut kafray(&["produce", "images", chelsea.to_str().unwrap(), coffee.to_str().unwrap(), "--brokers", &b, "--partitions", "2", "-q"]));
+    let worker = WorkerProcess::start(&b, "w-photos", &["--model", "mobilenet_v2", "--create-topics", "2"]);
+    let got = predictions_by_key(&b, "predictions", 2);
+    let (clean, log) = worker.stop();
+    assert!(clean, "worker did not shut down cleanly:\n{log}");
+    assert_eq!(got.len(), 2, "{got:?}");
+    for (key, p) in &got {
+        let label = p["label"].as_str().unwrap();
+        match key.as_str() {
+            "chelsea" => assert!(CATS.contains(&label), "chelsea.png -> {label}: {p}"),
+            "coffee" => assert_eq!(label, "espresso", "{p}"),
+            other => panic!("unexpected key {other}"),
+        }
+        assert_eq!(p["top"].as_array().unwrap().len(), 5);
+        assert_eq!(p["model"], "mobilenet_v2_imagenet");
+    }
+    assert!(log.contains("worker stopped"), "{log}");
+}
+
+#[test]
+fn malformed_frames_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
+    let broker = broker();
+    let b = broker.bootstrap();
+    let produce_digits = |n: &str| run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "2", "--limit", n, "-q"]));
+    produce_digits("100");
+    let png = std::fs::read(shared_assets().join("images/chelsea.png")).unwrap();
+    let bad: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, &str)> = vec![
+        ("empty", vec![], vec![], "empty frame"),
+        ("truncated-png", png[..png.len() / 3].to_vec(), vec![], "undecodable image (png)"),
+        ("wrong-shape", vec![0u8; 9], vec![("kafray.format", "raw"), ("kafray.shape", "3x3x1")], "shape 3x3x1 does not match model input 28x28x1"),
+        ("random", (0..500u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect(), vec![], "not PNG or JPEG"),
+    ];
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
+    for (key, value, headers, _) in &bad {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header { key: k, value: Some(*v) });
+        }
+        producer.send(BaseRecord::to("frames").key(*key).payload(value).headers(h)).unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    produce_digits("100");
+
+    let worker = WorkerProcess::start(&b, "w-dlq", &["--create-topics", "2"]);
+    let report = eval(&b, "predictions", 200, 90);
+    let dead = read_topic(&b, "frames.dlq", bad.len(), Duration::from_secs(30));
+    let (clean, log) = worker.stop();
+    assert!(clean, "{log}");
+    assert_eq!(report["distinct_frames"], 200, "every valid frame predicted: {report:#}\n{log}");
+    assert_eq!(dead.len(), bad.len(), "{dead:?}");
+    for (key, value, _, reason) in &bad {
+        let d = dead.iter().find(|d| d.key.as_deref() == Some(*key)).unwrap_or_else(|| panic!("{key} not dead-lettered"));
+        let error = d.header("kafray.error").unwrap();
+        assert!(error.contains(reason), "{key}: {error:?} should say {reason:?}");
+        assert_eq!(&d.value, value, "{key}: the original value is kept");
+        assert!(d.header("kafray.source.offset").is_some());
+    }
+    let raw = dead.iter().find(|d| d.key.as_deref() == Some("wrong-shape")).unwrap();
+    assert_eq!(raw.header("kafray.shape"), Some("3x3x1"), "original headers are kept");
+}
+
+/// Two workers share the partitions; one is killed mid-stream; every frame still gets a prediction.
+#[test]
+fn a_worker_killed_mid_stream_loses_no_frame() {
+    let broker = broker();
+    let b = broker.bootstrap();
+    let n = 6000;
+    let common = ["--group", "g-kill", "--create-topics", "4", "--batch-size", "20"];
+    let mut a = WorkerProcess::start(&b, "w-a", &common);
+    let mut w = WorkerProcess::start(&b, "w-b", &common);
+    a.wait_for("partitions assigned", Duration::from_secs(60));
+    w.wait_for("partitions assigned", Duration::from_secs(60));
+    let mut producer = kafray(&["produce", "mnist", "--brokers", &b, "--limit", &n.to_string(), "--rate", "1000", "-q"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    a.kill9();
+    assert!(producer.wait().unwrap().success());
+    let report = eval(&b, "predictions", n, 120);
+    let (clean, log) = w.stop();
+    assert!(clean, "{log}");
+    eprintln!("kill test: {report:#}");
+    assert_eq!(report["distinct_frames"], n, "every frame predicted: {report:#}\nsurvivor log:\n{log}");
+    assert_eq!(report["labelled"], n);
+    let per_worker = report["per_worker"].as_object().unwrap();
+    assert!(per_worker.get("w-a").and_then(|v| v.as_u64()).unwrap_or(0) > 0, "the killed worker had taken part: {report:#}");
+    assert!(per_worker.get("w-b").and_then(|v| v.as_u64()).unwrap_or(0) > 0, "{report:#}");
+    assert!(report["accuracy"].as_f64().unwrap() >= 0.985);
+}
+
+/// kcat publishes a JPEG and reads the prediction back: the formats are usable from any client.
+#[test]
+fn kcat_round_trip() {
+    let broker = broker();
+    let b = broker.bootstrap();
+    let png = std::fs::read(shared_assets().join("images/coffee.png")).unwrap();
+    let jpeg = kafray::publish::to_jpeg(&png, 256, 92).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("coffee.jpg");
+    std::fs::write(&file, &jpeg).unwrap();
+    kafray::admin::ensure_topics(&b, &[("frames", 1), ("predictions", 1)], &[]).unwrap();
+    let kcat_lib = repo_root().join(".venv/kcat-lib");
+    let kcat = |args: &[&str]| {
+        let mut c = std::process::Command::new("kcat");
+        c.args(["-b", &b]).args(args).env("LD_LIBRARY_PATH", &kcat_lib);
+        c
+    };
+    run_ok(&mut kcat(&["-P", "-t", "frames", "-k", "kitchen-cam", "-H", "kafray.seq=41", "-H", "kafray.label=967", file.to_str().unwrap()]));
+    let worker = WorkerProcess::start(&b, "w-kcat", &["--model", "mobilenet_v2"]);
+    let out = run_ok(&mut kcat(&["-C", "-t", "predictions", "-c", "1", "-o", "beginning", "-J"]));
+    let (clean, log) = worker.stop();
+    assert!(clean, "{log}");
+    let envelope: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(envelope["key"], "kitchen-cam");
+    let p: serde_json::Value = serde_json::from_str(envelope["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(p["label"], "espresso", "{p}");
+    assert_eq!(p["class"], 967);
+    assert_eq!(p["seq"], 41);
+    assert_eq!(p["source"], "kitchen-cam");
+    let headers = envelope["headers"].as_array().unwrap();
+    assert_eq!(headers, &vec![serde_json::json!("kafray.truth"), serde_json::json!("967")], "truth echoed: {envelope}");
+}

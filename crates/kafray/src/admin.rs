@@ -1,0 +1,63 @@
+//! Topic administration through the Kafka admin API (works on any Kafka-compatible broker;
+//! brokers without topic auto-creation need it).
+use crate::error::{Error, KafkaContext as _, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::types::RDKafkaErrorCode;
+use std::time::Duration;
+
+fn admin(brokers: &str, extra: &[(String, String)]) -> Result<AdminClient<DefaultClientContext>> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers);
+    for (k, v) in extra {
+        if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") || k == "client.id" {
+            cfg.set(k, v);
+        }
+    }
+    cfg.create().kafka_context(|| format!("admin client for {brokers}"))
+}
+
+/// Number of partitions of `topic`, or `None` when it does not exist.
+pub fn partition_count(brokers: &str, topic: &str, extra: &[(String, String)]) -> Result<Option<usize>> {
+    let client = admin(brokers, extra)?;
+    let md = client
+        .inner()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .kafka_context(|| format!("metadata of {topic} from {brokers}"))?;
+    Ok(md.topics().iter().find(|t| t.name() == topic && t.error().is_none()).map(|t| t.partitions().len()))
+}
+
+/// Creates the topics that do not exist yet; existing ones are left as they are.
+/// The replication factor is the broker's default.
+pub fn ensure_topics(brokers: &str, topics: &[(&str, usize)], extra: &[(String, String)]) -> Result<()> {
+    let client = admin(brokers, extra)?;
+    let mut missing = Vec::new();
+    for &(name, partitions) in topics {
+        if partition_count(brokers, name, extra)?.is_none() {
+            missing.push((name, partitions));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let create = |replication: i32| -> Result<Vec<(String, RDKafkaErrorCode)>> {
+        let new: Vec<NewTopic> =
+            missing.iter().map(|&(n, p)| NewTopic::new(n, p.max(1) as i32, TopicReplication::Fixed(replication))).collect();
+        let results = futures_executor::block_on(client.create_topics(&new, &opts)).kafka_context(|| "create topics".into())?;
+        Ok(results.into_iter().filter_map(|r| r.err()).filter(|(_, code)| *code != RDKafkaErrorCode::TopicAlreadyExists).collect())
+    };
+    let mut failed = create(-1)?;
+    // Brokers older than KIP-464 do not know "-1 = default replication": fall back to 1.
+    if failed.iter().any(|(_, c)| matches!(c, RDKafkaErrorCode::InvalidReplicationFactor | RDKafkaErrorCode::InvalidRequest)) {
+        failed = create(1)?;
+    }
+    match failed.first() {
+        None => {
+            tracing::info!(topics = ?missing, "created topics");
+            Ok(())
+        }
+        Some((topic, code)) => Err(Error::External(format!("cannot create topic {topic} on {brokers}: {code}"))),
+    }
+}

@@ -1,0 +1,165 @@
+//! Worker configuration. Layered by the binary: defaults, then a TOML file (unknown fields
+//! rejected), then `KAFRAY_*` environment variables, then flags.
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+/// Everything one worker (one consumer-group member) needs.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Kafka bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// Topic the frames arrive on.
+    pub input_topic: String,
+    /// Topic predictions are published to.
+    pub output_topic: String,
+    /// Topic for frames that cannot be classified; default `<input_topic>.dlq`.
+    pub dead_letter_topic: Option<String>,
+    /// Consumer group; workers of one group share the input partitions.
+    pub group: String,
+    /// Model: a path to an `.onnx` file or a built-in name (`mnist`, `mobilenet_v2`, `efficientnet_lite0`).
+    pub model: String,
+    /// Largest micro-batch.
+    pub batch_size: usize,
+    /// A batch is sent when its first frame has waited this long, full or not.
+    pub max_wait_ms: u64,
+    /// ONNX Runtime intra-op threads per worker.
+    pub threads: usize,
+    /// How many classes each prediction lists in `top`.
+    pub top_k: usize,
+    /// Frames polled but not yet acknowledged; polling pauses at this bound (backpressure).
+    pub max_in_flight: usize,
+    /// Seconds between status lines; 0 turns them off.
+    pub status_interval_s: u64,
+    /// Name reported in predictions; default `<hostname>-<pid>`.
+    pub worker_id: Option<String>,
+    /// librdkafka properties passed through to the consumer and producer (`-X key=value`).
+    pub kafka: Vec<(String, String)>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            brokers: "127.0.0.1:9092".into(),
+            input_topic: "frames".into(),
+            output_topic: "predictions".into(),
+            dead_letter_topic: None,
+            group: "kafray".into(),
+            model: "mnist".into(),
+            batch_size: 10,
+            max_wait_ms: 20,
+            threads: 1,
+            top_k: 5,
+            max_in_flight: 1000,
+            status_interval_s: 5,
+            worker_id: None,
+            kafka: Vec::new(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("config file {}", path.display()), e))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn dead_letter_topic(&self) -> String {
+        self.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dlq", self.input_topic))
+    }
+
+    pub fn worker_id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(default_worker_id)
+    }
+
+    /// Checks values that would otherwise fail later and less clearly.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if self.brokers.trim().is_empty() {
+            return bad("brokers is empty: pass --brokers host:port".into());
+        }
+        for (name, topic) in [("input", &self.input_topic), ("output", &self.output_topic)] {
+            if topic.trim().is_empty() {
+                return bad(format!("the {name} topic name is empty"));
+            }
+        }
+        if self.input_topic == self.output_topic || self.input_topic == self.dead_letter_topic() {
+            return bad(format!(
+                "input topic {:?} is also an output: the worker would read its own results; choose another --output-topic/--dead-letter-topic",
+                self.input_topic
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > 4096 {
+            return bad(format!("--batch-size {} is out of range: use 1..=4096", self.batch_size));
+        }
+        if self.max_in_flight < self.batch_size {
+            return bad(format!(
+                "--max-in-flight {} is below --batch-size {}: a batch could never fill; raise --max-in-flight",
+                self.max_in_flight, self.batch_size
+            ));
+        }
+        if self.threads == 0 {
+            return bad("--threads must be at least 1".into());
+        }
+        if self.top_k == 0 {
+            return bad("--top-k must be at least 1".into());
+        }
+        for (k, _) in &self.kafka {
+            if ["enable.auto.offset.store", "group.id", "bootstrap.servers"].contains(&k.as_str()) {
+                return bad(format!("-X {k} is set by kafray itself (offsets are stored only after delivery); use the dedicated flag or leave it out"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Parses a `key=value` librdkafka property.
+pub fn parse_property(s: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(Error::Config(format!("-X {s:?}: expected key=value, e.g. -X session.timeout.ms=6000"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_layer_rejects_unknown_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(&path, "batch_size = 20\ninput_topic = \"cams\"\n").unwrap();
+        let c = WorkerConfig::from_file(&path).unwrap();
+        assert_eq!((c.batch_size, c.input_topic.as_str(), c.dead_letter_topic().as_str()), (20, "cams", "cams.dlq"));
+        std::fs::write(&path, "batchsize = 20\n").unwrap();
+        let err = WorkerConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("unknown field `batchsize`"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_fix() {
+        let c = WorkerConfig { batch_size: 50, max_in_flight: 10, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("raise --max-in-flight"));
+        let c = WorkerConfig { output_topic: "frames".into(), ..Default::default() };
+        assert!(c.validate().is_err());
+        let c = WorkerConfig { kafka: vec![("enable.auto.offset.store".into(), "true".into())], ..Default::default() };
+        assert!(c.validate().is_err());
+        assert!(WorkerConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn properties_parse() {
+        assert_eq!(parse_property("a.b=1").unwrap(), ("a.b".into(), "1".into()));
+        assert!(parse_property("nonsense").is_err());
+    }
+}

@@ -1,0 +1,88 @@
+//! One error type for the library. Every error says whose it is, so binaries can
+//! print the right advice and exit with the right code.
+use std::path::PathBuf;
+
+/// Who has to act on an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The user's input or configuration is wrong; the message names the fix.
+    User,
+    /// Something outside kafray failed: the broker, the file system, ONNX Runtime.
+    External,
+    /// A bug in kafray.
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    #[error("model {path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+
+    #[error(
+        "ONNX Runtime could not be loaded from {path}: {reason}\n  \
+         fix: run `bash scripts/setup.sh` (installs onnxruntime into .venv), \
+         or set ORT_DYLIB_PATH to a libonnxruntime.so (onnxruntime >= 1.22)"
+    )]
+    RuntimeLoad { path: String, reason: String },
+
+    #[error("inference failed: {0}")]
+    Inference(String),
+
+    #[error("kafka: {context}: {source}")]
+    Kafka {
+        context: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{0}")]
+    External(String),
+
+    #[error("internal error (a bug in kafray): {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Config(_) | Error::Model { .. } => ErrorKind::User,
+            Error::RuntimeLoad { .. }
+            | Error::Inference(_)
+            | Error::Kafka { .. }
+            | Error::Io { .. }
+            | Error::External(_) => ErrorKind::External,
+            Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    pub fn model(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Model { path: path.into(), reason: reason.into() }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+}
+
+/// Attaches context to rdkafka results.
+pub trait KafkaContext<T> {
+    fn kafka_context(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> KafkaContext<T> for std::result::Result<T, rdkafka::error::KafkaError> {
+    fn kafka_context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Kafka { context: context(), source })
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,184 @@
+//! Reading the predictions topic back: counts, duplicates, accuracy, throughput, latency.
+use crate::error::{KafkaContext as _, Result};
+use crate::frame::HEADER_TRUTH;
+use crate::sink::Prediction;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+pub struct EvalOptions {
+    pub brokers: String,
+    pub topic: String,
+    /// Stop once this many distinct frames have a prediction.
+    pub expect: Option<usize>,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Stop when nothing new arrived for this long (after at least one prediction).
+    pub idle: Duration,
+    pub kafka: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EvalReport {
+    pub predictions: usize,
+    pub distinct_frames: usize,
+    pub duplicates: usize,
+    pub unparseable: usize,
+    pub labelled: usize,
+    pub correct: usize,
+    pub accuracy: Option<f64>,
+    /// Distinct frames per second between the first and last prediction.
+    pub throughput_per_s: f64,
+    pub latency_ms_p50: Option<i64>,
+    pub latency_ms_p95: Option<i64>,
+    pub latency_ms_p99: Option<i64>,
+    pub mean_batch_size: f64,
+    pub per_worker: BTreeMap<String, usize>,
+    pub timed_out: bool,
+}
+
+/// One prediction read back, with its `kafray.truth` header.
+#[derive(Debug, Clone)]
+pub struct ReadPrediction {
+    pub key: Option<String>,
+    pub prediction: Prediction,
+    pub truth: Option<String>,
+}
+
+/// Reads every prediction from the start of the topic until `expect` distinct frames are
+/// seen, the topic goes idle, or the timeout passes.
+pub fn read_predictions(opts: &EvalOptions) -> Result<(Vec<ReadPrediction>, usize, bool)> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &opts.brokers)
+        .set("group.id", format!("kafray-eval-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &opts.kafka {
+        cfg.set(k, v);
+    }
+    let consumer: BaseConsumer = cfg.create().kafka_context(|| format!("consumer for {}", opts.brokers))?;
+    // Assign every partition from the beginning: no group join, nothing committed.
+    let start = Instant::now();
+    let partitions = loop {
+        let md = consumer
+            .fetch_metadata(Some(&opts.topic), Duration::from_secs(10))
+            .kafka_context(|| format!("metadata of {}", opts.topic))?;
+        let n = md.topics().first().filter(|t| t.error().is_none()).map(|t| t.partitions().len()).unwrap_or(0);
+        if n > 0 || start.elapsed() > opts.timeout {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(&opts.topic, p, Offset::Beginning).kafka_context(|| "assign".into())?;
+    }
+    consumer.assign(&tpl).kafka_context(|| format!("assign {}", opts.topic))?;
+
+    let mut out = Vec::new();
+    let mut frames = std::collections::HashSet::new();
+    let mut unparseable = 0;
+    let mut last_new = Instant::now();
+    let mut timed_out = false;
+    loop {
+        let reached = opts.expect.is_some_and(|n| frames.len() >= n);
+        // Once the target is reached, linger briefly so late duplicates are counted too.
+        let idle_limit = if reached { opts.idle.min(Duration::from_secs(1)) } else { opts.idle };
+        if (reached || opts.expect.is_none()) && !out.is_empty() && last_new.elapsed() >= idle_limit {
+            break;
+        }
+        if start.elapsed() >= opts.timeout {
+            timed_out = !reached;
+            break;
+        }
+        let Some(msg) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let msg = msg.kafka_context(|| format!("read {}", opts.topic))?;
+        last_new = Instant::now();
+        let Some(p) = msg.payload().and_then(|v| serde_json::from_slice::<Prediction>(v).ok()) else {
+            unparseable += 1;
+            continue;
+        };
+        let truth = msg.headers().and_then(|hs| {
+            hs.iter().find(|h| h.key == HEADER_TRUTH).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+        frames.insert((p.partition, p.offset));
+        out.push(ReadPrediction { key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()), prediction: p, truth });
+    }
+    Ok((out, unparseable, timed_out))
+}
+
+/// Summarises predictions read back.
+pub fn report(predictions: &[ReadPrediction], unparseable: usize, timed_out: bool) -> EvalReport {
+    // The first prediction of each frame counts for accuracy and latency.
+    let mut first: HashMap<(i32, i64), &ReadPrediction> = HashMap::new();
+    let mut per_worker = BTreeMap::new();
+    for r in predictions {
+        first.entry((r.prediction.partition, r.prediction.offset)).or_insert(r);
+        *per_worker.entry(r.prediction.worker.clone()).or_insert(0) += 1;
+    }
+    let labelled: Vec<_> = first.values().filter(|r| r.truth.is_some()).collect();
+    let correct = labelled
+        .iter()
+        .filter(|r| {
+            let t = r.truth.as_deref().unwrap_or_default();
+            t == r.prediction.class.to_string() || r.prediction.label.as_deref() == Some(t)
+        })
+        .count();
+    let mut latencies: Vec<i64> =
+        first.values().filter_map(|r| r.prediction.ts_produce_ms.map(|t| r.prediction.ts_done_ms - t)).collect();
+    latencies.sort_unstable();
+    let pct = |q: f64| (!latencies.is_empty()).then(|| latencies[((latencies.len() - 1) as f64 * q).round() as usize]);
+    let done: Vec<i64> = first.values().map(|r| r.prediction.ts_done_ms).collect();
+    let span_ms = match (done.iter().min(), done.iter().max()) {
+        (Some(a), Some(b)) => (b - a).max(1),
+        _ => 1,
+    };
+    let mean_batch = if first.is_empty() {
+        0.0
+    } else {
+        first.values().map(|r| r.prediction.batch_size as f64).sum::<f64>() / first.len() as f64
+    };
+    EvalReport {
+        predictions: predictions.len(),
+        distinct_frames: first.len(),
+        duplicates: predictions.len() - first.len(),
+        unparseable,
+        labelled: labelled.len(),
+        correct,
+        accuracy: (!labelled.is_empty()).then(|| correct as f64 / labelled.len() as f64),
+        throughput_per_s: first.len() as f64 * 1000.0 / span_ms as f64,
+        latency_ms_p50: pct(0.50),
+        latency_ms_p95: pct(0.95),
+        latency_ms_p99: pct(0.99),
+        mean_batch_size: mean_batch,
+        per_worker,
+        timed_out,
+    }
+}
+
+impl std::fmt::Display for EvalReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |v: Option<i64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
+        writeln!(f, "predictions      {} ({} distinct frames, {} duplicates)", self.predictions, self.distinct_frames, self.duplicates)?;
+        match self.accuracy {
+            Some(a) => writeln!(f, "accuracy         {:.2} % ({} / {} labelled)", a * 100.0, self.correct, self.labelled)?,
+            None => writeln!(f, "accuracy         - (no kafray.truth headers)")?,
+        }
+        writeln!(f, "throughput       {:.0} frames/s", self.throughput_per_s)?;
+        writeln!(f, "latency          p50 {}  p95 {}  p99 {}", ms(self.latency_ms_p50), ms(self.latency_ms_p95), ms(self.latency_ms_p99))?;
+        writeln!(f, "mean batch size  {:.1}", self.mean_batch_size)?;
+        let workers: Vec<String> = self.per_worker.iter().map(|(w, n)| format!("{w}: {n}")).collect();
+        write!(f, "per worker       {}", workers.join(", "))?;
+        if self.unparseable > 0 {
+            write!(f, "\nunparseable      {}", self.unparseable)?;
+        }
+        if self.timed_out {
+            write!(f, "\nTIMED OUT before all expected frames had a prediction")?;
+        }
+        Ok(())
+    }
+}

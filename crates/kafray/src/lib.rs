@@ -1,0 +1,23 @@
+//! kafray: classify live image streams from Kafka with ONNX models, at least once.
+//!
+//! The data path: [`source`] (consumer group) -> [`frame`] (decode) -> [`model`] (preprocess,
+//! infer) in [`batch`]es -> [`sink`] (predictions, dead letters) -> offsets stored via [`offsets`].
+//! [`worker`] ties them together; [`config`] is its configuration.
+pub mod admin;
+pub mod batch;
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod frame;
+pub mod metrics;
+pub mod mnist;
+pub mod model;
+pub mod offsets;
+pub mod publish;
+pub mod sink;
+pub mod source;
+pub mod worker;
+
+pub use config::WorkerConfig;
+pub use error::{Error, ErrorKind, Result};

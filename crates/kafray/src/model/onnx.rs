@@ -1,0 +1,124 @@
+//! ONNX Runtime backend, loaded at run time (`load-dynamic`) from the `libonnxruntime.so`
+//! of the PyPI `onnxruntime` wheel that `scripts/setup.sh` installs.
+use super::Backend;
+use crate::error::{Error, Result};
+use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::value::TensorRef;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+static ENVIRONMENT: OnceLock<std::result::Result<ort::environment::Environment, Error>> = OnceLock::new();
+
+/// Where `libonnxruntime.so` is: `$ORT_DYLIB_PATH`, else the project's `.venv`
+/// (next to the working directory or the executable), else the system loader path.
+pub fn runtime_library() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return PathBuf::from(p);
+    }
+    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).take(4).map(Path::to_path_buf));
+    }
+    for root in roots {
+        let lib = root.join(".venv/lib");
+        let Ok(entries) = std::fs::read_dir(&lib) else { continue };
+        for py in entries.flatten() {
+            let capi = py.path().join("site-packages/onnxruntime/capi");
+            if let Ok(files) = std::fs::read_dir(&capi) {
+                let mut found: Vec<PathBuf> = files
+                    .flatten()
+                    .map(|f| f.path())
+                    .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")))
+                    .collect();
+                found.sort();
+                if let Some(p) = found.pop() {
+                    return p;
+                }
+            }
+        }
+    }
+    PathBuf::from("libonnxruntime.so")
+}
+
+fn environment() -> Result<&'static ort::environment::Environment> {
+    let env = ENVIRONMENT.get_or_init(|| {
+        let path = runtime_library();
+        let to_err = |reason: String| Error::RuntimeLoad { path: path.display().to_string(), reason };
+        let builder = ort::init_from(&path).map_err(|e| to_err(e.to_string()))?;
+        builder.with_name("kafray").build().map_err(|e| to_err(e.to_string()))
+    });
+    match env {
+        Ok(env) => Ok(env),
+        Err(Error::RuntimeLoad { path, reason }) => Err(Error::RuntimeLoad { path: path.clone(), reason: reason.clone() }),
+        Err(other) => Err(Error::Internal(other.to_string())),
+    }
+}
+
+/// One ONNX Runtime session. `Session::run` takes `&mut self`, so each worker owns one.
+pub struct OnnxBackend {
+    session: Session,
+    input_dims: Vec<i64>,
+    classes: usize,
+}
+
+impl OnnxBackend {
+    /// `threads`: ONNX Runtime intra-op threads; 1 is the robust default when several
+    /// workers share a machine.
+    pub fn load(path: &Path, threads: usize) -> Result<Self> {
+        let env = environment()?;
+        let err = |e: String| Error::model(path, e);
+        let session = Session::builder(env)
+            .map_err(|e| err(e.to_string()))?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| err(e.to_string()))?
+            .with_intra_threads(threads.max(1))
+            .map_err(|e| err(e.to_string()))?
+            .with_inter_threads(1)
+            .map_err(|e| err(e.to_string()))?
+            .commit_from_file(path)
+            .map_err(|e| err(format!("ONNX Runtime cannot load it: {e}")))?;
+        let input = session.inputs().first().ok_or_else(|| err("the graph has no input".into()))?;
+        let input_dims = input
+            .dtype()
+            .tensor_shape()
+            .map(|s| s.to_vec())
+            .ok_or_else(|| err(format!("input `{}` is not a tensor", input.name())))?;
+        let output = session.outputs().first().ok_or_else(|| err("the graph has no output".into()))?;
+        let out_dims = output.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
+        let classes = match out_dims.as_slice() {
+            [_, k] if *k > 0 => *k as usize,
+            other => return Err(err(format!("expected a [batch, classes] output, found {other:?}"))),
+        };
+        Ok(OnnxBackend { session, input_dims, classes })
+    }
+}
+
+impl Backend for OnnxBackend {
+    fn graph_input(&self) -> Vec<i64> {
+        self.input_dims.clone()
+    }
+
+    fn classes(&self) -> usize {
+        self.classes
+    }
+
+    fn max_batch(&self) -> Option<usize> {
+        self.input_dims.first().and_then(|&b| (b > 0).then_some(b as usize))
+    }
+
+    fn infer(&mut self, input: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
+        // A zero-copy view built per run (cloning a Value hung in ort rc.15).
+        let tensor = TensorRef::from_array_view((shape.to_vec(), input)).map_err(|e| Error::Inference(e.to_string()))?;
+        let outputs = self.session.run(ort::inputs![tensor]).map_err(|e| Error::Inference(e.to_string()))?;
+        let (_, scores) = outputs[0].try_extract_tensor::<f32>().map_err(|e| Error::Inference(e.to_string()))?;
+        if scores.len() != shape[0] * self.classes {
+            return Err(Error::Inference(format!(
+                "model returned {} scores for {} images of {} classes",
+                scores.len(),
+                shape[0],
+                self.classes
+            )));
+        }
+        Ok(scores.to_vec())
+    }
+}

@@ -1,0 +1,356 @@
+//! What a model expects as input and gives as output: the part the ONNX graph does not say.
+//! Built-in presets cover the models shipped with kafray; any other model takes a
+//! `NAME.toml` beside `NAME.onnx`.
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Memory layout of the model's input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+/// Colour space of the model's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Color {
+    Gray,
+    Rgb,
+}
+
+impl Color {
+    pub fn channels(self) -> usize {
+        match self {
+            Color::Gray => 1,
+            Color::Rgb => 3,
+        }
+    }
+}
+
+/// What the model's first output holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputKind {
+    /// Unnormalised scores; kafray applies softmax.
+    #[default]
+    Logits,
+    /// Already probabilities; used as they are.
+    Probabilities,
+}
+
+/// `NAME.toml` beside `NAME.onnx`. Every field is optional: what is missing is taken
+/// from the graph or from kafray's defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelToml {
+    /// `nchw` or `nhwc`.
+    pub layout: Option<Layout>,
+    /// Input height in pixels.
+    pub height: Option<usize>,
+    /// Input width in pixels.
+    pub width: Option<usize>,
+    /// `gray` or `rgb`.
+    pub color: Option<Color>,
+    /// Each pixel (0..255) is multiplied by this first; `1.0` feeds raw values, `0.00392157` gives x/255.
+    pub scale: Option<f32>,
+    /// Subtracted per channel after scaling.
+    pub mean: Option<Vec<f32>>,
+    /// Divided per channel after the mean.
+    pub std: Option<Vec<f32>>,
+    /// Class names, one per line (`.txt`) or a JSON array (`.json`); relative to the TOML.
+    pub labels: Option<PathBuf>,
+    /// `logits` (default) or `probabilities`.
+    pub output: Option<OutputKind>,
+}
+
+/// The resolved description of a model's input and output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub layout: Layout,
+    pub height: usize,
+    pub width: usize,
+    pub color: Color,
+    pub scale: f32,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    pub labels: Option<Vec<String>>,
+    pub output: OutputKind,
+}
+
+impl ModelSpec {
+    pub fn channels(&self) -> usize {
+        self.color.channels()
+    }
+
+    /// Number of f32 values one image takes in the input tensor.
+    pub fn input_len(&self) -> usize {
+        self.channels() * self.height * self.width
+    }
+
+    pub fn input_shape(&self, batch: usize) -> [usize; 4] {
+        match self.layout {
+            Layout::Nchw => [batch, self.channels(), self.height, self.width],
+            Layout::Nhwc => [batch, self.height, self.width, self.channels()],
+        }
+    }
+
+    pub fn label(&self, class: usize) -> Option<&str> {
+        self.labels.as_ref()?.get(class).map(String::as_str)
+    }
+}
+
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Presets for the models in kafray's assets, keyed by file stem.
+fn preset(stem: &str) -> Option<ModelToml> {
+    match stem {
+        // Normalisation (0.1307/0.3081) is inside the graph: it takes raw 0..255 values.
+        "mnist_cnn" => Some(ModelToml {
+            layout: Some(Layout::Nchw),
+            height: Some(28),
+            width: Some(28),
+            color: Some(Color::Gray),
+            scale: Some(1.0),
+            mean: Some(vec![0.0]),
+            std: Some(vec![1.0]),
+            labels: None,
+            output: Some(OutputKind::Logits),
+        }),
+        "mobilenet_v2_imagenet" | "efficientnet_lite0_imagenet" => Some(ModelToml {
+            layout: Some(Layout::Nchw),
+            height: Some(224),
+            width: Some(224),
+            color: Some(Color::Rgb),
+            scale: Some(1.0 / 255.0),
+            mean: Some(IMAGENET_MEAN.to_vec()),
+            std: Some(IMAGENET_STD.to_vec()),
+            labels: Some(PathBuf::from("imagenet_classes.txt")),
+            output: Some(OutputKind::Logits),
+        }),
+        _ => None,
+    }
+}
+
+/// Short names accepted by `--model`, mapped to file names in the model folders.
+pub const MODEL_ALIASES: &[(&str, &str)] = &[
+    ("mnist", "mnist_cnn.onnx"),
+    ("mobilenet_v2", "mobilenet_v2_imagenet.onnx"),
+    ("efficientnet_lite0", "efficientnet_lite0_imagenet.onnx"),
+];
+
+/// Finds a model by path or alias. Aliases are looked up in `$KAFRAY_MODELS`, `assets/models`
+/// and `../shared/assets/models` (relative to the working directory and to the executable).
+pub fn find_model(name: &str) -> Result<PathBuf> {
+    let path = Path::new(name);
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let file = MODEL_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == name)
+        .map(|(_, file)| *file)
+        .or_else(|| (path.components().count() == 1).then_some(name))
+        .ok_or_else(|| Error::model(path, "no such file"))?;
+    let dirs = model_dirs();
+    dirs.iter().map(|d| d.join(file)).find(|p| p.is_file()).ok_or_else(|| {
+        let aliases: Vec<&str> = MODEL_ALIASES.iter().map(|(a, _)| *a).collect();
+        Error::model(
+            path,
+            format!(
+                "not a file, and {file} is in none of {dirs:?}; give a path to an .onnx file, \
+                 one of the names {aliases:?}, or set KAFRAY_MODELS to the folder holding it"
+            ),
+        )
+    })
+}
+
+fn model_dirs() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.push(cwd);
+    }
+    // target/release/kafray -> the checkout it was built in.
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).take(4).map(Path::to_path_buf));
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("KAFRAY_MODELS").map(PathBuf::from).into_iter().collect();
+    for root in roots {
+        for sub in ["assets/models", "../shared/assets/models"] {
+            let d = root.join(sub);
+            if d.is_dir() && !dirs.iter().any(|x| same_dir(x, &d)) {
+                dirs.push(d);
+            }
+        }
+    }
+    dirs
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// The input dimensions the graph declares: `[batch, d1, d2, d3]`, -1 where dynamic.
+pub type GraphInput = Vec<i64>;
+
+/// Resolves a model's spec: TOML beside the model, else a preset, then the graph's input shape.
+pub fn resolve(model_path: &Path, graph_input: &GraphInput) -> Result<ModelSpec> {
+    let stem = model_path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
+    let toml_path = model_path.with_extension("toml");
+    let (given, base_dir) = if toml_path.is_file() {
+        let text = std::fs::read_to_string(&toml_path).map_err(|e| Error::io(toml_path.display().to_string(), e))?;
+        let parsed: ModelToml = toml::from_str(&text).map_err(|e| Error::model(&toml_path, e.to_string()))?;
+        (parsed, toml_path.parent().map(Path::to_path_buf))
+    } else if let Some(p) = preset(&stem) {
+        (p, model_path.parent().map(Path::to_path_buf))
+    } else {
+        (ModelToml::default(), None)
+    };
+    let fail = |what: &str| {
+        Error::model(
+            model_path,
+            format!(
+                "cannot work out {what} from the graph (input shape {graph_input:?}); \
+                 write {} with e.g.\n  layout = \"nchw\"   # or \"nhwc\"\n  height = 224\n  width = 224\n  \
+                 color = \"rgb\"    # or \"gray\"\n  scale = 0.00392157\n  mean = [0.485, 0.456, 0.406]\n  \
+                 std = [0.229, 0.224, 0.225]\n  labels = \"classes.txt\"",
+                toml_path.display()
+            ),
+        )
+    };
+    if graph_input.len() != 4 {
+        return Err(fail("an image input (expected a 4-d input)"));
+    }
+    let dim = |i: usize| (graph_input[i] > 0).then_some(graph_input[i] as usize);
+    let is_chan = |d: Option<usize>| matches!(d, Some(1) | Some(3));
+    let layout = match given.layout {
+        Some(l) => l,
+        None if is_chan(dim(1)) && !is_chan(dim(3)) => Layout::Nchw,
+        None if is_chan(dim(3)) && !is_chan(dim(1)) => Layout::Nhwc,
+        None => return Err(fail("the layout")),
+    };
+    let (c, h, w) = match layout {
+        Layout::Nchw => (dim(1), dim(2), dim(3)),
+        Layout::Nhwc => (dim(3), dim(1), dim(2)),
+    };
+    let height = given.height.or(h).ok_or_else(|| fail("the input height"))?;
+    let width = given.width.or(w).ok_or_else(|| fail("the input width"))?;
+    let color = match (given.color, c) {
+        (Some(color), _) => color,
+        (None, Some(1)) => Color::Gray,
+        (None, Some(3)) => Color::Rgb,
+        _ => return Err(fail("the colour (gray or rgb)")),
+    };
+    let check = |what: &str, graph: Option<usize>, spec: usize| match graph {
+        Some(g) if g != spec => Err(Error::model(model_path, format!("{what} is {spec} in the spec but {g} in the graph"))),
+        _ => Ok(()),
+    };
+    check("channel count", c, color.channels())?;
+    check("height", h, height)?;
+    check("width", w, width)?;
+    if given.scale.is_none() && given.mean.is_none() {
+        tracing::warn!(
+            model = %model_path.display(),
+            "no normalisation given: assuming x/255; put scale/mean/std in {} if the model expects otherwise",
+            toml_path.display()
+        );
+    }
+    let channels = color.channels();
+    let per_channel = |what: &str, v: Option<Vec<f32>>, default: f32| -> Result<Vec<f32>> {
+        let v = v.unwrap_or_else(|| vec![default; channels]);
+        match v.len() {
+            1 => Ok(vec![v[0]; channels]),
+            n if n == channels => Ok(v),
+            n => Err(Error::model(&toml_path, format!("{what} has {n} values; the model has {channels} channels"))),
+        }
+    };
+    let mean = per_channel("mean", given.mean, 0.0)?;
+    let std = per_channel("std", given.std, 1.0)?;
+    if std.iter().any(|s| *s == 0.0) {
+        return Err(Error::model(&toml_path, "std must not be zero"));
+    }
+    let labels = match given.labels {
+        Some(file) => {
+            let path = base_dir.map(|d| d.join(&file)).unwrap_or(file);
+            Some(load_labels(&path)?)
+        }
+        None => None,
+    };
+    Ok(ModelSpec {
+        name: stem,
+        layout,
+        height,
+        width,
+        color,
+        scale: given.scale.unwrap_or(1.0 / 255.0),
+        mean,
+        std,
+        labels,
+        output: given.output.unwrap_or_default(),
+    })
+}
+
+/// Reads class names: a JSON array of strings, or one name per line.
+pub fn load_labels(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("label file {}", path.display()), e))?;
+    if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| Error::model(path, format!("labels must be a JSON array of strings: {e}")))
+    } else {
+        Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mnist_preset_feeds_raw_gray_pixels() {
+        let spec = resolve(Path::new("/nowhere/mnist_cnn.onnx"), &vec![-1, 1, 28, 28]).unwrap();
+        assert_eq!((spec.layout, spec.color, spec.height, spec.width), (Layout::Nchw, Color::Gray, 28, 28));
+        assert_eq!(spec.scale, 1.0);
+        assert_eq!(spec.input_len(), 784);
+    }
+
+    #[test]
+    fn unknown_model_takes_layout_from_graph() {
+        let spec = resolve(Path::new("/nowhere/other.onnx"), &vec![-1, 64, 64, 3]).unwrap();
+        assert_eq!((spec.layout, spec.color, spec.height, spec.width), (Layout::Nhwc, Color::Rgb, 64, 64));
+        assert!((spec.scale - 1.0 / 255.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ambiguous_graph_names_the_toml_to_write() {
+        let err = resolve(Path::new("/nowhere/odd.onnx"), &vec![-1, -1, -1, -1]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("/nowhere/odd.toml") && text.contains("layout = "), "{text}");
+    }
+
+    #[test]
+    fn toml_beside_model_wins_and_rejects_unknown_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.onnx");
+        std::fs::write(dir.path().join("labels.txt"), "a\nb\n").unwrap();
+        std::fs::write(dir.path().join("m.toml"), "layout='nhwc'\ncolor='gray'\nheight=8\nwidth=8\nscale=1.0\nlabels='labels.txt'\n").unwrap();
+        let spec = resolve(&model, &vec![-1, -1, -1, -1]).unwrap();
+        assert_eq!((spec.layout, spec.color, spec.height), (Layout::Nhwc, Color::Gray, 8));
+        assert_eq!(spec.label(1), Some("b"));
+
+        std::fs::write(dir.path().join("m.toml"), "layot='nhwc'\n").unwrap();
+        let err = resolve(&model, &vec![-1, 8, 8, 1]).unwrap_err().to_string();
+        assert!(err.contains("unknown field `layot`"), "{err}");
+    }
+
+    #[test]
+    fn spec_must_agree_with_graph() {
+        let err = resolve(Path::new("/x/mnist_cnn.onnx"), &vec![-1, 3, 28, 28]).unwrap_err().to_string();
+        assert!(err.contains("channel count"), "{err}");
+    }
+}

@@ -1,0 +1,172 @@
+//! Publishing frames (the producer side of the contract): from MNIST, image folders, or a
+//! synthetic camera fleet.
+use crate::error::{Error, KafkaContext as _, Result};
+use crate::frame::{PixelFormat, Shape, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// One frame to publish.
+#[derive(Debug, Clone)]
+pub struct OutFrame {
+    pub source: String,
+    pub value: Vec<u8>,
+    pub format: PixelFormat,
+    /// Required for raw frames.
+    pub shape: Option<Shape>,
+    pub label: Option<String>,
+}
+
+#[derive(Default)]
+pub struct PublishContext {
+    pub acked: AtomicU64,
+    pub failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for PublishContext {}
+
+impl ProducerContext for PublishContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.acked.fetch_add(1, Relaxed);
+            }
+            Err((e, _)) => {
+                self.failed.fetch_add(1, Relaxed);
+                self.first_error.lock().unwrap().get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
+pub struct Publisher {
+    producer: ThreadedProducer<PublishContext>,
+    topic: String,
+    /// Next `kafray.seq` per source.
+    seqs: std::collections::HashMap<String, u64>,
+}
+
+impl Publisher {
+    pub fn new(brokers: &str, topic: &str, extra: &[(String, String)]) -> Result<Self> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "200000");
+        for (k, v) in extra {
+            cfg.set(k, v);
+        }
+        let producer = cfg.create_with_context(PublishContext::default()).kafka_context(|| format!("producer for {brokers}"))?;
+        Ok(Publisher { producer, topic: topic.into(), seqs: Default::default() })
+    }
+
+    /// Queues a frame; the record timestamp is now (its capture time).
+    pub fn send(&mut self, frame: &OutFrame) -> Result<()> {
+        let seq = self.seqs.entry(frame.source.clone()).or_insert(0);
+        let seq_text = seq.to_string();
+        *seq += 1;
+        let shape_text = frame.shape.map(|s| s.to_string());
+        let mut headers = OwnedHeaders::new()
+            .insert(Header { key: HEADER_FORMAT, value: Some(frame.format.as_str()) })
+            .insert(Header { key: HEADER_SEQ, value: Some(&seq_text) });
+        if let Some(shape) = &shape_text {
+            headers = headers.insert(Header { key: HEADER_SHAPE, value: Some(shape) });
+        }
+        if let Some(label) = &frame.label {
+            headers = headers.insert(Header { key: HEADER_LABEL, value: Some(label) });
+        }
+        let mut record = BaseRecord::to(&self.topic)
+            .key(frame.source.as_bytes())
+            .payload(&frame.value)
+            .headers(headers)
+            .timestamp(crate::sink::now_ms());
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(e).kafka_context(|| format!("produce to {}", self.topic)),
+            }
+        }
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.producer.context().acked.load(Relaxed)
+    }
+
+    /// Waits for every frame to be acknowledged; fails if any was not.
+    pub fn finish(&self, timeout: Duration) -> Result<u64> {
+        self.producer.flush(timeout).kafka_context(|| format!("flush frames to {}", self.topic))?;
+        let ctx = self.producer.context();
+        match ctx.failed.load(Relaxed) {
+            0 => Ok(ctx.acked.load(Relaxed)),
+            n => Err(Error::External(format!(
+                "{n} frames were not delivered to {}: {}",
+                self.topic,
+                ctx.first_error.lock().unwrap().clone().unwrap_or_default()
+            ))),
+        }
+    }
+}
+
+/// Frames of the MNIST test set: raw 28x28x1 pixels with their label, spread over `sources` keys.
+pub fn mnist_frames(digits: &crate::mnist::Digits, sources: usize) -> impl Iterator<Item = OutFrame> + '_ {
+    let shape = Shape::new(digits.rows, digits.cols, 1);
+    (0..digits.len()).map(move |i| OutFrame {
+        source: format!("mnist-{}", i % sources.max(1)),
+        value: digits.image(i).to_vec(),
+        format: PixelFormat::Raw,
+        shape: Some(shape),
+        label: Some(digits.labels[i].to_string()),
+    })
+}
+
+/// The PNG and JPEG files of a folder (or one file), sorted by name.
+pub fn image_files(path: &Path) -> Result<Vec<(PathBuf, Vec<u8>, PixelFormat)>> {
+    let paths: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(format!("read folder {}", path.display()), e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut out = Vec::new();
+    for p in paths {
+        let bytes = std::fs::read(&p).map_err(|e| Error::io(format!("read {}", p.display()), e))?;
+        match PixelFormat::sniff(&bytes) {
+            Some(format) => out.push((p, bytes, format)),
+            None => tracing::warn!("skipping {}: not a PNG or JPEG file", p.display()),
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Config(format!("{} holds no PNG or JPEG image", path.display())));
+    }
+    Ok(out)
+}
+
+/// Re-encodes an image as a JPEG of `size`x`size` (what a camera at that resolution sends).
+pub fn to_jpeg(bytes: &[u8], size: u32, quality: u8) -> Result<Vec<u8>> {
+    let img = image::load_from_memory(bytes).map_err(|e| Error::Config(format!("cannot decode image: {e}")))?;
+    let img = img.resize_exact(size, size, image::imageops::FilterType::Triangle).to_rgb8();
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+        .encode_image(&img)
+        .map_err(|e| Error::Internal(format!("JPEG encoding failed: {e}")))?;
+    Ok(out)
+}

@@ -1,0 +1,161 @@
+//! Sink: predictions and dead letters, produced idempotently. The broker's acknowledgement
+//! of a result is what lets the source store the frame's offset.
+pub mod prediction;
+
+pub use prediction::{Prediction, TopEntry};
+
+use crate::error::{KafkaContext as _, Result};
+use crate::frame::HEADER_ERROR;
+use crate::metrics::Metrics;
+use crate::offsets::OffsetTracker;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientContext, Message};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Which frame a produced record answers, carried through librdkafka to the delivery callback.
+pub struct Ack {
+    pub partition: i32,
+    pub offset: i64,
+    pub ts_produce_ms: Option<i64>,
+    pub dead_letter: bool,
+}
+
+pub struct SinkContext {
+    tracker: Arc<OffsetTracker>,
+    metrics: Arc<Metrics>,
+    /// The first delivery that failed for good; the worker stops on it without storing past it.
+    failure: Mutex<Option<String>>,
+}
+
+impl ClientContext for SinkContext {}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Box<Ack>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ack: Box<Ack>) {
+        match result {
+            Ok(_) => {
+                self.tracker.done(ack.partition, ack.offset);
+                if ack.dead_letter {
+                    self.metrics.dead_lettered.fetch_add(1, Relaxed);
+                } else {
+                    self.metrics.predicted.fetch_add(1, Relaxed);
+                    if let Some(ts) = ack.ts_produce_ms {
+                        self.metrics.record_latency(now_ms() - ts);
+                    }
+                }
+            }
+            Err((e, msg)) => {
+                // The frame stays in flight: its offset is never stored, so it is read again after a restart.
+                self.metrics.delivery_failures.fetch_add(1, Relaxed);
+                let reason = format!("delivery to {} failed for frame {}@{}: {e}", msg.topic(), ack.partition, ack.offset);
+                tracing::error!("{reason}");
+                self.failure.lock().unwrap().get_or_insert(reason);
+            }
+        }
+    }
+}
+
+pub struct Sink {
+    producer: ThreadedProducer<SinkContext>,
+    output_topic: String,
+    dead_letter_topic: String,
+}
+
+impl Sink {
+    pub fn new(
+        brokers: &str,
+        output_topic: &str,
+        dead_letter_topic: &str,
+        extra: &[(String, String)],
+        tracker: Arc<OffsetTracker>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "100000");
+        for (k, v) in extra {
+            // Consumer-only properties would make librdkafka warn on every start.
+            if !is_consumer_only(k) {
+                cfg.set(k, v);
+            }
+        }
+        let context = SinkContext { tracker, metrics, failure: Mutex::new(None) };
+        let producer = cfg.create_with_context(context).kafka_context(|| format!("producer for {brokers}"))?;
+        Ok(Sink { producer, output_topic: output_topic.into(), dead_letter_topic: dead_letter_topic.into() })
+    }
+
+    /// Publishes one prediction, keyed like its frame.
+    pub fn predict(&self, key: Option<&[u8]>, prediction: &Prediction, truth: Option<&str>, ack: Ack) -> Result<()> {
+        let payload = serde_json::to_vec(prediction).expect("a prediction always serialises");
+        let headers = truth.map(|t| OwnedHeaders::new().insert(Header { key: crate::frame::HEADER_TRUTH, value: Some(t) }));
+        self.send(&self.output_topic, key, &payload, headers, ack)
+    }
+
+    /// Publishes a rejected frame unchanged, with the reason in `kafray.error`.
+    pub fn dead_letter(&self, key: Option<&[u8]>, value: &[u8], headers: Option<OwnedHeaders>, reason: &str, ack: Ack) -> Result<()> {
+        let partition = ack.partition.to_string();
+        let offset = ack.offset.to_string();
+        let headers = headers
+            .unwrap_or_default()
+            .insert(Header { key: HEADER_ERROR, value: Some(reason) })
+            .insert(Header { key: "kafray.source.partition", value: Some(&partition) })
+            .insert(Header { key: "kafray.source.offset", value: Some(&offset) });
+        let topic = self.dead_letter_topic.clone();
+        self.send(&topic, key, value, Some(headers), Ack { dead_letter: true, ..ack })
+    }
+
+    fn send(&self, topic: &str, key: Option<&[u8]>, payload: &[u8], headers: Option<OwnedHeaders>, ack: Ack) -> Result<()> {
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new(ack)).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                // The local queue is full: wait for the broker to drain it.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(e).kafka_context(|| format!("produce to {topic}")),
+            }
+        }
+    }
+
+    /// Waits until every queued record is acknowledged (or fails).
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        self.producer.flush(timeout).kafka_context(|| "flush results".into())
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.producer.context().failure.lock().unwrap().clone()
+    }
+}
+
+fn is_consumer_only(key: &str) -> bool {
+    key.starts_with("session.")
+        || key.starts_with("heartbeat.")
+        || key.starts_with("fetch.")
+        || key.starts_with("auto.")
+        || key.starts_with("partition.assignment")
+        || key.starts_with("max.poll")
+        || key.starts_with("group.")
+        || key.starts_with("enable.auto")
+        || key == "isolation.level"
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

@@ -1,0 +1,268 @@
+//! One worker = one consumer-group member:
+//! poll -> decode + preprocess -> micro-batch -> infer -> produce -> (ack) -> store offset.
+//! Polling and decoding run on the calling thread, inference on a second one, so the two
+//! overlap; librdkafka's own threads do the network I/O and call back on acknowledgement.
+use crate::batch::{Batch, Batcher, FrameMeta};
+use crate::config::WorkerConfig;
+use crate::error::{Error, Result};
+use crate::frame::{self, FrameHeaders, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
+use crate::metrics::{Metrics, Snapshot};
+use crate::model::{Model, ModelSpec};
+use crate::offsets::OffsetTracker;
+use crate::sink::{now_ms, Ack, Prediction, Sink, TopEntry};
+use crate::source::{self, Source, SourceContext};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::Message;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a drain at shutdown may wait for the broker to acknowledge what is in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound on one poll, so stop requests and stored offsets are handled promptly.
+const POLL_SLICE: Duration = Duration::from_millis(100);
+
+/// Loads the model named in `config` and runs until `stop` is set.
+pub fn run(config: &WorkerConfig, stop: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Result<Snapshot> {
+    config.validate()?;
+    let model = Model::load(&config.model, config.threads, config.top_k)?;
+    run_with_model(config, model, stop, metrics)
+}
+
+/// Runs one worker with a loaded model until `stop` is set; then finishes what is in flight,
+/// commits and leaves the group. Returns the final counters.
+pub fn run_with_model(config: &WorkerConfig, model: Model, stop: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Result<Snapshot> {
+    config.validate()?;
+    let worker_id = config.worker_id();
+    let tracker = Arc::new(OffsetTracker::new());
+    let stats_ms = if config.status_interval_s > 0 { config.status_interval_s * 1000 } else { 0 };
+    let consumer = source::subscribe(
+        &config.brokers,
+        &config.group,
+        &config.input_topic,
+        &config.kafka,
+        stats_ms,
+        SourceContext { tracker: tracker.clone(), metrics: metrics.clone() },
+    )?;
+    let sink = Arc::new(Sink::new(
+        &config.brokers,
+        &config.output_topic,
+        &config.dead_letter_topic(),
+        &config.kafka,
+        tracker.clone(),
+        metrics.clone(),
+    )?);
+    tracing::info!(
+        worker = %worker_id, model = %model.path.display(), input = %config.input_topic,
+        output = %config.output_topic, group = %config.group, batch_size = config.batch_size,
+        max_wait_ms = config.max_wait_ms, "worker started"
+    );
+
+    let spec = model.spec.clone();
+    // One batch waits while the previous one is inferred: enough to overlap decode and inference.
+    let (batches, inbox) = sync_channel::<Batch>(1);
+    let infer = {
+        let (sink, worker_id) = (sink.clone(), worker_id.clone());
+        std::thread::Builder::new()
+            .name("kafray-infer".into())
+            .spawn(move || infer_loop(model, inbox, &sink, &worker_id))
+            .map_err(|e| Error::io("start the inference thread", e))?
+    };
+
+    let mut intake = Intake {
+        config,
+        spec: &spec,
+        consumer: &consumer,
+        sink: &sink,
+        tracker: &tracker,
+        metrics: &metrics,
+        batcher: Batcher::new(config.batch_size, Duration::from_millis(config.max_wait_ms), spec.input_len()),
+    };
+    let mut outcome = intake.run(&stop, |batch| batches.send(batch).is_ok());
+    // Finish in-flight work: the last partial batch, inference, then every acknowledgement.
+    if outcome.is_ok() && !intake.batcher.is_empty() {
+        let last = intake.batcher.take();
+        if batches.send(last).is_err() {
+            outcome = Err(Error::Internal("the inference thread stopped".into()));
+        }
+    }
+    drop(batches);
+    let inferred = infer.join().map_err(|_| Error::Internal("the inference thread panicked".into()))?;
+    // The inference thread's own error explains a failed send better than the send does.
+    let outcome = inferred.and(outcome);
+    let flushed = sink.flush(DRAIN_TIMEOUT);
+    source::store(&consumer, &config.input_topic, &tracker.take_committable());
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!("final commit failed (the group re-reads from the last commit): {e}"),
+    }
+    consumer.unsubscribe();
+    let last = metrics.snapshot();
+    tracing::info!(
+        worker = %worker_id, predicted = last.predicted, dead_lettered = last.dead_lettered,
+        in_flight = tracker.in_flight(), "worker stopped"
+    );
+    outcome?;
+    if let Some(failure) = sink.failure() {
+        return Err(Error::External(failure));
+    }
+    flushed?;
+    Ok(last)
+}
+
+struct Intake<'a> {
+    config: &'a WorkerConfig,
+    spec: &'a ModelSpec,
+    consumer: &'a Source,
+    sink: &'a Sink,
+    tracker: &'a OffsetTracker,
+    metrics: &'a Metrics,
+    batcher: Batcher,
+}
+
+impl Intake<'_> {
+    fn run(&mut self, stop: &AtomicBool, mut send: impl FnMut(Batch) -> bool) -> Result<()> {
+        let status_every = Duration::from_secs(self.config.status_interval_s);
+        let mut status = StatusLine::new(self.metrics.snapshot());
+        while !stop.load(Relaxed) {
+            source::store(self.consumer, &self.config.input_topic, &self.tracker.take_committable());
+            if let Some(failure) = self.sink.failure() {
+                return Err(Error::External(failure));
+            }
+            if self.config.status_interval_s > 0 && status.at.elapsed() >= status_every {
+                status.print(self.metrics.snapshot(), self.tracker.in_flight());
+            }
+            let wait = self.batcher.time_left().unwrap_or(POLL_SLICE).min(POLL_SLICE);
+            if self.tracker.in_flight() >= self.config.max_in_flight {
+                // Backpressure: no polling until acknowledgements make room.
+                self.tracker.wait_below(self.config.max_in_flight, wait);
+            } else if let Some(polled) = self.consumer.poll(wait) {
+                match polled {
+                    Ok(msg) => self.accept(&msg)?,
+                    Err(e) => tracing::warn!("consumer: {e}"),
+                }
+            }
+            if self.batcher.ready() {
+                let batch = self.batcher.take();
+                self.metrics.batches.fetch_add(1, Relaxed);
+                self.metrics.batched_frames.fetch_add(batch.len() as u64, Relaxed);
+                if !send(batch) {
+                    return Err(Error::Internal("the inference thread stopped".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes a frame into the batch, or sends it to the dead-letter topic.
+    fn accept(&mut self, msg: &BorrowedMessage<'_>) -> Result<()> {
+        let (partition, offset) = (msg.partition(), msg.offset());
+        self.tracker.begin(partition, offset);
+        self.metrics.consumed.fetch_add(1, Relaxed);
+        let headers = read_headers(msg);
+        let ts_produce_ms = msg.timestamp().to_millis();
+        let meta = FrameMeta {
+            partition,
+            offset,
+            key: msg.key().map(<[u8]>::to_vec),
+            seq: headers.seq,
+            truth: headers.label.clone(),
+            ts_produce_ms,
+        };
+        let value = msg.payload().unwrap_or_default();
+        let spec = self.spec;
+        let result = frame::decode(value, &headers)
+            .and_then(|pixels| self.batcher.push(meta, |slot| crate::model::preprocess::preprocess(spec, &pixels, slot)));
+        if let Err(rejection) = result {
+            tracing::debug!(partition, offset, "dead letter: {rejection}");
+            let ack = Ack { partition, offset, ts_produce_ms, dead_letter: true };
+            self.sink.dead_letter(msg.key(), value, msg.headers().map(|h| h.detach()), &rejection.0, ack)?;
+        }
+        Ok(())
+    }
+}
+
+fn read_headers(msg: &BorrowedMessage<'_>) -> FrameHeaders {
+    let mut out = FrameHeaders::default();
+    if let Some(headers) = msg.headers() {
+        for h in headers.iter() {
+            let Some(value) = h.value.and_then(|v| std::str::from_utf8(v).ok()) else { continue };
+            match h.key {
+                HEADER_FORMAT => out.format = Some(value.to_string()),
+                HEADER_SHAPE => out.shape = Some(value.to_string()),
+                HEADER_SEQ => out.seq = value.trim().parse().ok(),
+                HEADER_LABEL => out.label = Some(value.to_string()),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn infer_loop(mut model: Model, inbox: Receiver<Batch>, sink: &Sink, worker_id: &str) -> Result<()> {
+    let model_name = model.spec.name.clone();
+    for batch in inbox {
+        let size = batch.len();
+        // A model failure is not the frame's fault (they decoded): stop without storing their
+        // offsets, so they are read again, rather than park them as poison.
+        let results = model.classify(&batch.input)?;
+        let ts_done_ms = now_ms();
+        for (meta, result) in batch.frames.iter().zip(results) {
+            let top: Vec<TopEntry> = result
+                .top
+                .iter()
+                .map(|&(class, score)| TopEntry(class, model.label(class).map(String::from), score))
+                .collect();
+            let prediction = Prediction {
+                source: meta.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                seq: meta.seq,
+                partition: meta.partition,
+                offset: meta.offset,
+                class: result.class(),
+                label: top[0].1.clone(),
+                score: result.score(),
+                top,
+                model: model_name.clone(),
+                worker: worker_id.to_string(),
+                batch_size: size,
+                ts_produce_ms: meta.ts_produce_ms,
+                ts_done_ms,
+            };
+            let ack = Ack { partition: meta.partition, offset: meta.offset, ts_produce_ms: meta.ts_produce_ms, dead_letter: false };
+            sink.predict(meta.key.as_deref(), &prediction, meta.truth.as_deref(), ack)?;
+        }
+    }
+    Ok(())
+}
+
+struct StatusLine {
+    at: Instant,
+    last: Snapshot,
+}
+
+impl StatusLine {
+    fn new(last: Snapshot) -> Self {
+        StatusLine { at: Instant::now(), last }
+    }
+
+    fn print(&mut self, now: Snapshot, in_flight: usize) {
+        let secs = self.at.elapsed().as_secs_f64().max(1e-3);
+        let batches = now.batches - self.last.batches;
+        let mean_batch = if batches == 0 { 0.0 } else { (now.batched_frames - self.last.batched_frames) as f64 / batches as f64 };
+        tracing::info!(
+            "status: {:.0} frames/s, {} predicted, {} dead-lettered, mean batch {:.1}, lag {}, in flight {}, latency p50 {} ms p99 {} ms",
+            (now.predicted - self.last.predicted) as f64 / secs,
+            now.predicted,
+            now.dead_lettered,
+            mean_batch,
+            if now.lag < 0 { "?".to_string() } else { now.lag.to_string() },
+            in_flight,
+            now.latency_p50_ms,
+            now.latency_p99_ms,
+        );
+        *self = StatusLine::new(now);
+    }
+}
