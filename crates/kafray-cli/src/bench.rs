@@ -2,7 +2,7 @@
 //! end-to-end pipeline throughput (Kafka in, decode, batch, infer, Kafka out, offsets), per
 //! model and batch size, measured in one run; written as CSV.
 use clap::Args;
-use kafray::broker::EmbeddedBroker;
+use kafray::broker::{EmbeddedBroker, Storage};
 use kafray::frame::{self, FrameHeaders};
 use kafray::metrics::Metrics;
 use kafray::model::Model;
@@ -19,6 +19,13 @@ pub struct BenchArgs {
     /// Use this Kafka cluster instead of starting a local broker.
     #[arg(short, long, env = "KAFRAY_BROKERS")]
     brokers: Option<String>,
+    /// Storage of the local broker: `memory` acknowledges in about a millisecond, like a Kafka
+    /// broker; `sqlite` commits each produce to disk first (slow acknowledgements).
+    #[arg(long, default_value = "memory", value_parser = ["memory", "sqlite"])]
+    broker_storage: String,
+    /// librdkafka property for the worker's consumer and producer (repeatable).
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    properties: Vec<String>,
     /// Models to measure.
     #[arg(long, value_delimiter = ',', default_value = "mnist,mobilenet_v2")]
     models: Vec<String>,
@@ -52,7 +59,10 @@ struct Row {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let broker = match &args.brokers {
         Some(_) => None,
-        None => Some(EmbeddedBroker::start()?),
+        None => Some(EmbeddedBroker::start_with(match args.broker_storage.as_str() {
+            "sqlite" => Storage::Sqlite,
+            _ => Storage::Memory,
+        })?),
     };
     let brokers = args.brokers.clone().unwrap_or_else(|| broker.as_ref().unwrap().bootstrap());
     let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
@@ -75,7 +85,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let decode_ms = t.elapsed().as_secs_f64() * 1000.0 / frames.len() as f64;
         for &batch in &args.batch_sizes {
             let raw = raw_throughput(&mut model, &tensors, batch)?;
-            let (pipeline, mean_batch) = pipeline_throughput(&brokers, name, &frames, batch, args.threads, run_id)?;
+            let (pipeline, mean_batch) = pipeline_throughput(&brokers, name, &frames, batch, &args, run_id)?;
             let row = Row { model: name.clone(), batch, frames: frames.len(), raw, pipeline, mean_batch, decode_ms };
             eprintln!(
                 "{:<14} batch {:>2}: raw {:>7.0} img/s  pipeline {:>7.0} img/s  ratio {:.2}  (mean batch {:.1})",
@@ -85,13 +95,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     std::fs::create_dir_all(&args.out)?;
-    let path = args.out.join("pipeline_vs_raw.csv");
+    let broker_label = if args.brokers.is_some() { "external" } else { args.broker_storage.as_str() };
+    let path = args.out.join(format!("pipeline_vs_raw_{broker_label}.csv"));
     let mut f = std::fs::File::create(&path)?;
-    writeln!(f, "model,batch_size,frames,threads,raw_images_per_s,pipeline_images_per_s,pipeline_over_raw,mean_batch,decode_ms_per_frame")?;
+    writeln!(f, "broker,model,batch_size,frames,threads,raw_images_per_s,pipeline_images_per_s,pipeline_over_raw,mean_batch,decode_ms_per_frame")?;
     for r in &rows {
         writeln!(
             f,
-            "{},{},{},{},{:.1},{:.1},{:.3},{:.2},{:.3}",
+            "{},{},{},{},{},{:.1},{:.1},{:.3},{:.2},{:.3}",
+            broker_label,
             r.model, r.batch, r.frames, args.threads, r.raw, r.pipeline, r.pipeline / r.raw, r.mean_batch, r.decode_ms
         )?;
     }
@@ -136,7 +148,9 @@ fn raw_throughput(model: &mut Model, tensors: &[f32], batch: usize) -> anyhow::R
 }
 
 /// Pre-fills a topic, then times one worker from its first frame to the last acknowledgement.
-fn pipeline_throughput(brokers: &str, model: &str, frames: &[OutFrame], batch: usize, threads: usize, run_id: u64) -> anyhow::Result<(f64, f64)> {
+fn pipeline_throughput(brokers: &str, model: &str, frames: &[OutFrame], batch: usize, args: &BenchArgs, run_id: u64) -> anyhow::Result<(f64, f64)> {
+    let threads = args.threads;
+    let kafka = args.properties.iter().map(|p| kafray::config::parse_property(p)).collect::<Result<Vec<_>, _>>()?;
     let topic = format!("bench-{run_id}-{model}-b{batch}");
     let (out, dlq) = (format!("{topic}.predictions"), format!("{topic}.dlq"));
     kafray::admin::ensure_topics(brokers, &[(&topic, 4), (&out, 4), (&dlq, 1)], &[])?;
@@ -156,6 +170,7 @@ fn pipeline_throughput(brokers: &str, model: &str, frames: &[OutFrame], batch: u
         threads,
         status_interval_s: 0,
         max_in_flight: 2000.max(batch * 4),
+        kafka,
         ..WorkerConfig::default()
     };
     let metrics = Arc::new(Metrics::new());
