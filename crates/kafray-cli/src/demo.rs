@@ -41,6 +41,9 @@ pub struct DemoArgs {
     /// MNIST labels file.
     #[arg(long, default_value = "assets/mnist/t10k-labels-idx1-ubyte.gz")]
     labels: PathBuf,
+    /// Publish at this many frames/s (default: all at once, so latency includes the backlog).
+    #[arg(long)]
+    rate: Option<f64>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -106,11 +109,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let start = Instant::now();
     let mut publisher = Publisher::new(&brokers, &frames, &props)?;
-    for frame in publish::mnist_frames(&digits, 8).take(n) {
+    for (i, frame) in publish::mnist_frames(&digits, 8).take(n).enumerate() {
+        if let Some(wait) = args.rate.and_then(|r| Duration::from_secs_f64(i as f64 / r).checked_sub(start.elapsed())) {
+            std::thread::sleep(wait);
+        }
         publisher.send(&frame)?;
     }
     publisher.finish(Duration::from_secs(60))?;
-    say(format!("published {n} MNIST test digits in {:.1} s; waiting for predictions", start.elapsed().as_secs_f64()));
+    say(format!(
+        "published {n} MNIST test digits in {:.1} s{}; waiting for predictions",
+        start.elapsed().as_secs_f64(),
+        if args.rate.is_none() { " (a burst: latency includes the backlog; --rate paces it)" } else { "" }
+    ));
 
     let opts = EvalOptions {
         brokers: brokers.clone(),

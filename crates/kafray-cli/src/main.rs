@@ -59,7 +59,7 @@ struct WorkerArgs {
     /// TOML file with worker settings (field names as in `WorkerConfig`; unknown fields are rejected).
     #[arg(long, env = "KAFRAY_CONFIG")]
     config: Option<PathBuf>,
-    /// Kafka bootstrap servers.
+    /// Kafka bootstrap servers [default: 127.0.0.1:9092].
     #[arg(short, long, env = "KAFRAY_BROKERS")]
     brokers: Option<String>,
     /// Topic the frames arrive on [default: frames].

@@ -148,3 +148,28 @@ fn kcat_round_trip() {
     let headers = envelope["headers"].as_array().unwrap();
     assert_eq!(headers, &vec![serde_json::json!("kafray.truth"), serde_json::json!("967")], "truth echoed: {envelope}");
 }
+
+/// A synthetic fleet: N cameras at F frames/s, JPEG at the asked size, keys cam-0.., paced.
+#[test]
+fn camera_fleet_sends_paced_jpeg_frames_per_camera() {
+    let broker = broker();
+    let b = broker.bootstrap();
+    let images = shared_assets().join("images");
+    let start = std::time::Instant::now();
+    run_ok(&mut kafray(&["produce", "camera", images.to_str().unwrap(), "--brokers", &b, "--partitions", "3",
+        "--cameras", "3", "--fps", "10", "--size", "64", "--limit", "30", "-q"]));
+    let took = start.elapsed();
+    // 30 frames at 3 x 10 frames/s take about a second; unpaced they would take milliseconds.
+    assert!(took >= Duration::from_millis(900), "not paced: {took:?}");
+    let frames = read_topic(&b, "frames", 30, Duration::from_secs(30));
+    assert_eq!(frames.len(), 30);
+    for cam in ["cam-0", "cam-1", "cam-2"] {
+        let mine: Vec<_> = frames.iter().filter(|f| f.key.as_deref() == Some(cam)).collect();
+        assert_eq!(mine.len(), 10, "{cam}");
+        let seqs: Vec<&str> = mine.iter().map(|f| f.header("kafray.seq").unwrap()).collect();
+        assert_eq!(seqs, (0..10).map(|i| i.to_string()).collect::<Vec<_>>(), "{cam}: in order on one partition");
+    }
+    let img = image::load_from_memory(&frames[0].value).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+    assert_eq!(frames[0].header("kafray.format"), Some("jpeg"));
+}

@@ -68,6 +68,10 @@ pub fn subscribe(
         .set("auto.commit.interval.ms", "1000")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        // Bounds how long a fetch may be held when no data is there, on brokers that do not
+        // answer it as soon as data arrives (Tansu measured: p50 latency 161 ms at librdkafka's
+        // default 500, 38 ms at 100). Costs at most 10 empty fetches/s per broker when idle.
+        .set("fetch.wait.max.ms", "100")
         .set("statistics.interval.ms", stats_interval_ms.to_string());
     for (k, v) in extra {
         cfg.set(k, v);
