@@ -14,8 +14,13 @@ pub struct Metrics {
     pub assigned_partitions: AtomicUsize,
     /// Frames behind the log end over assigned partitions (from librdkafka statistics), -1 unknown.
     pub lag: AtomicI64,
-    /// Produce timestamp -> acknowledged, ms.
-    latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// Produce timestamp -> acknowledged, ms: since start, and since the last status line.
+    latency: Mutex<Option<Latency>>,
+}
+
+struct Latency {
+    total: hdrhistogram::Histogram<u64>,
+    window: hdrhistogram::Histogram<u64>,
 }
 
 /// A copy of the counters at one moment.
@@ -44,14 +49,28 @@ impl Metrics {
     }
 
     pub fn record_latency(&self, ms: i64) {
-        let mut h = self.latency.lock().unwrap();
-        let h = h.get_or_insert_with(|| hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).unwrap());
-        h.saturating_record(ms.max(1) as u64);
+        let mut guard = self.latency.lock().unwrap();
+        let l = guard.get_or_insert_with(|| {
+            let h = hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds");
+            Latency { total: h.clone(), window: h }
+        });
+        let ms = ms.max(1) as u64;
+        l.total.saturating_record(ms);
+        l.window.saturating_record(ms);
+    }
+
+    /// Latency p50 and p99 (ms) since the previous call; `None` when nothing was acknowledged.
+    pub fn take_window_latency(&self) -> Option<(u64, u64)> {
+        let mut guard = self.latency.lock().unwrap();
+        let w = &mut guard.as_mut()?.window;
+        let out = (!w.is_empty()).then(|| (w.value_at_quantile(0.5), w.value_at_quantile(0.99)));
+        w.reset();
+        out
     }
 
     pub fn snapshot(&self) -> Snapshot {
         let (p50, p99) = match &*self.latency.lock().unwrap() {
-            Some(h) => (h.value_at_quantile(0.5), h.value_at_quantile(0.99)),
+            Some(l) => (l.total.value_at_quantile(0.5), l.total.value_at_quantile(0.99)),
             None => (0, 0),
         };
         Snapshot {
@@ -65,5 +84,24 @@ impl Metrics {
             latency_p50_ms: p50,
             latency_p99_ms: p99,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_window_latency_resets_but_the_total_does_not() {
+        let m = Metrics::new();
+        assert_eq!(m.take_window_latency(), None);
+        for ms in [10, 20, 30, 1000] {
+            m.record_latency(ms);
+        }
+        let (p50, p99) = m.take_window_latency().unwrap();
+        assert!((19..=21).contains(&p50) && p99 >= 990, "{p50} {p99}");
+        assert_eq!(m.take_window_latency(), None, "the window starts empty again");
+        let s = m.snapshot();
+        assert!((19..=21).contains(&s.latency_p50_ms), "{s:?}");
     }
 }

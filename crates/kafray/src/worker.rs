@@ -133,7 +133,7 @@ impl Intake<'_> {
                 return Err(Error::External(failure));
             }
             if self.config.status_interval_s > 0 && status.at.elapsed() >= status_every {
-                status.print(self.metrics.snapshot(), self.tracker.in_flight());
+                status.print(self.metrics.snapshot(), self.metrics.take_window_latency(), self.tracker.in_flight());
             }
             let wait = self.batcher.time_left().unwrap_or(POLL_SLICE).min(POLL_SLICE);
             if self.tracker.in_flight() >= self.config.max_in_flight {
@@ -248,20 +248,19 @@ impl StatusLine {
         StatusLine { at: Instant::now(), last }
     }
 
-    fn print(&mut self, now: Snapshot, in_flight: usize) {
+    fn print(&mut self, now: Snapshot, latency: Option<(u64, u64)>, in_flight: usize) {
         let secs = self.at.elapsed().as_secs_f64().max(1e-3);
         let batches = now.batches - self.last.batches;
         let mean_batch = if batches == 0 { 0.0 } else { (now.batched_frames - self.last.batched_frames) as f64 / batches as f64 };
         tracing::info!(
-            "status: {:.0} frames/s, {} predicted, {} dead-lettered, mean batch {:.1}, lag {}, in flight {}, latency p50 {} ms p99 {} ms",
+            "status: {:.0} frames/s, {} predicted, {} dead-lettered, mean batch {:.1}, lag {}, in flight {}, latency {}",
             (now.predicted - self.last.predicted) as f64 / secs,
             now.predicted,
             now.dead_lettered,
             mean_batch,
             if now.lag < 0 { "?".to_string() } else { now.lag.to_string() },
             in_flight,
-            now.latency_p50_ms,
-            now.latency_p99_ms,
+            latency.map_or_else(|| "-".to_string(), |(p50, p99)| format!("p50 {p50} ms p99 {p99} ms")),
         );
         *self = StatusLine::new(now);
     }
