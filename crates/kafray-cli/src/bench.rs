@@ -89,7 +89,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let row = Row { model: name.clone(), batch, frames: frames.len(), raw, pipeline, mean_batch, decode_ms };
             eprintln!(
                 "{:<14} batch {:>2}: raw {:>7.0} img/s  pipeline {:>7.0} img/s  ratio {:.2}  (mean batch {:.1})",
-                row.model, batch, raw, pipeline, pipeline / raw, mean_batch
+                row.model,
+                batch,
+                raw,
+                pipeline,
+                pipeline / raw,
+                mean_batch
             );
             rows.push(row);
         }
@@ -104,7 +109,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             f,
             "{},{},{},{},{},{:.1},{:.1},{:.3},{:.2},{:.3}",
             broker_label,
-            r.model, r.batch, r.frames, args.threads, r.raw, r.pipeline, r.pipeline / r.raw, r.mean_batch, r.decode_ms
+            r.model,
+            r.batch,
+            r.frames,
+            args.threads,
+            r.raw,
+            r.pipeline,
+            r.pipeline / r.raw,
+            r.mean_batch,
+            r.decode_ms
         )?;
     }
     eprintln!("wrote {}", path.display());
@@ -148,7 +161,14 @@ fn raw_throughput(model: &mut Model, tensors: &[f32], batch: usize) -> anyhow::R
 }
 
 /// Pre-fills a topic, then times one worker from its first frame to the last acknowledgement.
-fn pipeline_throughput(brokers: &str, model: &str, frames: &[OutFrame], batch: usize, args: &BenchArgs, run_id: u64) -> anyhow::Result<(f64, f64)> {
+fn pipeline_throughput(
+    brokers: &str,
+    model: &str,
+    frames: &[OutFrame],
+    batch: usize,
+    args: &BenchArgs,
+    run_id: u64,
+) -> anyhow::Result<(f64, f64)> {
     let threads = args.threads;
     let kafka = args.properties.iter().map(|p| kafray::config::parse_property(p)).collect::<Result<Vec<_>, _>>()?;
     let topic = format!("bench-{run_id}-{model}-b{batch}");
@@ -193,7 +213,10 @@ fn pipeline_throughput(brokers: &str, model: &str, frames: &[OutFrame], batch: u
             break Ok((n as f64 / secs, s.mean_batch()));
         }
         if Instant::now() > deadline || worker.is_finished() {
-            break Err(anyhow::anyhow!("pipeline bench for {model} batch {batch} did not finish ({} of {n} done)", s.predicted));
+            break Err(anyhow::anyhow!(
+                "pipeline bench for {model} batch {batch} did not finish ({} of {n} done)",
+                s.predicted
+            ));
         }
         std::thread::sleep(Duration::from_millis(2));
     };

@@ -53,7 +53,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let digits = kafray::mnist::load(&args.images, &args.labels)
         .map_err(|e| anyhow::anyhow!("{e}\n  (run from the repository root, or pass --images/--labels)"))?;
     let n = args.limit.min(digits.len());
-    let say = |s: String| if !args.json { eprintln!("{s}") };
+    let say = |s: String| {
+        if !args.json {
+            eprintln!("{s}")
+        }
+    };
 
     let (_broker, brokers, prefix) = match &args.brokers {
         Some(b) => {
@@ -71,7 +75,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let props = KafkaArgs { brokers: brokers.clone(), properties: args.properties.clone() }.properties()?;
     let (frames, predictions) = (format!("{prefix}frames"), format!("{prefix}predictions"));
     let dlq = format!("{frames}.dlq");
-    kafray::admin::ensure_topics(&brokers, &[(&frames, args.partitions), (&predictions, args.partitions), (&dlq, 1)], &props)?;
+    kafray::admin::ensure_topics(
+        &brokers,
+        &[(&frames, args.partitions), (&predictions, args.partitions), (&dlq, 1)],
+        &props,
+    )?;
 
     let model = kafray::model::find_model("mnist")?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -99,7 +107,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     say(format!("{} workers on {frames} -> {predictions}, model {}", args.workers.max(1), model.display()));
     // Publish once the group owns every partition, so latency measures the pipeline, not the join.
     let joined = Instant::now();
-    while worker_metrics.iter().map(|m| m.assigned_partitions.load(Ordering::Relaxed)).sum::<usize>() < args.partitions {
+    while worker_metrics.iter().map(|m| m.assigned_partitions.load(Ordering::Relaxed)).sum::<usize>() < args.partitions
+    {
         if joined.elapsed() > Duration::from_secs(60) || workers.iter().any(|w| w.is_finished()) {
             break;
         }

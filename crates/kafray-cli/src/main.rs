@@ -185,7 +185,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let dlq = config.dead_letter_topic();
                 kafray::admin::ensure_topics(
                     &config.brokers,
-                    &[(config.input_topic.as_str(), partitions), (config.output_topic.as_str(), partitions), (dlq.as_str(), 1)],
+                    &[
+                        (config.input_topic.as_str(), partitions),
+                        (config.output_topic.as_str(), partitions),
+                        (dlq.as_str(), 1),
+                    ],
                     &config.kafka,
                 )?;
             }

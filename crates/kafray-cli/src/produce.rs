@@ -72,49 +72,66 @@ enum Source {
     },
 }
 
+/// What to send and how fast.
+struct Plan {
+    frames: Box<dyn Iterator<Item = OutFrame>>,
+    rate: Option<f64>,
+    total: Option<usize>,
+    duration: Option<f64>,
+}
+
 pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     let props = args.kafka.properties()?;
     if let Some(p) = args.partitions {
         kafray::admin::ensure_topics(&args.kafka.brokers, &[(args.topic.as_str(), p)], &props)?;
     }
     let mut publisher = Publisher::new(&args.kafka.brokers, &args.topic, &props)?;
-    let (frames, rate, total, duration): (Box<dyn Iterator<Item = OutFrame>>, Option<f64>, Option<usize>, Option<f64>) =
-        match args.source {
-            Source::Mnist { images, labels, sources } => {
-                let digits = kafray::mnist::load(&images, &labels)
-                    .with_context(|| "load MNIST (run from the repository root, or pass --images/--labels)")?;
-                let frames: Vec<OutFrame> = publish::mnist_frames(&digits, sources).collect();
-                let n = frames.len();
-                (Box::new(frames.into_iter()), args.rate, Some(n), None)
-            }
-            Source::Images { paths, repeat } => {
-                let mut frames = Vec::new();
-                for p in &paths {
-                    for (file, bytes, format) in publish::image_files(p)? {
-                        let source = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                        frames.push(OutFrame { source, value: bytes, format, shape: None, label: None });
-                    }
+    let Plan { frames, rate, total, duration } = match args.source {
+        Source::Mnist { images, labels, sources } => {
+            let digits = kafray::mnist::load(&images, &labels)
+                .with_context(|| "load MNIST (run from the repository root, or pass --images/--labels)")?;
+            let frames: Vec<OutFrame> = publish::mnist_frames(&digits, sources).collect();
+            let n = frames.len();
+            Plan { frames: Box::new(frames.into_iter()), rate: args.rate, total: Some(n), duration: None }
+        }
+        Source::Images { paths, repeat } => {
+            let mut frames = Vec::new();
+            for p in &paths {
+                for (file, bytes, format) in publish::image_files(p)? {
+                    let source = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    frames.push(OutFrame { source, value: bytes, format, shape: None, label: None });
                 }
-                let n = frames.len() * repeat;
-                (Box::new(frames.into_iter().cycle().take(n)), args.rate, Some(n), None)
             }
-            Source::Camera { path, cameras, fps, size, duration } => {
-                anyhow::ensure!(cameras > 0 && fps > 0.0, "--cameras and --fps must be positive");
-                let mut images = Vec::new();
-                for (_, bytes, format) in publish::image_files(&path)? {
-                    match size {
-                        Some(s) => images.push((publish::to_jpeg(&bytes, s, 90)?, kafray::frame::PixelFormat::Jpeg)),
-                        None => images.push((bytes, format)),
-                    }
+            let n = frames.len() * repeat;
+            Plan {
+                frames: Box::new(frames.into_iter().cycle().take(n)),
+                rate: args.rate,
+                total: Some(n),
+                duration: None,
+            }
+        }
+        Source::Camera { path, cameras, fps, size, duration } => {
+            anyhow::ensure!(cameras > 0 && fps > 0.0, "--cameras and --fps must be positive");
+            let mut images = Vec::new();
+            for (_, bytes, format) in publish::image_files(&path)? {
+                match size {
+                    Some(s) => images.push((publish::to_jpeg(&bytes, s, 90)?, kafray::frame::PixelFormat::Jpeg)),
+                    None => images.push((bytes, format)),
                 }
-                let frames = (0..).map(move |i: usize| {
-                    let (cam, tick) = (i % cameras, i / cameras);
-                    let (value, format) = images[(tick + cam) % images.len()].clone();
-                    OutFrame { source: format!("cam-{cam}"), value, format, shape: None, label: None }
-                });
-                (Box::new(frames), Some(args.rate.unwrap_or(cameras as f64 * fps)), None, duration)
             }
-        };
+            let frames = (0..).map(move |i: usize| {
+                let (cam, tick) = (i % cameras, i / cameras);
+                let (value, format) = images[(tick + cam) % images.len()].clone();
+                OutFrame { source: format!("cam-{cam}"), value, format, shape: None, label: None }
+            });
+            Plan {
+                frames: Box::new(frames),
+                rate: Some(args.rate.unwrap_or(cameras as f64 * fps)),
+                total: None,
+                duration,
+            }
+        }
+    };
     let total = match (total, args.limit) {
         (Some(t), Some(l)) => Some(t.min(l)),
         (t, l) => t.or(l),
@@ -122,8 +139,7 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total.unwrap_or(0) as u64) };
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} frames {per_sec} {elapsed}").unwrap());
     let start = Instant::now();
-    let mut sent = 0usize;
-    for frame in frames {
+    for (sent, frame) in frames.enumerate() {
         if total.is_some_and(|t| sent >= t) || duration.is_some_and(|d| start.elapsed().as_secs_f64() >= d) {
             break;
         }
@@ -135,7 +151,6 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
             }
         }
         publisher.send(&frame)?;
-        sent += 1;
         bar.inc(1);
     }
     let acked = publisher.finish(Duration::from_secs(60))?;

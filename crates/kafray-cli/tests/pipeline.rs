@@ -28,7 +28,17 @@ fn mobilenet_recognises_the_cat_and_the_espresso() {
     let b = broker.bootstrap();
     let images = shared_assets().join("images");
     let (chelsea, coffee) = (images.join("chelsea.png"), images.join("coffee.png"));
-    run_ok(&mut kafray(&["produce", "images", chelsea.to_str().unwrap(), coffee.to_str().unwrap(), "--brokers", &b, "--partitions", "2", "-q"]));
+    run_ok(&mut kafray(&[
+        "produce",
+        "images",
+        chelsea.to_str().unwrap(),
+        coffee.to_str().unwrap(),
+        "--brokers",
+        &b,
+        "--partitions",
+        "2",
+        "-q",
+    ]));
     let worker = WorkerProcess::start(&b, "w-photos", &["--model", "mobilenet_v2", "--create-topics", "2"]);
     let got = predictions_by_key(&b, "predictions", 2);
     let (clean, log) = worker.stop();
@@ -51,16 +61,25 @@ fn mobilenet_recognises_the_cat_and_the_espresso() {
 fn malformed_frames_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
     let broker = broker();
     let b = broker.bootstrap();
-    let produce_digits = |n: &str| run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "2", "--limit", n, "-q"]));
+    let produce_digits =
+        |n: &str| run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "2", "--limit", n, "-q"]));
     produce_digits("100");
     let png = std::fs::read(shared_assets().join("images/chelsea.png")).unwrap();
-    let bad: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, &str)> = vec![
+    // (key, value, headers, the reason the dead letter must give)
+    type Bad = (&'static str, Vec<u8>, Vec<(&'static str, &'static str)>, &'static str);
+    let bad: Vec<Bad> = vec![
         ("empty", vec![], vec![], "empty frame"),
         ("truncated-png", png[..png.len() / 3].to_vec(), vec![], "undecodable image (png)"),
-        ("wrong-shape", vec![0u8; 9], vec![("kafray.format", "raw"), ("kafray.shape", "3x3x1")], "shape 3x3x1 does not match model input 28x28x1"),
+        (
+            "wrong-shape",
+            vec![0u8; 9],
+            vec![("kafray.format", "raw"), ("kafray.shape", "3x3x1")],
+            "shape 3x3x1 does not match model input 28x28x1",
+        ),
         ("random", (0..500u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect(), vec![], "not PNG or JPEG"),
     ];
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
     for (key, value, headers, _) in &bad {
         let mut h = OwnedHeaders::new();
         for (k, v) in headers {
@@ -79,7 +98,8 @@ fn malformed_frames_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
     assert_eq!(report["distinct_frames"], 200, "every valid frame predicted: {report:#}\n{log}");
     assert_eq!(dead.len(), bad.len(), "{dead:?}");
     for (key, value, _, reason) in &bad {
-        let d = dead.iter().find(|d| d.key.as_deref() == Some(*key)).unwrap_or_else(|| panic!("{key} not dead-lettered"));
+        let d =
+            dead.iter().find(|d| d.key.as_deref() == Some(*key)).unwrap_or_else(|| panic!("{key} not dead-lettered"));
         let error = d.header("kafray.error").unwrap();
         assert!(error.contains(reason), "{key}: {error:?} should say {reason:?}");
         assert_eq!(&d.value, value, "{key}: the original value is kept");
@@ -100,7 +120,10 @@ fn a_worker_killed_mid_stream_loses_no_frame() {
     let mut w = WorkerProcess::start(&b, "w-b", &common);
     a.wait_for("partitions assigned", Duration::from_secs(60));
     w.wait_for("partitions assigned", Duration::from_secs(60));
-    let mut producer = kafray(&["produce", "mnist", "--brokers", &b, "--limit", &n.to_string(), "--rate", "1000", "-q"]).spawn().unwrap();
+    let mut producer =
+        kafray(&["produce", "mnist", "--brokers", &b, "--limit", &n.to_string(), "--rate", "1000", "-q"])
+            .spawn()
+            .unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     a.kill9();
     assert!(producer.wait().unwrap().success());
@@ -111,7 +134,10 @@ fn a_worker_killed_mid_stream_loses_no_frame() {
     assert_eq!(report["distinct_frames"], n, "every frame predicted: {report:#}\nsurvivor log:\n{log}");
     assert_eq!(report["labelled"], n);
     let per_worker = report["per_worker"].as_object().unwrap();
-    assert!(per_worker.get("w-a").and_then(|v| v.as_u64()).unwrap_or(0) > 0, "the killed worker had taken part: {report:#}");
+    assert!(
+        per_worker.get("w-a").and_then(|v| v.as_u64()).unwrap_or(0) > 0,
+        "the killed worker had taken part: {report:#}"
+    );
     assert!(per_worker.get("w-b").and_then(|v| v.as_u64()).unwrap_or(0) > 0, "{report:#}");
     assert!(report["accuracy"].as_f64().unwrap() >= 0.985);
 }
@@ -133,7 +159,18 @@ fn kcat_round_trip() {
         c.args(["-b", &b]).args(args).env("LD_LIBRARY_PATH", &kcat_lib);
         c
     };
-    run_ok(&mut kcat(&["-P", "-t", "frames", "-k", "kitchen-cam", "-H", "kafray.seq=41", "-H", "kafray.label=967", file.to_str().unwrap()]));
+    run_ok(&mut kcat(&[
+        "-P",
+        "-t",
+        "frames",
+        "-k",
+        "kitchen-cam",
+        "-H",
+        "kafray.seq=41",
+        "-H",
+        "kafray.label=967",
+        file.to_str().unwrap(),
+    ]));
     let worker = WorkerProcess::start(&b, "w-kcat", &["--model", "mobilenet_v2"]);
     let out = run_ok(&mut kcat(&["-C", "-t", "predictions", "-c", "1", "-o", "beginning", "-J"]));
     let (clean, log) = worker.stop();
@@ -156,8 +193,24 @@ fn camera_fleet_sends_paced_jpeg_frames_per_camera() {
     let b = broker.bootstrap();
     let images = shared_assets().join("images");
     let start = std::time::Instant::now();
-    run_ok(&mut kafray(&["produce", "camera", images.to_str().unwrap(), "--brokers", &b, "--partitions", "3",
-        "--cameras", "3", "--fps", "10", "--size", "64", "--limit", "30", "-q"]));
+    run_ok(&mut kafray(&[
+        "produce",
+        "camera",
+        images.to_str().unwrap(),
+        "--brokers",
+        &b,
+        "--partitions",
+        "3",
+        "--cameras",
+        "3",
+        "--fps",
+        "10",
+        "--size",
+        "64",
+        "--limit",
+        "30",
+        "-q",
+    ]));
     let took = start.elapsed();
     // 30 frames at 3 x 10 frames/s take about a second; unpaced they would take milliseconds.
     assert!(took >= Duration::from_millis(900), "not paced: {took:?}");

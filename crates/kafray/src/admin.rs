@@ -43,14 +43,24 @@ pub fn ensure_topics(brokers: &str, topics: &[(&str, usize)], extra: &[(String, 
     }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let create = |replication: i32| -> Result<Vec<(String, RDKafkaErrorCode)>> {
-        let new: Vec<NewTopic> =
-            missing.iter().map(|&(n, p)| NewTopic::new(n, p.max(1) as i32, TopicReplication::Fixed(replication))).collect();
-        let results = futures_executor::block_on(client.create_topics(&new, &opts)).kafka_context(|| "create topics".into())?;
-        Ok(results.into_iter().filter_map(|r| r.err()).filter(|(_, code)| *code != RDKafkaErrorCode::TopicAlreadyExists).collect())
+        let new: Vec<NewTopic> = missing
+            .iter()
+            .map(|&(n, p)| NewTopic::new(n, p.max(1) as i32, TopicReplication::Fixed(replication)))
+            .collect();
+        let results =
+            futures_executor::block_on(client.create_topics(&new, &opts)).kafka_context(|| "create topics".into())?;
+        Ok(results
+            .into_iter()
+            .filter_map(|r| r.err())
+            .filter(|(_, code)| *code != RDKafkaErrorCode::TopicAlreadyExists)
+            .collect())
     };
     let mut failed = create(-1)?;
     // Brokers older than KIP-464 do not know "-1 = default replication": fall back to 1.
-    if failed.iter().any(|(_, c)| matches!(c, RDKafkaErrorCode::InvalidReplicationFactor | RDKafkaErrorCode::InvalidRequest)) {
+    if failed
+        .iter()
+        .any(|(_, c)| matches!(c, RDKafkaErrorCode::InvalidReplicationFactor | RDKafkaErrorCode::InvalidRequest))
+    {
         failed = create(1)?;
     }
     match failed.first() {

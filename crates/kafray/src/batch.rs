@@ -95,9 +95,17 @@ mod tests {
     #[test]
     fn sends_when_full() {
         let mut b = Batcher::new(2, Duration::from_secs(60), 3);
-        b.push(meta(0), |s| { s.fill(1.0); Ok::<_, ()>(()) }).unwrap();
+        b.push(meta(0), |s| {
+            s.fill(1.0);
+            Ok::<_, ()>(())
+        })
+        .unwrap();
         assert!(!b.ready());
-        b.push(meta(1), |s| { s.fill(2.0); Ok::<_, ()>(()) }).unwrap();
+        b.push(meta(1), |s| {
+            s.fill(2.0);
+            Ok::<_, ()>(())
+        })
+        .unwrap();
         assert!(b.ready());
         let batch = b.take();
         assert_eq!(batch.input, vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
@@ -119,7 +127,11 @@ mod tests {
         let mut b = Batcher::new(4, Duration::from_secs(1), 2);
         assert_eq!(b.push(meta(0), |_| Err("bad")), Err("bad"));
         assert!(b.is_empty() && b.time_left().is_none());
-        b.push(meta(1), |s| { s.fill(5.0); Ok::<_, ()>(()) }).unwrap();
+        b.push(meta(1), |s| {
+            s.fill(5.0);
+            Ok::<_, ()>(())
+        })
+        .unwrap();
         assert_eq!(b.take().input, vec![5.0, 5.0]);
     }
 }

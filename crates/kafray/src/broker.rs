@@ -33,8 +33,9 @@ pub fn broker_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("KAFRAY_BROKER_BIN") {
         return Ok(PathBuf::from(p));
     }
-    let mut candidates: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("nisshi")).collect()).unwrap_or_default();
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("nisshi")).collect())
+        .unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         candidates.push(Path::new(&home).join(".cargo/bin/nisshi"));
     }
@@ -73,10 +74,13 @@ impl EmbeddedBroker {
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             // Tansu resolves the sqlite path against its working directory.
-            .args(["--storage-engine", match self.storage {
-                Storage::Sqlite => "sqlite://tansu.db",
-                Storage::Memory => "memory://tansu/",
-            }])
+            .args([
+                "--storage-engine",
+                match self.storage {
+                    Storage::Sqlite => "sqlite://tansu.db",
+                    Storage::Memory => "memory://tansu/",
+                },
+            ])
             .current_dir(&self.dir)
             .env("RUST_LOG", std::env::var("KAFRAY_BROKER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -93,7 +97,10 @@ impl EmbeddedBroker {
         while start.elapsed() < timeout {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    return Err(Error::External(format!("the broker exited at start ({status}); see {}", self.log_path().display())));
+                    return Err(Error::External(format!(
+                        "the broker exited at start ({status}); see {}",
+                        self.log_path().display()
+                    )));
                 }
             }
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.metadata_ok() {
@@ -156,6 +163,7 @@ fn free_port() -> Result<u16> {
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     (nanos as u64) << 16 | N.fetch_add(1, Ordering::Relaxed)
 }

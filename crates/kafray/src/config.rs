@@ -62,7 +62,8 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     /// Reads a TOML file over the defaults.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("config file {}", path.display()), e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::io(format!("config file {}", path.display()), e))?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 

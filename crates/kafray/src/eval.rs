@@ -103,10 +103,17 @@ pub fn read_predictions(opts: &EvalOptions) -> Result<(Vec<ReadPrediction>, usiz
             continue;
         };
         let truth = msg.headers().and_then(|hs| {
-            hs.iter().find(|h| h.key == HEADER_TRUTH).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+            hs.iter()
+                .find(|h| h.key == HEADER_TRUTH)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
         });
         frames.insert((p.partition, p.offset));
-        out.push(ReadPrediction { key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()), prediction: p, truth });
+        out.push(ReadPrediction {
+            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            prediction: p,
+            truth,
+        });
     }
     Ok((out, unparseable, timed_out))
 }
@@ -163,13 +170,25 @@ pub fn report(predictions: &[ReadPrediction], unparseable: usize, timed_out: boo
 impl std::fmt::Display for EvalReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = |v: Option<i64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
-        writeln!(f, "predictions      {} ({} distinct frames, {} duplicates)", self.predictions, self.distinct_frames, self.duplicates)?;
+        writeln!(
+            f,
+            "predictions      {} ({} distinct frames, {} duplicates)",
+            self.predictions, self.distinct_frames, self.duplicates
+        )?;
         match self.accuracy {
-            Some(a) => writeln!(f, "accuracy         {:.2} % ({} / {} labelled)", a * 100.0, self.correct, self.labelled)?,
+            Some(a) => {
+                writeln!(f, "accuracy         {:.2} % ({} / {} labelled)", a * 100.0, self.correct, self.labelled)?
+            }
             None => writeln!(f, "accuracy         - (no kafray.truth headers)")?,
         }
         writeln!(f, "throughput       {:.0} frames/s", self.throughput_per_s)?;
-        writeln!(f, "latency          p50 {}  p95 {}  p99 {}", ms(self.latency_ms_p50), ms(self.latency_ms_p95), ms(self.latency_ms_p99))?;
+        writeln!(
+            f,
+            "latency          p50 {}  p95 {}  p99 {}",
+            ms(self.latency_ms_p50),
+            ms(self.latency_ms_p95),
+            ms(self.latency_ms_p99)
+        )?;
         writeln!(f, "mean batch size  {:.1}", self.mean_batch_size)?;
         let workers: Vec<String> = self.per_worker.iter().map(|(w, n)| format!("{w}: {n}")).collect();
         write!(f, "per worker       {}", workers.join(", "))?;

@@ -122,26 +122,20 @@ pub fn decode(value: &[u8], headers: &FrameHeaders) -> Result<Pixels, Rejection>
         return Err(reject!("empty frame"));
     }
     let format = match headers.format.as_deref() {
-        Some(f) => PixelFormat::parse(f)
-            .ok_or_else(|| reject!("unknown {HEADER_FORMAT} {f:?} (expected png, jpeg or raw)"))?,
-        None => PixelFormat::sniff(value).ok_or_else(|| {
-            reject!("undecodable image: not PNG or JPEG, and no {HEADER_FORMAT}: raw header")
-        })?,
+        Some(f) => {
+            PixelFormat::parse(f).ok_or_else(|| reject!("unknown {HEADER_FORMAT} {f:?} (expected png, jpeg or raw)"))?
+        }
+        None => PixelFormat::sniff(value)
+            .ok_or_else(|| reject!("undecodable image: not PNG or JPEG, and no {HEADER_FORMAT}: raw header"))?,
     };
     match format {
         PixelFormat::Raw => {
-            let text = headers
-                .shape
-                .as_deref()
-                .ok_or_else(|| reject!("raw frame without {HEADER_SHAPE} header (HxWxC)"))?;
+            let text =
+                headers.shape.as_deref().ok_or_else(|| reject!("raw frame without {HEADER_SHAPE} header (HxWxC)"))?;
             let shape = Shape::parse(text)
                 .ok_or_else(|| reject!("bad {HEADER_SHAPE} {text:?}: expected HxWxC with C = 1 or 3"))?;
             if value.len() != shape.len() {
-                return Err(reject!(
-                    "raw frame has {} bytes but shape {shape} needs {}",
-                    value.len(),
-                    shape.len()
-                ));
+                return Err(reject!("raw frame has {} bytes but shape {shape} needs {}", value.len(), shape.len()));
             }
             Ok(Pixels::Raw { shape, data: value.to_vec() })
         }
@@ -191,11 +185,7 @@ mod tests {
 
     #[test]
     fn raw_frames_need_a_matching_shape() {
-        let headers = FrameHeaders {
-            format: Some("raw".into()),
-            shape: Some("2x2x1".into()),
-            ..Default::default()
-        };
+        let headers = FrameHeaders { format: Some("raw".into()), shape: Some("2x2x1".into()), ..Default::default() };
         assert!(matches!(decode(&[1, 2, 3, 4], &headers), Ok(Pixels::Raw { .. })));
         let err = decode(&[1, 2, 3], &headers).unwrap_err();
         assert_eq!(err.0, "raw frame has 3 bytes but shape 2x2x1 needs 4");

@@ -39,7 +39,11 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn mean_batch(&self) -> f64 {
-        if self.batches == 0 { 0.0 } else { self.batched_frames as f64 / self.batches as f64 }
+        if self.batches == 0 {
+            0.0
+        } else {
+            self.batched_frames as f64 / self.batches as f64
+        }
     }
 }
 

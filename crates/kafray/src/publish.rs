@@ -2,11 +2,8 @@
 //! synthetic camera fleet.
 use crate::error::{Error, KafkaContext as _, Result};
 use crate::frame::{PixelFormat, Shape, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
-use rdkafka::config::ClientConfig;
-use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -57,15 +54,9 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(brokers: &str, topic: &str, extra: &[(String, String)]) -> Result<Self> {
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("queue.buffering.max.messages", "200000");
-        for (k, v) in extra {
-            cfg.set(k, v);
-        }
-        let producer = cfg.create_with_context(PublishContext::default()).kafka_context(|| format!("producer for {brokers}"))?;
+        let producer = crate::sink::producer_config(brokers, extra)
+            .create_with_context(PublishContext::default())
+            .kafka_context(|| format!("producer for {brokers}"))?;
         Ok(Publisher { producer, topic: topic.into(), seqs: Default::default() })
     }
 
@@ -84,25 +75,12 @@ impl Publisher {
         if let Some(label) = &frame.label {
             headers = headers.insert(Header { key: HEADER_LABEL, value: Some(label) });
         }
-        let mut record = BaseRecord::to(&self.topic)
+        let record = BaseRecord::to(&self.topic)
             .key(frame.source.as_bytes())
-            .payload(&frame.value)
+            .payload(frame.value.as_slice())
             .headers(headers)
             .timestamp(crate::sink::now_ms());
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(e).kafka_context(|| format!("produce to {}", self.topic)),
-            }
-        }
-    }
-
-    pub fn acked(&self) -> u64 {
-        self.producer.context().acked.load(Relaxed)
+        crate::sink::send_waiting(&self.producer, record)
     }
 
     /// Waits for every frame to be acknowledged; fails if any was not.

@@ -33,7 +33,12 @@ pub fn run(config: &WorkerConfig, stop: Arc<AtomicBool>, metrics: Arc<Metrics>) 
 
 /// Runs one worker with a loaded model until `stop` is set; then finishes what is in flight,
 /// commits and leaves the group. Returns the final counters.
-pub fn run_with_model(config: &WorkerConfig, model: Model, stop: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Result<Snapshot> {
+pub fn run_with_model(
+    config: &WorkerConfig,
+    model: Model,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) -> Result<Snapshot> {
     config.validate()?;
     let worker_id = config.worker_id();
     let tracker = Arc::new(OffsetTracker::new());
@@ -174,8 +179,9 @@ impl Intake<'_> {
         };
         let value = msg.payload().unwrap_or_default();
         let spec = self.spec;
-        let result = frame::decode(value, &headers)
-            .and_then(|pixels| self.batcher.push(meta, |slot| crate::model::preprocess::preprocess(spec, &pixels, slot)));
+        let result = frame::decode(value, &headers).and_then(|pixels| {
+            self.batcher.push(meta, |slot| crate::model::preprocess::preprocess(spec, &pixels, slot))
+        });
         if let Err(rejection) = result {
             tracing::debug!(partition, offset, "dead letter: {rejection}");
             let ack = Ack { partition, offset, ts_produce_ms, dead_letter: true };
@@ -231,7 +237,12 @@ fn infer_loop(mut model: Model, inbox: Receiver<Batch>, sink: &Sink, worker_id: 
                 ts_produce_ms: meta.ts_produce_ms,
                 ts_done_ms,
             };
-            let ack = Ack { partition: meta.partition, offset: meta.offset, ts_produce_ms: meta.ts_produce_ms, dead_letter: false };
+            let ack = Ack {
+                partition: meta.partition,
+                offset: meta.offset,
+                ts_produce_ms: meta.ts_produce_ms,
+                dead_letter: false,
+            };
             sink.predict(meta.key.as_deref(), &prediction, meta.truth.as_deref(), ack)?;
         }
     }
@@ -251,7 +262,8 @@ impl StatusLine {
     fn print(&mut self, now: Snapshot, latency: Option<(u64, u64)>, in_flight: usize) {
         let secs = self.at.elapsed().as_secs_f64().max(1e-3);
         let batches = now.batches - self.last.batches;
-        let mean_batch = if batches == 0 { 0.0 } else { (now.batched_frames - self.last.batched_frames) as f64 / batches as f64 };
+        let mean_batch =
+            if batches == 0 { 0.0 } else { (now.batched_frames - self.last.batched_frames) as f64 / batches as f64 };
         tracing::info!(
             "status: {:.0} frames/s, {} predicted, {} dead-lettered, mean batch {:.1}, lag {}, in flight {}, latency {}",
             (now.predicted - self.last.predicted) as f64 / secs,

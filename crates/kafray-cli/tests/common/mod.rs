@@ -43,7 +43,8 @@ impl WorkerProcess {
         let mut args = vec!["worker", "--brokers", brokers, "--worker-id", id, "--status-interval", "1"];
         args.extend_from_slice(&["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=500"]);
         args.extend_from_slice(extra);
-        let mut child = kafray(&args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("start kafray worker");
+        let mut child =
+            kafray(&args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("start kafray worker");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
         std::thread::spawn(move || {
@@ -159,16 +160,33 @@ pub fn read_topic(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Ve
 
 /// Runs `kafray eval --json` and parses its report.
 pub fn eval(brokers: &str, topic: &str, expect: usize, timeout_s: u64) -> serde_json::Value {
-    let out = kafray(&["eval", "--brokers", brokers, "--topic", topic, "--expect", &expect.to_string(), "--timeout", &timeout_s.to_string(), "--json"])
-        .output()
-        .unwrap();
+    let out = kafray(&[
+        "eval",
+        "--brokers",
+        brokers,
+        "--topic",
+        topic,
+        "--expect",
+        &expect.to_string(),
+        "--timeout",
+        &timeout_s.to_string(),
+        "--json",
+    ])
+    .output()
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("eval printed no JSON ({e}): {text}\n{}", String::from_utf8_lossy(&out.stderr)))
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("eval printed no JSON ({e}): {text}\n{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

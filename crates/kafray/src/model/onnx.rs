@@ -28,7 +28,9 @@ pub fn runtime_library() -> PathBuf {
                 let mut found: Vec<PathBuf> = files
                     .flatten()
                     .map(|f| f.path())
-                    .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")))
+                    .filter(|p| {
+                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so"))
+                    })
                     .collect();
                 found.sort();
                 if let Some(p) = found.pop() {
@@ -49,7 +51,9 @@ fn environment() -> Result<&'static ort::environment::Environment> {
     });
     match env {
         Ok(env) => Ok(env),
-        Err(Error::RuntimeLoad { path, reason }) => Err(Error::RuntimeLoad { path: path.clone(), reason: reason.clone() }),
+        Err(Error::RuntimeLoad { path, reason }) => {
+            Err(Error::RuntimeLoad { path: path.clone(), reason: reason.clone() })
+        }
         Err(other) => Err(Error::Internal(other.to_string())),
     }
 }
@@ -108,7 +112,8 @@ impl Backend for OnnxBackend {
 
     fn infer(&mut self, input: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
         // A zero-copy view built per run (cloning a Value hung in ort rc.15).
-        let tensor = TensorRef::from_array_view((shape.to_vec(), input)).map_err(|e| Error::Inference(e.to_string()))?;
+        let tensor =
+            TensorRef::from_array_view((shape.to_vec(), input)).map_err(|e| Error::Inference(e.to_string()))?;
         let outputs = self.session.run(ort::inputs![tensor]).map_err(|e| Error::Inference(e.to_string()))?;
         let (_, scores) = outputs[0].try_extract_tensor::<f32>().map_err(|e| Error::Inference(e.to_string()))?;
         if scores.len() != shape[0] * self.classes {

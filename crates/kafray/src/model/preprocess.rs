@@ -20,11 +20,19 @@ pub fn preprocess(spec: &ModelSpec, pixels: &Pixels, out: &mut [f32]) -> Result<
             let data = match spec.color {
                 Color::Gray => {
                     let g = img.to_luma8();
-                    if resize { image::imageops::resize(&g, w, h, FilterType::Triangle).into_raw() } else { g.into_raw() }
+                    if resize {
+                        image::imageops::resize(&g, w, h, FilterType::Triangle).into_raw()
+                    } else {
+                        g.into_raw()
+                    }
                 }
                 Color::Rgb => {
                     let c = img.to_rgb8();
-                    if resize { image::imageops::resize(&c, w, h, FilterType::Triangle).into_raw() } else { c.into_raw() }
+                    if resize {
+                        image::imageops::resize(&c, w, h, FilterType::Triangle).into_raw()
+                    } else {
+                        c.into_raw()
+                    }
                 }
             };
             write_tensor(spec, &data, out);
@@ -100,7 +108,8 @@ mod tests {
     #[test]
     fn wrong_raw_shape_is_rejected_with_both_shapes() {
         let s = spec(Layout::Nchw, Color::Gray);
-        let err = preprocess(&s, &Pixels::Raw { shape: Shape::new(3, 3, 1), data: vec![0; 9] }, &mut [0.0; 4]).unwrap_err();
+        let err =
+            preprocess(&s, &Pixels::Raw { shape: Shape::new(3, 3, 1), data: vec![0; 9] }, &mut [0.0; 4]).unwrap_err();
         assert_eq!(err.0, "shape 3x3x1 does not match model input 2x2x1");
     }
 

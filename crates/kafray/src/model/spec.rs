@@ -249,7 +249,9 @@ pub fn resolve(model_path: &Path, graph_input: &GraphInput) -> Result<ModelSpec>
         _ => return Err(fail("the colour (gray or rgb)")),
     };
     let check = |what: &str, graph: Option<usize>, spec: usize| match graph {
-        Some(g) if g != spec => Err(Error::model(model_path, format!("{what} is {spec} in the spec but {g} in the graph"))),
+        Some(g) if g != spec => {
+            Err(Error::model(model_path, format!("{what} is {spec} in the spec but {g} in the graph")))
+        }
         _ => Ok(()),
     };
     check("channel count", c, color.channels())?;
@@ -273,7 +275,7 @@ pub fn resolve(model_path: &Path, graph_input: &GraphInput) -> Result<ModelSpec>
     };
     let mean = per_channel("mean", given.mean, 0.0)?;
     let std = per_channel("std", given.std, 1.0)?;
-    if std.iter().any(|s| *s == 0.0) {
+    if std.contains(&0.0) {
         return Err(Error::model(&toml_path, "std must not be zero"));
     }
     let labels = match given.labels {
@@ -301,7 +303,8 @@ pub fn resolve(model_path: &Path, graph_input: &GraphInput) -> Result<ModelSpec>
 pub fn load_labels(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("label file {}", path.display()), e))?;
     if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(&text).map_err(|e| Error::model(path, format!("labels must be a JSON array of strings: {e}")))
+        serde_json::from_str(&text)
+            .map_err(|e| Error::model(path, format!("labels must be a JSON array of strings: {e}")))
     } else {
         Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
     }
@@ -338,7 +341,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("m.onnx");
         std::fs::write(dir.path().join("labels.txt"), "a\nb\n").unwrap();
-        std::fs::write(dir.path().join("m.toml"), "layout='nhwc'\ncolor='gray'\nheight=8\nwidth=8\nscale=1.0\nlabels='labels.txt'\n").unwrap();
+        std::fs::write(
+            dir.path().join("m.toml"),
+            "layout='nhwc'\ncolor='gray'\nheight=8\nwidth=8\nscale=1.0\nlabels='labels.txt'\n",
+        )
+        .unwrap();
         let spec = resolve(&model, &vec![-1, -1, -1, -1]).unwrap();
         assert_eq!((spec.layout, spec.color, spec.height), (Layout::Nhwc, Color::Gray, 8));
         assert_eq!(spec.label(1), Some("b"));

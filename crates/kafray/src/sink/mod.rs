@@ -9,10 +9,10 @@ use crate::frame::HEADER_ERROR;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -54,7 +54,8 @@ impl ProducerContext for SinkContext {
             Err((e, msg)) => {
                 // The frame stays in flight: its offset is never stored, so it is read again after a restart.
                 self.metrics.delivery_failures.fetch_add(1, Relaxed);
-                let reason = format!("delivery to {} failed for frame {}@{}: {e}", msg.topic(), ack.partition, ack.offset);
+                let reason =
+                    format!("delivery to {} failed for frame {}@{}: {e}", msg.topic(), ack.partition, ack.offset);
                 tracing::error!("{reason}");
                 self.failure.lock().unwrap().get_or_insert(reason);
             }
@@ -77,31 +78,30 @@ impl Sink {
         tracker: Arc<OffsetTracker>,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("queue.buffering.max.messages", "100000");
-        for (k, v) in extra {
-            // Consumer-only properties would make librdkafka warn on every start.
-            if !is_consumer_only(k) {
-                cfg.set(k, v);
-            }
-        }
         let context = SinkContext { tracker, metrics, failure: Mutex::new(None) };
-        let producer = cfg.create_with_context(context).kafka_context(|| format!("producer for {brokers}"))?;
+        let producer = producer_config(brokers, extra)
+            .create_with_context(context)
+            .kafka_context(|| format!("producer for {brokers}"))?;
         Ok(Sink { producer, output_topic: output_topic.into(), dead_letter_topic: dead_letter_topic.into() })
     }
 
     /// Publishes one prediction, keyed like its frame.
     pub fn predict(&self, key: Option<&[u8]>, prediction: &Prediction, truth: Option<&str>, ack: Ack) -> Result<()> {
         let payload = serde_json::to_vec(prediction).expect("a prediction always serialises");
-        let headers = truth.map(|t| OwnedHeaders::new().insert(Header { key: crate::frame::HEADER_TRUTH, value: Some(t) }));
+        let headers =
+            truth.map(|t| OwnedHeaders::new().insert(Header { key: crate::frame::HEADER_TRUTH, value: Some(t) }));
         self.send(&self.output_topic, key, &payload, headers, ack)
     }
 
     /// Publishes a rejected frame unchanged, with the reason in `kafray.error`.
-    pub fn dead_letter(&self, key: Option<&[u8]>, value: &[u8], headers: Option<OwnedHeaders>, reason: &str, ack: Ack) -> Result<()> {
+    pub fn dead_letter(
+        &self,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: Option<OwnedHeaders>,
+        reason: &str,
+        ack: Ack,
+    ) -> Result<()> {
         let partition = ack.partition.to_string();
         let offset = ack.offset.to_string();
         let headers = headers
@@ -109,11 +109,17 @@ impl Sink {
             .insert(Header { key: HEADER_ERROR, value: Some(reason) })
             .insert(Header { key: "kafray.source.partition", value: Some(&partition) })
             .insert(Header { key: "kafray.source.offset", value: Some(&offset) });
-        let topic = self.dead_letter_topic.clone();
-        self.send(&topic, key, value, Some(headers), Ack { dead_letter: true, ..ack })
+        self.send(&self.dead_letter_topic, key, value, Some(headers), Ack { dead_letter: true, ..ack })
     }
 
-    fn send(&self, topic: &str, key: Option<&[u8]>, payload: &[u8], headers: Option<OwnedHeaders>, ack: Ack) -> Result<()> {
+    fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: Option<OwnedHeaders>,
+        ack: Ack,
+    ) -> Result<()> {
         let mut record = BaseRecord::with_opaque_to(topic, Box::new(ack)).payload(payload);
         if let Some(k) = key {
             record = record.key(k);
@@ -121,17 +127,7 @@ impl Sink {
         if let Some(h) = headers {
             record = record.headers(h);
         }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                // The local queue is full: wait for the broker to drain it.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(e).kafka_context(|| format!("produce to {topic}")),
-            }
-        }
+        send_waiting(&self.producer, record)
     }
 
     /// Waits until every queued record is acknowledged (or fails).
@@ -141,6 +137,37 @@ impl Sink {
 
     pub fn failure(&self) -> Option<String> {
         self.producer.context().failure.lock().unwrap().clone()
+    }
+}
+
+/// Producer settings shared by the sink and the frame publisher: idempotent, short linger,
+/// then the user's pass-through properties (consumer-only ones dropped: librdkafka would warn).
+pub(crate) fn producer_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "200000");
+    for (k, v) in extra.iter().filter(|(k, _)| !is_consumer_only(k)) {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// Queues a record, waiting while librdkafka's local queue is full (backpressure from the broker).
+pub(crate) fn send_waiting<C: ProducerContext>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque>,
+) -> Result<()> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, r)) => return Err(e).kafka_context(|| format!("produce to {}", r.topic)),
+        }
     }
 }
 

@@ -63,7 +63,21 @@ mod tests {
         assert_eq!(v["top"], serde_json::json!([[285, "Egyptian cat", 0.5]]));
         assert_eq!(v["class"], 285);
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        for k in ["source", "seq", "partition", "offset", "class", "label", "score", "top", "model", "worker", "batch_size", "ts_produce_ms", "ts_done_ms"] {
+        for k in [
+            "source",
+            "seq",
+            "partition",
+            "offset",
+            "class",
+            "label",
+            "score",
+            "top",
+            "model",
+            "worker",
+            "batch_size",
+            "ts_produce_ms",
+            "ts_done_ms",
+        ] {
             assert!(keys.contains(&k), "missing {k}");
         }
         let back: Prediction = serde_json::from_value(v).unwrap();
