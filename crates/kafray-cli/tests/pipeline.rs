@@ -226,3 +226,30 @@ fn camera_fleet_sends_paced_jpeg_frames_per_camera() {
     assert_eq!((img.width(), img.height()), (64, 64));
     assert_eq!(frames[0].header("kafray.format"), Some("jpeg"));
 }
+
+/// The broker is killed (SIGKILL) and restarted mid-stream: its SQLite storage keeps frames and
+/// offsets, the worker and producer reconnect, and every frame still gets a prediction.
+#[test]
+fn a_broker_crash_mid_stream_loses_no_frame() {
+    let mut broker = broker();
+    let b = broker.bootstrap();
+    let n = 3000;
+    let mut worker = WorkerProcess::start(&b, "w-crash", &["--create-topics", "2"]);
+    worker.wait_for("partitions assigned", Duration::from_secs(60));
+    let mut producer =
+        kafray(&["produce", "mnist", "--brokers", &b, "--limit", &n.to_string(), "--rate", "1000", "-q"])
+            .spawn()
+            .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    broker.restart().expect("restart the broker on the same port and storage");
+    assert!(producer.wait().unwrap().success(), "the producer survives the broker restart");
+    let report = eval(&b, "predictions", n, 120);
+    let (clean, log) = worker.stop();
+    assert!(clean, "{log}");
+    eprintln!(
+        "broker crash: {} predictions, {} distinct, {} duplicates",
+        report["predictions"], report["distinct_frames"], report["duplicates"]
+    );
+    assert_eq!(report["distinct_frames"], n, "every frame predicted after the crash: {report:#}\n{log}");
+    assert_eq!(report["labelled"], n);
+}
