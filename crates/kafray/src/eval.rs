@@ -31,7 +31,7 @@ pub struct EvalReport {
     pub labelled: usize,
     pub correct: usize,
     pub accuracy: Option<f64>,
-    /// Distinct frames per second between the first and last prediction.
+    /// Distinct frames per second between the first and last prediction (worker clocks).
     pub throughput_per_s: f64,
     pub latency_ms_p50: Option<i64>,
     pub latency_ms_p95: Option<i64>,
@@ -95,8 +95,15 @@ pub fn read_predictions(opts: &EvalOptions) -> Result<(Vec<ReadPrediction>, usiz
             timed_out = !reached;
             break;
         }
-        let Some(msg) = consumer.poll(Duration::from_millis(100)) else { continue };
-        let msg = msg.kafka_context(|| format!("read {}", opts.topic))?;
+        let msg = match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Ok(msg)) => msg,
+            // A passing broker error should not end the evaluation; the timeout bounds it.
+            Some(Err(e)) => {
+                tracing::warn!("reading {}: {e}", opts.topic);
+                continue;
+            }
+        };
         last_new = Instant::now();
         let Some(p) = msg.payload().and_then(|v| serde_json::from_slice::<Prediction>(v).ok()) else {
             unparseable += 1;
@@ -144,11 +151,10 @@ pub fn report(predictions: &[ReadPrediction], unparseable: usize, timed_out: boo
         (Some(a), Some(b)) => (b - a).max(1),
         _ => 1,
     };
-    let mean_batch = if first.is_empty() {
-        0.0
-    } else {
-        first.values().map(|r| r.prediction.batch_size as f64).sum::<f64>() / first.len() as f64
-    };
+    // Each frame of a batch of b stands for 1/b of a batch: this is the mean per batch, as the
+    // worker's status line reports it (a mean per frame would weigh big batches more).
+    let batches: f64 = first.values().map(|r| 1.0 / r.prediction.batch_size.max(1) as f64).sum();
+    let mean_batch = if first.is_empty() { 0.0 } else { first.len() as f64 / batches };
     EvalReport {
         predictions: predictions.len(),
         distinct_frames: first.len(),
@@ -157,7 +163,8 @@ pub fn report(predictions: &[ReadPrediction], unparseable: usize, timed_out: boo
         labelled: labelled.len(),
         correct,
         accuracy: (!labelled.is_empty()).then(|| correct as f64 / labelled.len() as f64),
-        throughput_per_s: first.len() as f64 * 1000.0 / span_ms as f64,
+        // N predictions span N - 1 gaps.
+        throughput_per_s: first.len().saturating_sub(1) as f64 * 1000.0 / span_ms as f64,
         latency_ms_p50: pct(0.50),
         latency_ms_p95: pct(0.95),
         latency_ms_p99: pct(0.99),
@@ -199,5 +206,52 @@ impl std::fmt::Display for EvalReport {
             write!(f, "\nTIMED OUT before all expected frames had a prediction")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(offset: i64, class: usize, truth: &str, batch_size: usize, done: i64) -> ReadPrediction {
+        ReadPrediction {
+            key: None,
+            truth: Some(truth.into()),
+            prediction: Prediction {
+                source: None,
+                seq: None,
+                partition: 0,
+                offset,
+                class,
+                label: None,
+                score: 1.0,
+                top: vec![],
+                model: "m".into(),
+                worker: format!("w{}", offset % 2),
+                batch_size,
+                ts_produce_ms: Some(done - 10 * (offset + 1)),
+                ts_done_ms: done,
+            },
+        }
+    }
+
+    #[test]
+    fn counts_duplicates_once_and_means_per_batch() {
+        // One batch of 1 (offset 0) and one batch of 3 (offsets 1..=3); offset 2 delivered twice.
+        let preds = vec![
+            read(0, 7, "7", 1, 1000),
+            read(1, 1, "1", 3, 1500),
+            read(2, 2, "9", 3, 1500),
+            read(3, 3, "3", 3, 2000),
+            read(2, 2, "9", 3, 2000),
+        ];
+        let r = report(&preds, 0, false);
+        assert_eq!((r.predictions, r.distinct_frames, r.duplicates), (5, 4, 1));
+        assert_eq!((r.labelled, r.correct), (4, 3));
+        assert_eq!(r.accuracy, Some(0.75));
+        assert!((r.mean_batch_size - 2.0).abs() < 1e-9, "two batches of 4 frames: {}", r.mean_batch_size);
+        assert!((r.throughput_per_s - 3.0).abs() < 1e-9, "3 gaps in 1 s: {}", r.throughput_per_s);
+        // Latencies 10, 20, 30, 40 ms; nearest rank: p50 = value at round(0.5 * 3) = 30.
+        assert_eq!((r.latency_ms_p50, r.latency_ms_p99), (Some(30), Some(40)));
     }
 }

@@ -10,6 +10,8 @@ pub struct Metrics {
     pub batches: AtomicU64,
     pub batched_frames: AtomicU64,
     pub delivery_failures: AtomicU64,
+    /// Errors the consumer reported instead of a frame (logged; see the worker's log).
+    pub consume_errors: AtomicU64,
     /// Input partitions this worker currently owns.
     pub assigned_partitions: AtomicUsize,
     /// Frames behind the log end over assigned partitions (from librdkafka statistics), -1 unknown.
@@ -32,6 +34,7 @@ pub struct Snapshot {
     pub batches: u64,
     pub batched_frames: u64,
     pub delivery_failures: u64,
+    pub consume_errors: u64,
     pub lag: i64,
     pub latency_p50_ms: u64,
     pub latency_p99_ms: u64,
@@ -84,6 +87,7 @@ impl Metrics {
             batches: self.batches.load(Relaxed),
             batched_frames: self.batched_frames.load(Relaxed),
             delivery_failures: self.delivery_failures.load(Relaxed),
+            consume_errors: self.consume_errors.load(Relaxed),
             lag: self.lag.load(Relaxed),
             latency_p50_ms: p50,
             latency_p99_ms: p99,

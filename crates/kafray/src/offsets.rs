@@ -80,6 +80,11 @@ impl OffsetTracker {
         self.room.notify_all();
     }
 
+    /// Wakes waiters of [`wait_below`](Self::wait_below) early (the inference thread stopped).
+    pub fn wake(&self) {
+        self.room.notify_all();
+    }
+
     pub fn in_flight(&self) -> usize {
         self.state.lock().unwrap().in_flight
     }

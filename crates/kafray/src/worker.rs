@@ -68,11 +68,16 @@ pub fn run_with_model(
     let spec = model.spec.clone();
     // One batch waits while the previous one is inferred: enough to overlap decode and inference.
     let (batches, inbox) = sync_channel::<Batch>(1);
+    let infer_stopped = Arc::new(AtomicBool::new(false));
     let infer = {
         let (sink, worker_id) = (sink.clone(), worker_id.clone());
+        let guard = ExitGuard { stopped: infer_stopped.clone(), tracker: tracker.clone() };
         std::thread::Builder::new()
             .name("kafray-infer".into())
-            .spawn(move || infer_loop(model, inbox, &sink, &worker_id))
+            .spawn(move || {
+                let _guard = guard;
+                infer_loop(model, inbox, &sink, &worker_id)
+            })
             .map_err(|e| Error::io("start the inference thread", e))?
     };
 
@@ -84,6 +89,8 @@ pub fn run_with_model(
         tracker: &tracker,
         metrics: &metrics,
         batcher: Batcher::new(config.batch_size, Duration::from_millis(config.max_wait_ms), spec.input_len()),
+        infer_stopped: &infer_stopped,
+        paused: false,
     };
     let mut outcome = intake.run(&stop, |batch| batches.send(batch).is_ok());
     // Finish in-flight work: the last partial batch, inference, then every acknowledgement.
@@ -108,7 +115,7 @@ pub fn run_with_model(
     let last = metrics.snapshot();
     tracing::info!(
         worker = %worker_id, predicted = last.predicted, dead_lettered = last.dead_lettered,
-        in_flight = tracker.in_flight(), "worker stopped"
+        consume_errors = last.consume_errors, in_flight = tracker.in_flight(), "worker stopped"
     );
     outcome?;
     if let Some(failure) = sink.failure() {
@@ -126,6 +133,23 @@ struct Intake<'a> {
     tracker: &'a OffsetTracker,
     metrics: &'a Metrics,
     batcher: Batcher,
+    infer_stopped: &'a AtomicBool,
+    /// The assignment is paused because `max_in_flight` frames are in flight.
+    paused: bool,
+}
+
+/// Marks the inference thread as stopped however it ends (error or panic), and wakes the
+/// intake thread if it waits for room, so it cannot wait forever for acknowledgements.
+struct ExitGuard {
+    stopped: Arc<AtomicBool>,
+    tracker: Arc<OffsetTracker>,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.stopped.store(true, Relaxed);
+        self.tracker.wake();
+    }
 }
 
 impl Intake<'_> {
@@ -140,14 +164,29 @@ impl Intake<'_> {
             if self.config.status_interval_s > 0 && status.at.elapsed() >= status_every {
                 status.print(self.metrics.snapshot(), self.metrics.take_window_latency(), self.tracker.in_flight());
             }
-            let wait = self.batcher.time_left().unwrap_or(POLL_SLICE).min(POLL_SLICE);
-            if self.tracker.in_flight() >= self.config.max_in_flight {
-                // Backpressure: no polling until acknowledgements make room.
-                self.tracker.wait_below(self.config.max_in_flight, wait);
-            } else if let Some(polled) = self.consumer.poll(wait) {
+            if self.infer_stopped.load(Relaxed) {
+                return Err(Error::Internal("the inference thread stopped".into()));
+            }
+            let mut wait = self.batcher.time_left().unwrap_or(POLL_SLICE).min(POLL_SLICE);
+            // Backpressure with hysteresis: pause at max_in_flight, resume at half of it, so the
+            // consumer does not flip between pause and resume (each resume restarts fetching).
+            let resume_at = self.config.max_in_flight / 2;
+            let in_flight = self.tracker.in_flight();
+            let hold = if self.paused { in_flight > resume_at } else { in_flight >= self.config.max_in_flight };
+            self.set_paused(hold);
+            if hold {
+                // Paused: keep polling (without waiting) so the group's rebalances and liveness
+                // are still served while acknowledgements make room.
+                self.tracker.wait_below(resume_at + 1, wait);
+                wait = Duration::ZERO;
+            }
+            if let Some(polled) = self.consumer.poll(wait) {
                 match polled {
                     Ok(msg) => self.accept(&msg)?,
-                    Err(e) => tracing::warn!("consumer: {e}"),
+                    Err(e) => {
+                        self.metrics.consume_errors.fetch_add(1, Relaxed);
+                        tracing::warn!("consumer: {e}");
+                    }
                 }
             }
             if self.batcher.ready() {
@@ -160,6 +199,20 @@ impl Intake<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Pauses the whole assignment while held (again each turn: a rebalance may have added
+    /// partitions), resumes it once released.
+    fn set_paused(&mut self, hold: bool) {
+        if !hold && !self.paused {
+            return;
+        }
+        let Ok(assignment) = self.consumer.assignment() else { return };
+        let result = if hold { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        if let Err(e) = result {
+            tracing::warn!("consumer {}: {e}", if hold { "pause" } else { "resume" });
+        }
+        self.paused = hold;
     }
 
     /// Decodes a frame into the batch, or sends it to the dead-letter topic.

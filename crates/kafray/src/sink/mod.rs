@@ -4,7 +4,7 @@ pub mod prediction;
 
 pub use prediction::{Prediction, TopEntry};
 
-use crate::error::{KafkaContext as _, Result};
+use crate::error::{Error, KafkaContext as _, Result};
 use crate::frame::HEADER_ERROR;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Which frame a produced record answers, carried through librdkafka to the delivery callback.
+#[derive(Debug, Clone, Copy)]
 pub struct Ack {
     pub partition: i32,
     pub offset: i64,
@@ -93,7 +94,8 @@ impl Sink {
         self.send(&self.output_topic, key, &payload, headers, ack)
     }
 
-    /// Publishes a rejected frame unchanged, with the reason in `kafray.error`.
+    /// Publishes a rejected frame unchanged, with the reason in `kafray.error`. A frame too large
+    /// to publish with the added headers goes without its value, so it cannot block its partition.
     pub fn dead_letter(
         &self,
         key: Option<&[u8]>,
@@ -102,14 +104,25 @@ impl Sink {
         reason: &str,
         ack: Ack,
     ) -> Result<()> {
-        let partition = ack.partition.to_string();
-        let offset = ack.offset.to_string();
-        let headers = headers
-            .unwrap_or_default()
-            .insert(Header { key: HEADER_ERROR, value: Some(reason) })
-            .insert(Header { key: "kafray.source.partition", value: Some(&partition) })
-            .insert(Header { key: "kafray.source.offset", value: Some(&offset) });
-        self.send(&self.dead_letter_topic, key, value, Some(headers), Ack { dead_letter: true, ..ack })
+        let ack = Ack { dead_letter: true, ..ack };
+        let (partition, offset) = (ack.partition.to_string(), ack.offset.to_string());
+        let with_reason = |reason: &str| {
+            headers
+                .clone()
+                .unwrap_or_default()
+                .insert(Header { key: HEADER_ERROR, value: Some(reason) })
+                .insert(Header { key: "kafray.source.partition", value: Some(&partition) })
+                .insert(Header { key: "kafray.source.offset", value: Some(&offset) })
+        };
+        match self.send(&self.dead_letter_topic, key, value, Some(with_reason(reason)), ack) {
+            Err(Error::Kafka {
+                source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), ..
+            }) => {
+                let reason = format!("{reason} (value of {} bytes left out: too large to publish)", value.len());
+                self.send(&self.dead_letter_topic, key, &[], Some(with_reason(&reason)), ack)
+            }
+            other => other,
+        }
     }
 
     fn send(

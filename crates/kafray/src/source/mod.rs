@@ -31,22 +31,28 @@ impl ClientContext for SourceContext {
 }
 
 impl ConsumerContext for SourceContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            let elements = tpl.elements();
+            let parts: Vec<i32> = elements.iter().map(|e| e.partition()).collect();
             tracing::info!(partitions = ?parts, "partitions revoked");
-            self.metrics.assigned_partitions.store(0, Relaxed);
+            // Store what is already safe, so the commit on revocation carries it (fewer duplicates).
+            if let Some(topic) = elements.first().map(|e| e.topic().to_string()) {
+                store(consumer, &topic, &self.tracker.take_committable());
+            }
             // Results still in flight for these partitions may be produced again by the next owner.
             self.tracker.forget(&parts);
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(partitions = ?parts, "partitions assigned");
-            self.metrics.assigned_partitions.store(parts.len(), Relaxed);
         }
+        // From the consumer itself, so incremental (cooperative) rebalances count right too.
+        let owned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.metrics.assigned_partitions.store(owned, Relaxed);
     }
 }
 
