@@ -32,10 +32,13 @@ pub struct BenchArgs {
     /// Batch sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,5,10,20,40")]
     batch_sizes: Vec<usize>,
+    /// The worker's --max-wait-ms (a partial batch is sent after this long).
+    #[arg(long, default_value_t = 20)]
+    max_wait_ms: u64,
     /// ONNX Runtime intra-op threads, the same for raw and pipeline.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Frames per measurement (default: 10000 for mnist, 400 for the ImageNet models).
+    /// Frames per measurement (default: 10000 for mnist, 800 for the ImageNet models).
     #[arg(short = 'n', long)]
     frames: Option<usize>,
     /// Photos the ImageNet models classify (re-encoded as 224x224 JPEG, as a camera sends them).
@@ -138,7 +141,7 @@ fn bench_frames(model: &str, args: &BenchArgs) -> anyhow::Result<Vec<OutFrame>> 
     for (_, bytes, _) in publish::image_files(&args.photos)? {
         photos.push(publish::to_jpeg(&bytes, 224, 90)?);
     }
-    let n = args.frames.unwrap_or(400);
+    let n = args.frames.unwrap_or(800);
     Ok((0..n)
         .map(|i| OutFrame {
             source: format!("cam-{}", i % 4),
@@ -187,6 +190,7 @@ fn pipeline_throughput(
         group: format!("{topic}-group"),
         model: model.into(),
         batch_size: batch,
+        max_wait_ms: args.max_wait_ms,
         threads,
         status_interval_s: 0,
         max_in_flight: 2000.max(batch * 4),
