@@ -114,14 +114,21 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    if workers.iter().any(|w| w.is_finished()) {
+        // A worker that stopped already failed to start (model, runtime, broker): say why now.
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join().map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+        }
+        anyhow::bail!("the workers stopped before the stream started");
+    }
     say(format!("the group joined in {:.1} s", joined.elapsed().as_secs_f64()));
 
     let start = Instant::now();
     let mut publisher = Publisher::new(&brokers, &frames, &props)?;
+    let pacer = publish::Pacer::new(args.rate);
     for (i, frame) in publish::mnist_frames(&digits, 8).take(n).enumerate() {
-        if let Some(wait) = args.rate.and_then(|r| Duration::from_secs_f64(i as f64 / r).checked_sub(start.elapsed())) {
-            std::thread::sleep(wait);
-        }
+        pacer.wait(i);
         publisher.send(&frame)?;
     }
     publisher.finish(Duration::from_secs(60))?;

@@ -139,17 +139,12 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total.unwrap_or(0) as u64) };
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} frames {per_sec} {elapsed}").unwrap());
     let start = Instant::now();
+    let pacer = publish::Pacer::new(rate);
     for (sent, frame) in frames.enumerate() {
         if total.is_some_and(|t| sent >= t) || duration.is_some_and(|d| start.elapsed().as_secs_f64() >= d) {
             break;
         }
-        if let Some(r) = rate {
-            // Paced against the start, so slow sends are caught up rather than accumulated.
-            let due = Duration::from_secs_f64(sent as f64 / r);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
+        pacer.wait(sent);
         publisher.send(&frame)?;
         bar.inc(1);
     }

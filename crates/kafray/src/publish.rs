@@ -98,6 +98,28 @@ impl Publisher {
     }
 }
 
+/// Paces sends at `rate` per second against the start, so a slow send is caught up rather
+/// than added to every later one. `None` sends as fast as the broker takes them.
+pub struct Pacer {
+    start: std::time::Instant,
+    rate: Option<f64>,
+}
+
+impl Pacer {
+    pub fn new(rate: Option<f64>) -> Self {
+        Pacer { start: std::time::Instant::now(), rate }
+    }
+
+    /// Sleeps until frame number `i` (from 0) is due.
+    pub fn wait(&self, i: usize) {
+        if let Some(wait) =
+            self.rate.and_then(|r| Duration::from_secs_f64(i as f64 / r).checked_sub(self.start.elapsed()))
+        {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 /// Frames of the MNIST test set: raw 28x28x1 pixels with their label, spread over `sources` keys.
 pub fn mnist_frames(digits: &crate::mnist::Digits, sources: usize) -> impl Iterator<Item = OutFrame> + '_ {
     let shape = Shape::new(digits.rows, digits.cols, 1);
