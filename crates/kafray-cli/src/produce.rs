@@ -5,6 +5,8 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kafray::publish::{self, OutFrame, Publisher};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
@@ -138,10 +140,16 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     };
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total.unwrap_or(0) as u64) };
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} frames {per_sec} {elapsed}").unwrap());
+    // Ctrl-C / SIGTERM end the stream after what was sent is acknowledged.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
     let start = Instant::now();
     let pacer = publish::Pacer::new(rate);
     for (sent, frame) in frames.enumerate() {
-        if total.is_some_and(|t| sent >= t) || duration.is_some_and(|d| start.elapsed().as_secs_f64() >= d) {
+        let over = total.is_some_and(|t| sent >= t) || duration.is_some_and(|d| start.elapsed().as_secs_f64() >= d);
+        if over || stop.load(Ordering::Relaxed) {
             break;
         }
         pacer.wait(sent);
