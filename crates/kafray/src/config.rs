@@ -139,9 +139,14 @@ mod tests {
     fn file_layer_rejects_unknown_fields() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.toml");
-        std::fs::write(&path, "batch_size = 20\ninput_topic = \"cams\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "batch_size = 20\ninput_topic = \"cams\"\nkafka = [[\"session.timeout.ms\", \"6000\"]]\n",
+        )
+        .unwrap();
         let c = WorkerConfig::from_file(&path).unwrap();
         assert_eq!((c.batch_size, c.input_topic.as_str(), c.dead_letter_topic().as_str()), (20, "cams", "cams.dlq"));
+        assert_eq!(c.kafka, vec![("session.timeout.ms".to_string(), "6000".to_string())]);
         std::fs::write(&path, "batchsize = 20\n").unwrap();
         let err = WorkerConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("unknown field `batchsize`"), "{err}");
