@@ -60,6 +60,8 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    // Parsed once, before the broker starts or anything is measured, so a bad -X fails at once.
+    let kafka = args.properties.iter().map(|p| kafray::config::parse_property(p)).collect::<Result<Vec<_>, _>>()?;
     let broker = match &args.brokers {
         Some(_) => None,
         None => Some(EmbeddedBroker::start_with(match args.broker_storage.as_str() {
@@ -88,7 +90,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let decode_ms = t.elapsed().as_secs_f64() * 1000.0 / frames.len() as f64;
         for &batch in &args.batch_sizes {
             let raw = raw_throughput(&mut model, &tensors, batch)?;
-            let (pipeline, mean_batch) = pipeline_throughput(&brokers, name, &frames, batch, &args, run_id)?;
+            let (pipeline, mean_batch) = pipeline_throughput(&brokers, name, &frames, batch, &args, &kafka, run_id)?;
             let row = Row { model: name.clone(), batch, frames: frames.len(), raw, pipeline, mean_batch, decode_ms };
             eprintln!(
                 "{:<14} batch {:>2}: raw {:>7.0} img/s  pipeline {:>7.0} img/s  ratio {:.2}  (mean batch {:.1})",
@@ -170,10 +172,10 @@ fn pipeline_throughput(
     frames: &[OutFrame],
     batch: usize,
     args: &BenchArgs,
+    kafka: &[(String, String)],
     run_id: u64,
 ) -> anyhow::Result<(f64, f64)> {
     let threads = args.threads;
-    let kafka = args.properties.iter().map(|p| kafray::config::parse_property(p)).collect::<Result<Vec<_>, _>>()?;
     let topic = format!("bench-{run_id}-{model}-b{batch}");
     let (out, dlq) = (format!("{topic}.predictions"), format!("{topic}.dlq"));
     kafray::admin::ensure_topics(brokers, &[(&topic, 4), (&out, 4), (&dlq, 1)], &[])?;
@@ -194,7 +196,7 @@ fn pipeline_throughput(
         threads,
         status_interval_s: 0,
         max_in_flight: 2000.max(batch * 4),
-        kafka,
+        kafka: kafka.to_vec(),
         ..WorkerConfig::default()
     };
     let metrics = Arc::new(Metrics::new());

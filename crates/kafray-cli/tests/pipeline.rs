@@ -120,10 +120,7 @@ fn a_worker_killed_mid_stream_loses_no_frame() {
     let mut w = WorkerProcess::start(&b, "w-b", &common);
     a.wait_for("partitions assigned", Duration::from_secs(60));
     w.wait_for("partitions assigned", Duration::from_secs(60));
-    let mut producer =
-        kafray(&["produce", "mnist", "--brokers", &b, "--limit", &n.to_string(), "--rate", "1000", "-q"])
-            .spawn()
-            .unwrap();
+    let mut producer = spawn_paced_mnist(&b, n, 1000);
     std::thread::sleep(Duration::from_millis(2500));
     a.kill9();
     assert!(producer.wait().unwrap().success());
@@ -236,10 +233,7 @@ fn a_broker_crash_mid_stream_loses_no_frame() {
     let n = 3000;
     let mut worker = WorkerProcess::start(&b, "w-crash", &["--create-topics", "2"]);
     worker.wait_for("partitions assigned", Duration::from_secs(60));
-    let mut producer =
-        kafray(&["produce", "mnist", "--brokers", &b, "--limit", &n.to_string(), "--rate", "1000", "-q"])
-            .spawn()
-            .unwrap();
+    let mut producer = spawn_paced_mnist(&b, n, 1000);
     std::thread::sleep(Duration::from_millis(1200));
     broker.restart().expect("restart the broker on the same port and storage");
     assert!(producer.wait().unwrap().success(), "the producer survives the broker restart");

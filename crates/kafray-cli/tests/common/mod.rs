@@ -32,6 +32,13 @@ pub fn kafray(args: &[&str]) -> Command {
     c
 }
 
+/// `kafray produce mnist` in the background: `n` digits at `rate` frames/s.
+pub fn spawn_paced_mnist(brokers: &str, n: usize, rate: u32) -> Child {
+    kafray(&["produce", "mnist", "--brokers", brokers, "--limit", &n.to_string(), "--rate", &rate.to_string(), "-q"])
+        .spawn()
+        .expect("start kafray produce")
+}
+
 /// A worker process whose stderr lines are collected (to see when it joined its group).
 pub struct WorkerProcess {
     pub child: Child,
