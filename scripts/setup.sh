@@ -5,13 +5,30 @@
 #  - the local Kafka-protocol broker for the demo and tests: Tansu (crates.io `nisshi`),
 #    built with cargo into ~/.cargo/bin (about 20 minutes on 2 cores, the first time only);
 #  - kcat, for the test that any Kafka client can use kafray's formats.
+# With --python (the test command passes it) also:
+#  - Ray, PySpark, matplotlib, maturin and pytest in .venv (about 1 GB, once);
+#  - the `kafray` Python package: the PyO3 extension built with maturin and installed into .venv
+#    (rebuilt incrementally on every run, so it always matches the checkout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+with_python=0
+for arg in "$@"; do
+  case "$arg" in
+    --python) with_python=1 ;;
+    *) echo "setup: unknown option $arg (the only one is --python: Ray, Spark and the kafray Python package)" >&2; exit 2 ;;
+  esac
+done
 
 PYTHON=${PYTHON:-python3}
 ORT_VERSION=1.32.0
 CONFLUENT_KAFKA_VERSION=2.16.1
 NISSHI_VERSION=0.8.1
+RAY_VERSION=2.60.0
+PYSPARK_VERSION=4.3.0
+MATPLOTLIB_VERSION=3.11.2
+MATURIN_VERSION=1.16.0
+PYTEST_VERSION=9.2.0
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
@@ -42,4 +59,20 @@ if ! command -v kcat >/dev/null 2>&1; then
     echo "setup: kcat is missing and cannot be installed without root; the kcat test will fail (apt-get install kcat)" >&2
   fi
 fi
+if [ "$with_python" = 1 ]; then
+  want="ray==$RAY_VERSION pyspark==$PYSPARK_VERSION matplotlib==$MATPLOTLIB_VERSION maturin==$MATURIN_VERSION pytest==$PYTEST_VERSION"
+  if ! .venv/bin/python - $want <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+sys.exit(any(version(n) != v for n, v in (a.split("==") for a in sys.argv[1:])))
+PY
+  then
+    .venv/bin/pip install -q --disable-pip-version-check "ray[default]==$RAY_VERSION" "pyspark==$PYSPARK_VERSION" \
+      "matplotlib==$MATPLOTLIB_VERSION" "maturin==$MATURIN_VERSION" "pytest==$PYTEST_VERSION"
+  fi
+  command -v java >/dev/null 2>&1 || echo "setup: java is missing; Spark needs Java 17 or later (apt-get install openjdk-17-jre-headless)" >&2
+  # `develop` installs the freshly built extension into .venv, next to the Python sources.
+  VIRTUAL_ENV="$PWD/.venv" .venv/bin/maturin develop --release -q -m crates/kafray-py/Cargo.toml
+fi
+
 echo "setup: ok (onnxruntime $ORT_VERSION in .venv, broker $(command -v nisshi || echo "$HOME/.cargo/bin/nisshi"), kcat $(command -v kcat || echo missing))"

@@ -9,6 +9,7 @@ pub mod broker;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod frame;
 pub mod metrics;
 pub mod mnist;

@@ -1,0 +1,413 @@
+"""kafray on a Ray cluster: workers as Ray actors, and the paper's batch study on Ray.
+
+Library::
+
+    from kafray.ray import Deployment
+    d = Deployment.start(workers=4, brokers="kafka:9092", model="mnist", batch_size=20)
+    d.stats(); d.scale(8); d.stop()
+
+CLI (``kafray-ray`` or ``python -m kafray.ray``)::
+
+    kafray-ray up --workers 4 --brokers kafka:9092 --name cams --detach
+    kafray-ray stats --name cams
+    kafray-ray scale --name cams 8
+    kafray-ray down --name cams
+    kafray-ray batch --files 1000 --per-file 10
+
+Each actor runs a :class:`kafray.Worker` (Rust, GIL released) in one consumer group, so Kafka
+spreads the partitions over the actors and rebalances when actors come and go. Actors are
+restarted by Ray when their process dies (``max_restarts=-1``); offsets are committed only after
+results are acknowledged, so a crash re-delivers what was in flight and loses nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+import kafray
+from kafray import batch
+
+NAMESPACE = "kafray"
+# An actor that cannot be placed waits forever in Ray; we wait this long, then say why.
+READY_TIMEOUT_S = 120.0
+
+
+class ClusterTooSmall(RuntimeError):
+    """The cluster lacks the resources asked for (Ray would wait for them without a word)."""
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class KafrayWorkerActor:
+    """One kafray worker in a Ray actor. Ray restarts it (re-running __init__) if its process dies."""
+
+    def __init__(self, config: dict, placement: dict):
+        self._spec = {"config": config, **placement}
+        self.worker = kafray.Worker(**config).start()
+
+    def spec(self) -> dict:
+        """What this deployment's actors are made of, so `scale` can add more of the same."""
+        return self._spec
+
+    def ready(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "worker_id": self.worker.worker_id}
+
+    def stats(self) -> dict:
+        s = self.worker.stats()
+        s["pid"] = os.getpid()
+        s["node_id"] = ray.get_runtime_context().get_node_id()
+        return s
+
+    def stop(self, timeout: float = 60.0) -> dict:
+        return self.worker.stop(timeout)
+
+
+def connect(address: str | None = "auto") -> None:
+    """Joins the Ray cluster at `address` ("auto": the one `ray start` made on this machine)."""
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+
+
+def cluster_nodes() -> list[dict]:
+    """Alive nodes with CPUs, in a stable order (head first, then by id)."""
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    return sorted(nodes, key=lambda n: ("node:__internal_head__" not in n["Resources"], n["NodeID"]))
+
+
+def check_resources(count: int, num_cpus: float, num_gpus: float) -> None:
+    """Fails clearly where Ray would leave actors pending forever."""
+    free = ray.available_resources()
+    total = ray.cluster_resources()
+    for name, each in (("CPU", num_cpus), ("GPU", num_gpus)):
+        need = count * each
+        if need > free.get(name, 0) + 1e-9:
+            raise ClusterTooSmall(
+                f"{count} worker(s) x {each:g} {name} = {need:g} {name}, but the cluster has "
+                f"{free.get(name, 0):g} of {total.get(name, 0):g} {name} free: lower --workers or "
+                f"--num-{name.lower()}s (fractions such as 0.5 are allowed), stop other work, or add nodes"
+            )
+
+
+def _actor_name(deployment: str, index: int) -> str:
+    return f"{deployment}-worker-{index:03d}"
+
+
+class Deployment:
+    """N kafray workers as Ray actors, spread over the cluster's nodes, sharing one consumer group."""
+
+    def __init__(self, name: str, config: dict, num_cpus: float, num_gpus: float, detached: bool):
+        self.name = name
+        self.config = config
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.detached = detached
+        self.actors: dict[int, Any] = {}
+        self._last: tuple[float, int] | None = None
+
+    @classmethod
+    def start(
+        cls,
+        workers: int = 2,
+        *,
+        name: str = "kafray",
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        address: str | None = "auto",
+        detached: bool = False,
+        **config,
+    ) -> "Deployment":
+        """Starts `workers` actors; `config` is :class:`kafray.Worker`'s (brokers, model, ...).
+
+        The model is resolved to an absolute path here, so every node must see that path (a shared
+        folder, or the same checkout on each machine)."""
+        connect(address)
+        config.setdefault("group", name)
+        config.setdefault("threads", max(1, int(num_cpus)))
+        config["model"] = kafray.find_model(config.get("model", "mnist"))
+        config.setdefault("status_interval_s", 5)
+        d = cls(name, config, num_cpus, num_gpus, detached)
+        existing = [n for n in ray.util.list_named_actors() if n.startswith(f"{name}-worker-")]
+        if existing:
+            raise ValueError(f"a deployment named {name!r} is running ({len(existing)} actors): "
+                             f"use `kafray-ray down --name {name}` or another --name")
+        d.scale(workers)
+        return d
+
+    @classmethod
+    def attach(cls, name: str = "kafray", address: str | None = "auto") -> "Deployment":
+        """Finds a running (detached) deployment by name."""
+        connect(address)
+        d = cls(name, {}, 0, 0, True)
+        for actor_name in ray.util.list_named_actors():
+            if actor_name.startswith(f"{name}-worker-"):
+                d.actors[int(actor_name.rsplit("-", 1)[1])] = ray.get_actor(actor_name)
+        if not d.actors:
+            raise ValueError(f"no deployment named {name!r} in namespace {NAMESPACE!r}")
+        spec = ray.get(d.actors[min(d.actors)].spec.remote(), timeout=30)
+        d.config, d.num_cpus, d.num_gpus = spec["config"], spec["num_cpus"], spec["num_gpus"]
+        return d
+
+    def _spawn(self, index: int):
+        options = dict(
+            name=_actor_name(self.name, index),
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            scheduling_strategy="SPREAD",
+        )
+        if self.detached:
+            options["lifetime"] = "detached"
+        placement = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        return KafrayWorkerActor.options(**options).remote(self.config, placement)
+
+    def scale(self, workers: int, timeout: float = READY_TIMEOUT_S) -> None:
+        """Grows or shrinks to `workers` actors. New actors join the group, leaving ones finish
+        their in-flight frames and commit first; Kafka rebalances the partitions either way."""
+        if workers < 0:
+            raise ValueError("workers must be >= 0")
+        grow = workers - len(self.actors)
+        if grow > 0:
+            check_resources(grow, self.num_cpus, self.num_gpus)
+            start = max(self.actors, default=-1) + 1
+            new = {i: self._spawn(i) for i in range(start, start + grow)}
+            self.actors.update(new)
+            refs = [a.ready.remote() for a in new.values()]
+            try:
+                ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+                ray.get(ready)  # raises the first actor's error (bad model, bad config) as is
+                if pending:
+                    raise ClusterTooSmall(f"{len(pending)} of {grow} new worker(s) not placed within {timeout:.0f} s;"
+                                          f" the cluster has {ray.available_resources()} free")
+            except BaseException:
+                for i, actor in new.items():  # no half-started deployment left behind
+                    ray.kill(actor, no_restart=True)
+                    self.actors.pop(i, None)
+                raise
+        elif grow < 0:
+            leaving = sorted(self.actors)[workers:]
+            self._stop_actors([self.actors.pop(i) for i in leaving])
+
+    def _stop_actors(self, actors: list, timeout: float = 60.0) -> list[dict]:
+        refs = [a.stop.remote(timeout) for a in actors]
+        finals = []
+        for ref in refs:
+            try:
+                finals.append(ray.get(ref, timeout=timeout + 10))
+            except Exception as e:  # a dead or stuck actor: killing it still commits nothing new
+                finals.append({"error": str(e)})
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        return finals
+
+    def workers(self) -> list[dict]:
+        """Each actor's stats, or {"error": ...} while it is down or restarting."""
+        refs = {i: a.stats.remote() for i, a in sorted(self.actors.items())}
+        out = []
+        for i, ref in refs.items():
+            try:
+                s = ray.get(ref, timeout=10)
+            except Exception as e:
+                s = {"error": f"{type(e).__name__}: {e}".splitlines()[0], "running": False}
+            s["actor"] = _actor_name(self.name, i)
+            out.append(s)
+        return out
+
+    def stats(self) -> dict:
+        """Totals over the actors: predicted, rate (frames/s since the previous call), mean batch,
+        lag (sum over workers), latency p50 (weighted mean of the workers') and p99 (worst)."""
+        per = self.workers()
+        ok = [s for s in per if "predicted" in s]
+        predicted = sum(s["predicted"] for s in ok)
+        now = time.monotonic()
+        rate = None
+        if self._last is not None and now > self._last[0]:
+            rate = max(0.0, (predicted - self._last[1]) / (now - self._last[0]))
+        self._last = (now, predicted)
+        batches = sum(s["batches"] for s in ok)
+        lags = [s["lag"] for s in ok if s["lag"] >= 0]
+        weight = sum(s["predicted"] for s in ok) or 1
+        return {
+            "workers": len(per),
+            "running": sum(1 for s in per if s.get("running")),
+            "nodes": len({s["node_id"] for s in ok}),
+            "consumed": sum(s["consumed"] for s in ok),
+            "predicted": predicted,
+            "dead_lettered": sum(s["dead_lettered"] for s in ok),
+            "rate": rate,
+            "mean_batch": sum(s["batched_frames"] for s in ok) / batches if batches else 0.0,
+            "lag": sum(lags) if lags else None,
+            "latency_p50_ms": sum(s["latency_p50_ms"] * s["predicted"] for s in ok) / weight,
+            "latency_p99_ms": max((s["latency_p99_ms"] for s in ok), default=0),
+            "per_worker": per,
+        }
+
+    def stop(self) -> list[dict]:
+        """Stops every actor gracefully (last batch, commit, leave the group); returns final stats."""
+        actors = [self.actors.pop(i) for i in sorted(self.actors)]
+        return self._stop_actors(actors)
+
+
+# ---- batch mode (the paper's section II): one task per file, round-robin over nodes ----
+
+@ray.remote(num_cpus=1, max_retries=3)
+def _classify_task(path: str, model: str, batch_size: int) -> dict:
+    record = batch.classify_file_record(path, model, batch_size)
+    record["node_id"] = ray.get_runtime_context().get_node_id()
+    return record
+
+
+def classify_files(paths: list[str], *, nodes: int | None = None, model: str = "mnist", batch_size: int = 64,
+                   address: str | None = "auto") -> tuple[list[dict], float, float]:
+    """Classifies every file with one Ray task each, task i pinned to node i mod `nodes` (the
+    paper's round-robin). Returns the task records (file, node, worker pid, start, end, images,
+    correct, error), the submission time (epoch s) and the wall time to the last result."""
+    connect(address)
+    alive = cluster_nodes()
+    if nodes is None:
+        nodes = len(alive)
+    if not 1 <= nodes <= len(alive):
+        raise ClusterTooSmall(f"asked for {nodes} node(s); the cluster has {len(alive)} with CPUs")
+    chosen = alive[:nodes]
+    label = {n["NodeID"]: f"node-{i + 1}" for i, n in enumerate(chosen)}
+    model_path = kafray.find_model(model)
+    # Warm-up, untimed: a worker process per node with the model loaded, as Spark's warm-up does.
+    ray.get([_classify_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+             .remote(paths[0], model_path, batch_size) for n in chosen])
+    began = time.time()
+    refs = [
+        _classify_task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(chosen[i % nodes]["NodeID"], soft=False)
+        ).remote(p, model_path, batch_size)
+        for i, p in enumerate(paths)
+    ]
+    records = ray.get(refs)
+    wall = time.time() - began
+    for r in records:
+        r["engine"] = "ray"
+        r["node"] = label.get(r.pop("node_id"), "other")
+        r["worker"] = f"{r['node']}/pid-{r['pid']}"
+    return records, began, wall
+
+
+# ---- CLI ----
+
+def _worker_config(args) -> dict:
+    config = {k: v for k, v in dict(
+        brokers=args.brokers, input_topic=args.input, output_topic=args.output, group=args.group or args.name,
+        model=args.model, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, threads=args.threads,
+        top_k=args.top_k,
+    ).items() if v is not None}
+    if args.X:
+        config["kafka"] = dict(kv.split("=", 1) for kv in args.X)
+    return config
+
+
+def _print_stats(s: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(s), flush=True)
+        return
+    rate = "-" if s["rate"] is None else f"{s['rate']:.0f}"
+    print(f"workers {s['running']}/{s['workers']} on {s['nodes']} node(s) | predicted {s['predicted']} | "
+          f"{rate} frames/s | mean batch {s['mean_batch']:.1f} | lag {s['lag']} | "
+          f"p50 {s['latency_p50_ms']:.0f} ms p99 {s['latency_p99_ms']} ms", flush=True)
+    for w in s["per_worker"]:
+        if w.get("error"):
+            print(f"  {w['actor']}: {w['error']}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kafray-ray", description=__doc__.split("\n\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", default="auto",
+                        help="Ray cluster address (default: the cluster `ray start` made on this machine)")
+    common.add_argument("--name", default="kafray", help="deployment name (actor names; default consumer group)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", parents=[common],
+                        help="start N workers as Ray actors; print stats until Ctrl-C (or --detach)")
+    up.add_argument("--workers", "-n", type=int, default=2)
+    up.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per worker (Ray resource)")
+    up.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per worker (Ray resource)")
+    up.add_argument("--brokers", "-b", default=os.environ.get("KAFRAY_BROKERS", "127.0.0.1:9092"))
+    up.add_argument("--input", "-i", default="frames")
+    up.add_argument("--output", "-o", default="predictions")
+    up.add_argument("--group", "-g", help="consumer group (default: --name)")
+    up.add_argument("--model", "-m", default="mnist", help="model path or name; the path must exist on every node")
+    up.add_argument("--batch-size", type=int)
+    up.add_argument("--max-wait-ms", type=int)
+    up.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: --num-cpus)")
+    up.add_argument("--top-k", type=int)
+    up.add_argument("-X", action="append", metavar="KEY=VALUE", help="librdkafka property (repeatable)")
+    up.add_argument("--detach", action="store_true", help="start and return; the actors outlive this command")
+    up.add_argument("--interval", type=float, default=5.0, help="seconds between stats lines")
+    up.add_argument("--duration", type=float, help="stop after this many seconds")
+    up.add_argument("--json", action="store_true", help="print stats as JSON lines")
+
+    st = sub.add_parser("stats", parents=[common], help="stats of a detached deployment")
+    st.add_argument("--json", action="store_true")
+    sc = sub.add_parser("scale", parents=[common], help="grow or shrink a detached deployment")
+    sc.add_argument("workers", type=int)
+    sub.add_parser("down", parents=[common], help="stop a detached deployment gracefully")
+
+    bt = sub.add_parser("batch", parents=[common], help="the paper's batch study on Ray: classify MNIST shards, one task per file")
+    bt.add_argument("--files", type=int, default=1000)
+    bt.add_argument("--per-file", type=int, default=10, help="digits per shard file")
+    bt.add_argument("--nodes", type=int, help="use the first N nodes (default: all)")
+    bt.add_argument("--out", default="bench/results/batch")
+    bt.add_argument("--model", default="mnist")
+
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "up":
+            for kv in args.X or []:
+                if "=" not in kv:
+                    p.error(f"-X {kv!r}: expected KEY=VALUE, e.g. -X fetch.wait.max.ms=50")
+            d = Deployment.start(args.workers, name=args.name, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                                 address=args.address, detached=args.detach, **_worker_config(args))
+            print(f"kafray-ray: {args.workers} worker(s) up as {args.name!r} "
+                  f"(group {d.config['group']!r}, model {d.config['model']})", flush=True)
+            if args.detach:
+                return 0
+            stopping = []
+            signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+            began = time.monotonic()
+            try:
+                while not stopping and (args.duration is None or time.monotonic() - began < args.duration):
+                    time.sleep(min(args.interval, max(0.1, (args.duration or 1e9) - (time.monotonic() - began))))
+                    _print_stats(d.stats(), args.json)
+            except KeyboardInterrupt:
+                pass
+            finals = d.stop()
+            print(f"kafray-ray: stopped; predicted {sum(f.get('predicted', 0) for f in finals)} in total", flush=True)
+        elif args.cmd == "stats":
+            d = Deployment.attach(args.name, args.address)
+            d.stats()
+            time.sleep(1.0)
+            _print_stats(d.stats(), args.json)
+        elif args.cmd == "scale":
+            d = Deployment.attach(args.name, args.address)
+            d.scale(args.workers)
+            print(f"kafray-ray: {args.name!r} now has {len(d.actors)} worker(s)")
+        elif args.cmd == "down":
+            finals = Deployment.attach(args.name, args.address).stop()
+            print(f"kafray-ray: {args.name!r} stopped ({len(finals)} worker(s))")
+        elif args.cmd == "batch":
+            from kafray import study
+            return study.main(["--engines", "ray", "--files", str(args.files), "--per-file", str(args.per_file),
+                               "--out", args.out, "--model", args.model, "--address", args.address]
+                              + (["--nodes", str(args.nodes)] if args.nodes else []))
+    except (ValueError, ClusterTooSmall) as e:
+        print(f"kafray-ray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+//! `kafray._native`: the Rust engine seen from Python. A [`Worker`] runs one consumer-group member
+//! on native threads (the GIL is released while it waits); a [`Classifier`] classifies files for
+//! the batch study. The Python package (`python/kafray`) wraps both.
+use kafray::broker::Storage;
+use kafray::files::{self, FileResult};
+use kafray::metrics::{Metrics, Snapshot};
+use kafray::model::Model;
+use kafray::{Error, ErrorKind, WorkerConfig};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The user's mistakes become ValueError, the outside world's OSError, kafray's bugs RuntimeError.
+fn to_py(e: Error) -> PyErr {
+    match e.kind() {
+        ErrorKind::User => PyValueError::new_err(e.to_string()),
+        ErrorKind::External => PyOSError::new_err(e.to_string()),
+        ErrorKind::Internal => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// One kafray worker (one consumer-group member) on native threads.
+#[pyclass(module = "kafray._native")]
+struct Worker {
+    config: WorkerConfig,
+    worker_id: String,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    thread: Option<JoinHandle<kafray::Result<Snapshot>>>,
+    started: Option<Instant>,
+    /// Set once the worker thread has ended: its final counters, or why it failed.
+    outcome: Option<Result<Snapshot, String>>,
+}
+
+impl State {
+    /// Moves a finished thread's result into `outcome`.
+    fn reap(&mut self) {
+        if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+            let outcome = match self.thread.take().expect("checked above").join() {
+                Ok(Ok(snapshot)) => Ok(snapshot),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("the worker thread panicked (a bug in kafray; see the log)".into()),
+            };
+            self.outcome = Some(outcome);
+        }
+    }
+}
+
+#[pymethods]
+impl Worker {
+    /// `config_json`: a JSON object with `WorkerConfig`'s fields (unknown fields are refused).
+    #[new]
+    fn new(config_json: &str) -> PyResult<Self> {
+        let config: WorkerConfig = serde_json::from_str(config_json)
+            .map_err(|e| PyValueError::new_err(format!("invalid worker configuration: {e}")))?;
+        config.validate().map_err(to_py)?;
+        let worker_id = config.worker_id();
+        let config = WorkerConfig { worker_id: Some(worker_id.clone()), ..config };
+        Ok(Worker {
+            config,
+            worker_id,
+            stop: Arc::new(AtomicBool::new(false)),
+            metrics: Arc::new(Metrics::new()),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Loads the model (so a bad model fails here), then joins the group on a native thread.
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        let mut state = self.state.lock().unwrap();
+        if state.thread.is_some() || state.outcome.is_some() {
+            return Err(PyRuntimeError::new_err("a Worker starts once; create a new one to start again"));
+        }
+        let config = self.config.clone();
+        let model = py.detach(|| Model::load(&config.model, config.threads, config.top_k)).map_err(to_py)?;
+        let (stop, metrics) = (self.stop.clone(), self.metrics.clone());
+        let thread = std::thread::Builder::new()
+            .name("kafray-worker".into())
+            .spawn(move || kafray::worker::run_with_model(&config, model, stop, metrics))
+            .map_err(|e| PyOSError::new_err(format!("cannot start the worker thread: {e}")))?;
+        state.thread = Some(thread);
+        state.started = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Asks the worker to finish: last batch, flush, commit, leave the group. Waits up to
+    /// `timeout` seconds (forever when None) and returns the final stats; raises if it failed.
+    #[pyo3(signature = (timeout=None))]
+    fn stop<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyDict>> {
+        self.stop.store(true, Relaxed);
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        py.detach(|| loop {
+            let mut state = self.state.lock().unwrap();
+            state.reap();
+            if state.thread.is_none() || deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            drop(state);
+            std::thread::sleep(Duration::from_millis(20));
+        });
+        let stats = self.stats(py)?;
+        let state = self.state.lock().unwrap();
+        match &state.outcome {
+            Some(Err(why)) => Err(PyRuntimeError::new_err(format!("worker {} failed: {why}", self.worker_id))),
+            _ if state.thread.is_some() => Err(PyRuntimeError::new_err(format!(
+                "worker {} did not stop within {:.1} s; it is still finishing",
+                self.worker_id,
+                timeout.unwrap_or_default()
+            ))),
+            _ => Ok(stats),
+        }
+    }
+
+    /// True from `start` until the worker thread ends (after `stop`, or on a fatal error).
+    #[getter]
+    fn running(&self) -> bool {
+        let mut state = self.state.lock().unwrap();
+        state.reap();
+        state.thread.is_some()
+    }
+
+    #[getter]
+    fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Counters since start: consumed, predicted, dead_lettered, batches, mean_batch, lag,
+    /// latency_p50_ms / latency_p99_ms (produce timestamp -> acknowledged), running, error.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let mut state = self.state.lock().unwrap();
+        state.reap();
+        let s = match &state.outcome {
+            Some(Ok(last)) => *last,
+            _ => self.metrics.snapshot(),
+        };
+        let d = PyDict::new(py);
+        d.set_item("worker_id", &self.worker_id)?;
+        d.set_item("running", state.thread.is_some())?;
+        d.set_item("error", state.outcome.as_ref().and_then(|o| o.as_ref().err()))?;
+        d.set_item("uptime_s", state.started.map_or(0.0, |t| t.elapsed().as_secs_f64()))?;
+        d.set_item("consumed", s.consumed)?;
+        d.set_item("predicted", s.predicted)?;
+        d.set_item("dead_lettered", s.dead_lettered)?;
+        d.set_item("batches", s.batches)?;
+        d.set_item("batched_frames", s.batched_frames)?;
+        d.set_item("mean_batch", s.mean_batch())?;
+        d.set_item("delivery_failures", s.delivery_failures)?;
+        d.set_item("consume_errors", s.consume_errors)?;
+        d.set_item("assigned_partitions", self.metrics.assigned_partitions.load(Relaxed))?;
+        d.set_item("lag", s.lag)?;
+        d.set_item("latency_p50_ms", s.latency_p50_ms)?;
+        d.set_item("latency_p99_ms", s.latency_p99_ms)?;
+        Ok(d)
+    }
+}
+
+impl Drop for Worker {
+    /// A worker dropped while running still leaves cleanly: commit what is acknowledged.
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(thread) = self.state.get_mut().unwrap().thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A model loaded once, classifying whole files (MNIST IDX shards or PNG/JPEG images).
+#[pyclass(module = "kafray._native")]
+struct Classifier {
+    model: Mutex<Model>,
+    batch_size: usize,
+}
+
+#[pymethods]
+impl Classifier {
+    #[new]
+    #[pyo3(signature = (model="mnist", threads=1, batch_size=64))]
+    fn new(py: Python<'_>, model: &str, threads: usize, batch_size: usize) -> PyResult<Self> {
+        if batch_size == 0 || threads == 0 {
+            return Err(PyValueError::new_err("batch_size and threads must be at least 1"));
+        }
+        let model = py.detach(|| Model::load(model, threads, 1)).map_err(to_py)?;
+        Ok(Classifier { model: Mutex::new(model), batch_size })
+    }
+
+    /// The model file this classifier runs.
+    #[getter]
+    fn model_path(&self) -> String {
+        self.model.lock().unwrap().path.display().to_string()
+    }
+
+    /// Classifies one file: {"images", "classes", "correct" (None without labels)}.
+    fn classify_file<'py>(&self, py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+        let result: FileResult = py
+            .detach(|| files::classify_file(&mut self.model.lock().unwrap(), &path, self.batch_size))
+            .map_err(to_py)?;
+        let d = PyDict::new(py);
+        d.set_item("images", result.classes.len())?;
+        d.set_item("correct", result.correct())?;
+        d.set_item("classes", &result.classes)?;
+        Ok(d)
+    }
+}
+
+/// Writes `files` MNIST shards of `per_file` digits each from an IDX image/label pair into `out_dir`;
+/// returns the image files' paths (each has its labels file beside it).
+#[pyfunction]
+fn write_mnist_shards(
+    py: Python<'_>,
+    images: PathBuf,
+    labels: PathBuf,
+    out_dir: PathBuf,
+    files: usize,
+    per_file: usize,
+) -> PyResult<Vec<String>> {
+    py.detach(|| {
+        let digits = kafray::mnist::load(&images, &labels)?;
+        files::write_mnist_shards(&digits, &out_dir, files, per_file)
+    })
+    .map(|paths| paths.into_iter().map(|p| p.display().to_string()).collect())
+    .map_err(to_py)
+}
+
+/// Resolves a model name (`mnist`, `mobilenet_v2`, ...) or path to the absolute path of its file.
+#[pyfunction]
+fn find_model(name: &str) -> PyResult<String> {
+    let path = kafray::model::find_model(name).map_err(to_py)?;
+    let path = path.canonicalize().unwrap_or(path);
+    Ok(path.display().to_string())
+}
+
+/// A local Kafka-protocol broker (Tansu, the `nisshi` binary) on a free loopback port, for tests
+/// and demos; killed when stopped or garbage-collected.
+#[pyclass(module = "kafray._native")]
+struct EmbeddedBroker {
+    inner: Mutex<Option<kafray::broker::EmbeddedBroker>>,
+    bootstrap: String,
+}
+
+#[pymethods]
+impl EmbeddedBroker {
+    /// `storage`: "memory" (fast acknowledgements) or "sqlite" (survives a broker kill).
+    #[new]
+    #[pyo3(signature = (storage="memory"))]
+    fn new(py: Python<'_>, storage: &str) -> PyResult<Self> {
+        let storage = match storage {
+            "memory" => Storage::Memory,
+            "sqlite" => Storage::Sqlite,
+            other => {
+                return Err(PyValueError::new_err(format!("storage {other:?}: expected \"memory\" or \"sqlite\"")))
+            }
+        };
+        let broker = py.detach(|| kafray::broker::EmbeddedBroker::start_with(storage)).map_err(to_py)?;
+        Ok(EmbeddedBroker { bootstrap: broker.bootstrap(), inner: Mutex::new(Some(broker)) })
+    }
+
+    /// `host:port` for `brokers=`.
+    #[getter]
+    fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    fn stop(&self) {
+        self.inner.lock().unwrap().take();
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Logs go to stderr (Ray keeps each actor's); KAFRAY_LOG filters like the CLI's.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KAFRAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    m.add_class::<Worker>()?;
+    m.add_class::<Classifier>()?;
+    m.add_class::<EmbeddedBroker>()?;
+    m.add_function(wrap_pyfunction!(write_mnist_shards, m)?)?;
+    m.add_function(wrap_pyfunction!(find_model, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,75 @@
+"""Fixtures for the Python tests: a real two-node Ray cluster on this machine, a real broker
+(Tansu) and the `kafray` CLI to produce frames and evaluate predictions."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+KAFRAY_BIN = REPO / "target" / "release" / "kafray"
+# Two raylets on one machine, each with the resources a small box can give (Ray's defaults
+# would claim most of the memory for each node).
+NODE = dict(num_cpus=2, memory=2 * 2**30, object_store_memory=256 * 2**20)
+
+
+def kafray_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    if not KAFRAY_BIN.is_file():
+        pytest.fail(f"{KAFRAY_BIN} is missing: run `cargo build --release` (the README's test command does)")
+    return subprocess.run([str(KAFRAY_BIN), *args], cwd=REPO, capture_output=True, text=True, **kw)
+
+
+def produce_mnist(brokers: str, limit: int, rate: int | None = None, partitions: int = 4) -> subprocess.Popen:
+    args = [str(KAFRAY_BIN), "produce", "mnist", "--brokers", brokers, "--limit", str(limit),
+            "--partitions", str(partitions), "-q"]
+    if rate:
+        args += ["--rate", str(rate)]
+    return subprocess.Popen(args, cwd=REPO)
+
+
+def evaluate(brokers: str, expect: int, timeout: int = 180) -> dict:
+    out = kafray_cli("eval", "--brokers", brokers, "--topic", "predictions", "--expect", str(expect),
+                     "--timeout", str(timeout), "--json", timeout=timeout + 60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A head node and a second node, as `ray start --head` plus `ray start --address` would make."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from kafray import ray as kray
+
+    cluster = Cluster(initialize_head=True, head_node_args=dict(NODE, include_dashboard=False))
+    cluster.add_node(**NODE)
+    cluster.wait_for_nodes()
+    kray.connect(cluster.address)
+    try:
+        yield cluster.address
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture
+def broker():
+    import kafray
+
+    b = kafray.EmbeddedBroker("memory")
+    try:
+        yield b.bootstrap
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def deployments():
+    """Deployments started by a test; stopped even when it fails, so the next test has the CPUs."""
+    started = []
+    yield started
+    for d in started:
+        d.stop()
