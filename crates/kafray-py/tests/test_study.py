@@ -1,7 +1,4 @@
 """The batch study on Ray (task per file) and Spark (partitions), with its records and charts."""
-import csv
-from pathlib import Path
-
 from kafray import study
 
 
@@ -10,8 +7,8 @@ def test_batch_study_on_ray_and_spark_records_every_file(ray_cluster, tmp_path):
     code = study.main(["--files", "40", "--per-file", "5", "--nodes", "2", "--partitions", "4",
                        "--address", ray_cluster, "--out", str(out)])
     assert code == 0
-    tasks = list(csv.DictReader(open(out / "tasks.csv")))
-    runs = list(csv.DictReader(open(out / "runs.csv")))
+    tasks = study.read_csv(out / "tasks.csv")
+    runs = study.read_csv(out / "runs.csv")
     assert [(r["engine"], r["nodes"]) for r in runs] == [("ray", "1"), ("ray", "2"), ("spark", "1"), ("spark", "2")]
     for run in runs:
         mine = [t for t in tasks if (t["engine"], t["nodes"]) == (run["engine"], run["nodes"])]

@@ -1,6 +1,4 @@
 """The Python Worker and Classifier, without Ray."""
-import time
-
 import pytest
 
 import kafray

@@ -70,6 +70,11 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         w.writerows(rows)
 
 
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def plot_timeline(path: Path, runs: list[tuple[str, list[dict]]]) -> None:
     """One panel per run: a lane per worker process (grouped by node), a bar per task."""
     import matplotlib
@@ -126,8 +131,8 @@ def plot_total_time(path: Path, summaries: list[dict]) -> None:
 
 def replot(out: Path) -> None:
     """Redraws both charts from tasks.csv and runs.csv (timelines: each engine's largest run)."""
-    tasks = list(csv.DictReader(open(out / "tasks.csv")))
-    summaries = list(csv.DictReader(open(out / "runs.csv")))
+    tasks = read_csv(out / "tasks.csv")
+    summaries = read_csv(out / "runs.csv")
     for t in tasks:
         t["start_s"], t["end_s"] = float(t["start_s"]), float(t["end_s"])
     timelines = []
