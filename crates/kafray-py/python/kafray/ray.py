@@ -232,7 +232,7 @@ class Deployment:
         self._last = (now, predicted)
         batches = sum(s["batches"] for s in ok)
         lags = [s["lag"] for s in ok if s["lag"] >= 0]
-        weight = sum(s["predicted"] for s in ok) or 1
+        weight = predicted or 1
         return {
             "workers": len(per),
             "running": sum(1 for s in per if s.get("running")),
@@ -278,15 +278,12 @@ def classify_files(paths: list[str], *, nodes: int | None = None, model: str = "
     label = {n["NodeID"]: f"node-{i + 1}" for i, n in enumerate(chosen)}
     model_path = kafray.find_model(model)
     # Warm-up, untimed: a worker process per node with the model loaded, as Spark's warm-up does.
-    ray.get([_classify_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-             .remote(paths[0], model_path, batch_size) for n in chosen])
+    def on(node: dict):
+        return _classify_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+
+    ray.get([on(n).remote(paths[0], model_path, batch_size) for n in chosen])
     began = time.time()
-    refs = [
-        _classify_task.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(chosen[i % nodes]["NodeID"], soft=False)
-        ).remote(p, model_path, batch_size)
-        for i, p in enumerate(paths)
-    ]
+    refs = [on(chosen[i % nodes]).remote(p, model_path, batch_size) for i, p in enumerate(paths)]
     records = ray.get(refs)
     wall = time.time() - began
     for r in records:
