@@ -6,7 +6,8 @@
 #    built with cargo into ~/.cargo/bin (about 20 minutes on 2 cores, the first time only);
 #  - kcat, for the test that any Kafka client can use kafray's formats.
 # With --python (the test command passes it) also:
-#  - Ray, PySpark, matplotlib, maturin and pytest in .venv (about 1 GB, once);
+#  - Ray, PySpark, matplotlib, maturin and pytest in .venv (about 1 GB, once), and numpy and
+#    Pillow for the Python peer of the benchmarks (bench/peer.py);
 #  - the `kafray` Python package: the PyO3 extension built with maturin and installed into .venv
 #    (rebuilt incrementally on every run, so it always matches the checkout).
 set -euo pipefail
@@ -29,6 +30,8 @@ PYSPARK_VERSION=4.3.0
 MATPLOTLIB_VERSION=3.11.2
 MATURIN_VERSION=1.16.0
 PYTEST_VERSION=9.2.0
+NUMPY_VERSION=2.4.6
+PILLOW_VERSION=13.0.0
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
@@ -60,7 +63,7 @@ if ! command -v kcat >/dev/null 2>&1; then
   fi
 fi
 if [ "$with_python" = 1 ]; then
-  want="ray==$RAY_VERSION pyspark==$PYSPARK_VERSION matplotlib==$MATPLOTLIB_VERSION maturin==$MATURIN_VERSION pytest==$PYTEST_VERSION"
+  want="ray==$RAY_VERSION pyspark==$PYSPARK_VERSION matplotlib==$MATPLOTLIB_VERSION maturin==$MATURIN_VERSION pytest==$PYTEST_VERSION numpy==$NUMPY_VERSION pillow==$PILLOW_VERSION"
   if ! .venv/bin/python - $want <<'PY' 2>/dev/null
 import sys
 from importlib.metadata import version
@@ -68,7 +71,8 @@ sys.exit(any(version(n) != v for n, v in (a.split("==") for a in sys.argv[1:])))
 PY
   then
     .venv/bin/pip install -q --disable-pip-version-check "ray[default]==$RAY_VERSION" "pyspark==$PYSPARK_VERSION" \
-      "matplotlib==$MATPLOTLIB_VERSION" "maturin==$MATURIN_VERSION" "pytest==$PYTEST_VERSION"
+      "matplotlib==$MATPLOTLIB_VERSION" "maturin==$MATURIN_VERSION" "pytest==$PYTEST_VERSION" \
+      "numpy==$NUMPY_VERSION" "pillow==$PILLOW_VERSION"
   fi
   command -v java >/dev/null 2>&1 || echo "setup: java is missing; Spark needs Java 17 or later (apt-get install openjdk-17-jre-headless)" >&2
   # `develop` installs the freshly built extension into .venv, next to the Python sources.

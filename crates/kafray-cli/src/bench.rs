@@ -139,10 +139,7 @@ fn bench_frames(model: &str, args: &BenchArgs) -> anyhow::Result<Vec<OutFrame>> 
         let all: Vec<OutFrame> = publish::mnist_frames(&digits, 8).collect();
         return Ok(all.iter().cycle().take(n).cloned().collect());
     }
-    let mut photos = Vec::new();
-    for (_, bytes, _) in publish::image_files(&args.photos)? {
-        photos.push(publish::to_jpeg(&bytes, 224, 90)?);
-    }
+    let photos: Vec<Vec<u8>> = publish::photo_frames(&args.photos, Some(224))?.into_iter().map(|f| f.value).collect();
     let n = args.frames.unwrap_or(800);
     Ok((0..n)
         .map(|i| OutFrame {

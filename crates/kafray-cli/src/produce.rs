@@ -27,6 +27,10 @@ pub struct ProduceArgs {
     /// Create the topic with this many partitions when it does not exist.
     #[arg(long, global = true)]
     partitions: Option<usize>,
+    /// Spread frames evenly over the partitions (frame i to partition i mod P) instead of by
+    /// source key; order per source is then not kept. For load tests with few sources.
+    #[arg(long, global = true)]
+    round_robin: bool,
     /// No progress bar.
     #[arg(short, long, global = true)]
     quiet: bool,
@@ -54,6 +58,9 @@ enum Source {
         /// Publish the set this many times.
         #[arg(long, default_value_t = 1)]
         repeat: usize,
+        /// Re-encode frames as SIZExSIZE JPEG, as a camera at that resolution would send.
+        #[arg(long)]
+        size: Option<u32>,
     },
     /// N cameras, each sending F frames/s, cycling over the images of a folder.
     Camera {
@@ -88,6 +95,9 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
         kafray::admin::ensure_topics(&args.kafka.brokers, &[(args.topic.as_str(), p)], &props)?;
     }
     let mut publisher = Publisher::new(&args.kafka.brokers, &args.topic, &props)?;
+    if args.round_robin {
+        publisher = publisher.round_robin(&args.kafka.brokers, &props)?;
+    }
     let Plan { frames, rate, total, duration } = match args.source {
         Source::Mnist { images, labels, sources } => {
             let digits = kafray::mnist::load(&images, &labels)
@@ -96,13 +106,10 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
             let n = frames.len();
             Plan { frames: Box::new(frames.into_iter()), rate: args.rate, total: Some(n), duration: None }
         }
-        Source::Images { paths, repeat } => {
+        Source::Images { paths, repeat, size } => {
             let mut frames = Vec::new();
             for p in &paths {
-                for (file, bytes, format) in publish::image_files(p)? {
-                    let source = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                    frames.push(OutFrame { source, value: bytes, format, shape: None, label: None });
-                }
+                frames.extend(publish::photo_frames(p, size)?);
             }
             let n = frames.len() * repeat;
             Plan {
@@ -114,13 +121,7 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
         }
         Source::Camera { path, cameras, fps, size, duration } => {
             anyhow::ensure!(cameras > 0 && fps > 0.0, "--cameras and --fps must be positive");
-            let mut images = Vec::new();
-            for (_, bytes, format) in publish::image_files(&path)? {
-                match size {
-                    Some(s) => images.push((publish::to_jpeg(&bytes, s, 90)?, kafray::frame::PixelFormat::Jpeg)),
-                    None => images.push((bytes, format)),
-                }
-            }
+            let images: Vec<_> = publish::photo_frames(&path, size)?.into_iter().map(|f| (f.value, f.format)).collect();
             let frames = (0..).map(move |i: usize| {
                 let (cam, tick) = (i % cameras, i / cameras);
                 let (value, format) = images[(tick + cam) % images.len()].clone();

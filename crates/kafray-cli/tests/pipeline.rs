@@ -224,6 +224,29 @@ fn camera_fleet_sends_paced_jpeg_frames_per_camera() {
     assert_eq!(frames[0].header("kafray.format"), Some("jpeg"));
 }
 
+/// Load tests with few sources: --round-robin spreads the photos evenly over the partitions,
+/// re-encoded at the asked size.
+#[test]
+fn round_robin_spreads_few_sources_evenly_over_partitions() {
+    let broker = broker();
+    let b = broker.bootstrap();
+    let images = shared_assets().join("images");
+    let produce = |extra: &[&str]| {
+        let mut args = vec!["produce", "images", images.to_str().unwrap(), "--brokers", &b, "--round-robin", "-q"];
+        args.extend_from_slice(extra);
+        kafray(&args).output().unwrap()
+    };
+    let out = produce(&["--partitions", "5", "--size", "96", "--repeat", "5"]);
+    assert!(out.status.success(), "{out:?}");
+    let frames = read_topic(&b, "frames", 20, Duration::from_secs(30));
+    assert_eq!(frames.len(), 20, "4 photos x 5");
+    for p in 0..5 {
+        assert_eq!(frames.iter().filter(|f| f.partition == p).count(), 4, "partition {p}");
+    }
+    let img = image::load_from_memory(&frames[0].value).unwrap();
+    assert_eq!((img.width(), img.height()), (96, 96));
+}
+
 /// The broker is killed (SIGKILL) and restarted mid-stream: its SQLite storage keeps frames and
 /// offsets, the worker and producer reconnect, and every frame still gets a prediction.
 #[test]

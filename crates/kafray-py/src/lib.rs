@@ -160,6 +160,19 @@ impl Worker {
         d.set_item("lag", s.lag)?;
         d.set_item("latency_p50_ms", s.latency_p50_ms)?;
         d.set_item("latency_p99_ms", s.latency_p99_ms)?;
+        let stages = PyDict::new(py);
+        let t = s.stages;
+        for (name, us) in [
+            ("poll", t.poll_us),
+            ("decode", t.decode_us),
+            ("handoff", t.handoff_us),
+            ("idle", t.idle_us),
+            ("infer", t.infer_us),
+            ("produce", t.produce_us),
+        ] {
+            stages.set_item(name, us)?;
+        }
+        d.set_item("stages_us", stages)?;
         Ok(d)
     }
 }
@@ -231,6 +244,49 @@ fn write_mnist_shards(
     .map_err(to_py)
 }
 
+/// The raw limit (no Kafka, no cluster): `parallel` threads, each with its own model, decode and
+/// infer the frames a producer would send, in batches of `batch_size`, for at least `seconds`.
+/// Frames are the MNIST test set (`mnist=(images, labels)`) or the photos of a folder re-encoded
+/// as `size`x`size` JPEG (`photos=`). Returns images_per_s and the time per image of each stage.
+#[pyfunction]
+#[pyo3(signature = (model, *, batch_size, parallel, mnist=None, photos=None, size=224, threads=1, seconds=2.0))]
+#[allow(clippy::too_many_arguments)]
+fn raw_limit<'py>(
+    py: Python<'py>,
+    model: &str,
+    batch_size: usize,
+    parallel: usize,
+    mnist: Option<(PathBuf, PathBuf)>,
+    photos: Option<PathBuf>,
+    size: u32,
+    threads: usize,
+    seconds: f64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let report = py
+        .detach(|| {
+            let frames = match (&mnist, &photos) {
+                (Some((images, labels)), None) => {
+                    let digits = kafray::mnist::load(images, labels)?;
+                    kafray::publish::mnist_frames(&digits, 8).collect()
+                }
+                (None, Some(dir)) => kafray::publish::photo_frames(dir, Some(size))?,
+                _ => return Err(Error::Config("give exactly one of mnist=(images, labels) or photos=".into())),
+            };
+            let min_time = Duration::from_secs_f64(seconds.max(0.0));
+            kafray::limit::measure(model, &frames, batch_size, threads, parallel, min_time)
+        })
+        .map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("parallel", report.parallel)?;
+    d.set_item("batch_size", report.batch_size)?;
+    d.set_item("images", report.images)?;
+    d.set_item("seconds", report.seconds)?;
+    d.set_item("images_per_s", report.images_per_s)?;
+    d.set_item("decode_ms_per_image", report.decode_ms_per_image)?;
+    d.set_item("infer_ms_per_image", report.infer_ms_per_image)?;
+    Ok(d)
+}
+
 /// Resolves a model name (`mnist`, `mobilenet_v2`, ...) or path to the absolute path of its file.
 #[pyfunction]
 fn find_model(name: &str) -> PyResult<String> {
@@ -286,6 +342,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<EmbeddedBroker>()?;
     m.add_function(wrap_pyfunction!(write_mnist_shards, m)?)?;
     m.add_function(wrap_pyfunction!(find_model, m)?)?;
+    m.add_function(wrap_pyfunction!(raw_limit, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 fn admin(brokers: &str, extra: &[(String, String)]) -> Result<AdminClient<DefaultClientContext>> {
     let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", brokers);
+    // An admin client is a producer to librdkafka, and a producer's metadata request asks the
+    // broker to auto-create the topic: the existence check would create it with the default count.
+    cfg.set("bootstrap.servers", brokers).set("allow.auto.create.topics", "false");
     for (k, v) in extra {
         if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") || k == "client.id" {
             cfg.set(k, v);

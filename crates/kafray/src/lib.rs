@@ -11,6 +11,7 @@ pub mod error;
 pub mod eval;
 pub mod files;
 pub mod frame;
+pub mod limit;
 pub mod metrics;
 pub mod mnist;
 pub mod model;

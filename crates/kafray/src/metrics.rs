@@ -16,6 +16,8 @@ pub struct Metrics {
     pub assigned_partitions: AtomicUsize,
     /// Frames behind the log end over assigned partitions (from librdkafka statistics), -1 unknown.
     pub lag: AtomicI64,
+    /// Where the worker's two threads spend their time, µs summed (see [`Stages`]).
+    pub stages: StageTimers,
     /// Produce timestamp -> acknowledged, ms: since start, and since the last status line.
     latency: Mutex<Option<Latency>>,
 }
@@ -23,6 +25,56 @@ pub struct Metrics {
 struct Latency {
     total: hdrhistogram::Histogram<u64>,
     window: hdrhistogram::Histogram<u64>,
+}
+
+/// Time spent per stage, µs summed since start. The intake thread polls, decodes and hands
+/// batches over; the inference thread waits for a batch, infers, and hands predictions to the
+/// producer. Each thread's stages add up to its wall time, so a bottleneck shows as the busy one.
+#[derive(Default)]
+pub struct StageTimers {
+    pub poll_us: AtomicU64,
+    pub decode_us: AtomicU64,
+    pub handoff_us: AtomicU64,
+    pub idle_us: AtomicU64,
+    pub infer_us: AtomicU64,
+    pub produce_us: AtomicU64,
+}
+
+/// A copy of [`StageTimers`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Stages {
+    /// Intake: waiting in the consumer's poll (for frames, or for acknowledgements to make room).
+    pub poll_us: u64,
+    /// Intake: decoding and preprocessing frames into the batch.
+    pub decode_us: u64,
+    /// Intake: waiting for the inference thread to take a full batch.
+    pub handoff_us: u64,
+    /// Inference: waiting for a batch.
+    pub idle_us: u64,
+    /// Inference: running the model.
+    pub infer_us: u64,
+    /// Inference: serialising predictions and handing them to the producer.
+    pub produce_us: u64,
+}
+
+impl StageTimers {
+    /// Adds the time since `since` to `counter`, and returns now for the next stage.
+    pub fn add(counter: &AtomicU64, since: std::time::Instant) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        counter.fetch_add(now.duration_since(since).as_micros() as u64, Relaxed);
+        now
+    }
+
+    pub fn snapshot(&self) -> Stages {
+        Stages {
+            poll_us: self.poll_us.load(Relaxed),
+            decode_us: self.decode_us.load(Relaxed),
+            handoff_us: self.handoff_us.load(Relaxed),
+            idle_us: self.idle_us.load(Relaxed),
+            infer_us: self.infer_us.load(Relaxed),
+            produce_us: self.produce_us.load(Relaxed),
+        }
+    }
 }
 
 /// A copy of the counters at one moment.
@@ -38,6 +90,7 @@ pub struct Snapshot {
     pub lag: i64,
     pub latency_p50_ms: u64,
     pub latency_p99_ms: u64,
+    pub stages: Stages,
 }
 
 impl Snapshot {
@@ -91,6 +144,7 @@ impl Metrics {
             lag: self.lag.load(Relaxed),
             latency_p50_ms: p50,
             latency_p99_ms: p99,
+            stages: self.stages.snapshot(),
         }
     }
 }

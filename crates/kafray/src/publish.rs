@@ -50,6 +50,8 @@ pub struct Publisher {
     topic: String,
     /// Next `kafray.seq` per source.
     seqs: std::collections::HashMap<String, u64>,
+    /// Round-robin over this many partitions instead of by key; with the next partition.
+    spread: Option<(i32, i32)>,
 }
 
 impl Publisher {
@@ -57,7 +59,17 @@ impl Publisher {
         let producer = crate::sink::producer_config(brokers, extra)
             .create_with_context(PublishContext::default())
             .kafka_context(|| format!("producer for {brokers}"))?;
-        Ok(Publisher { producer, topic: topic.into(), seqs: Default::default() })
+        Ok(Publisher { producer, topic: topic.into(), seqs: Default::default(), spread: None })
+    }
+
+    /// Sends frame i to partition i mod (the topic's partitions) rather than by key, so every
+    /// partition gets the same share however few sources there are. Order per source is lost.
+    pub fn round_robin(mut self, brokers: &str, extra: &[(String, String)]) -> Result<Self> {
+        let partitions = crate::admin::partition_count(brokers, &self.topic, extra)?.ok_or_else(|| {
+            Error::Config(format!("topic {} does not exist: create it (--partitions N) to spread over it", self.topic))
+        })?;
+        self.spread = Some((partitions as i32, 0));
+        Ok(self)
     }
 
     /// Queues a frame; the record timestamp is now (its capture time).
@@ -75,11 +87,15 @@ impl Publisher {
         if let Some(label) = &frame.label {
             headers = headers.insert(Header { key: HEADER_LABEL, value: Some(label) });
         }
-        let record = BaseRecord::to(&self.topic)
+        let mut record = BaseRecord::to(&self.topic)
             .key(frame.source.as_bytes())
             .payload(frame.value.as_slice())
             .headers(headers)
             .timestamp(crate::sink::now_ms());
+        if let Some((partitions, next)) = &mut self.spread {
+            record = record.partition(*next);
+            *next = (*next + 1) % *partitions;
+        }
         crate::sink::send_waiting(&self.producer, record)
     }
 
@@ -158,6 +174,22 @@ pub fn image_files(path: &Path) -> Result<Vec<(PathBuf, Vec<u8>, PixelFormat)>> 
         return Err(Error::Config(format!("{} holds no PNG or JPEG image", path.display())));
     }
     Ok(out)
+}
+
+/// The images of a folder (or one file) as frames keyed by file name, each re-encoded as a
+/// `size`x`size` JPEG when a size is given (as a camera at that resolution sends them).
+pub fn photo_frames(path: &Path, size: Option<u32>) -> Result<Vec<OutFrame>> {
+    image_files(path)?
+        .into_iter()
+        .map(|(file, bytes, format)| {
+            let source = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let (value, format) = match size {
+                Some(s) => (to_jpeg(&bytes, s, 90)?, PixelFormat::Jpeg),
+                None => (bytes, format),
+            };
+            Ok(OutFrame { source, value, format, shape: None, label: None })
+        })
+        .collect()
 }
 
 /// Re-encodes an image as a JPEG of `size`x`size` (what a camera at that resolution sends).

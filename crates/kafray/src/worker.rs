@@ -6,7 +6,7 @@ use crate::batch::{Batch, Batcher, FrameMeta};
 use crate::config::WorkerConfig;
 use crate::error::{Error, Result};
 use crate::frame::{self, FrameHeaders, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
-use crate::metrics::{Metrics, Snapshot};
+use crate::metrics::{Metrics, Snapshot, StageTimers};
 use crate::model::{Model, ModelSpec};
 use crate::offsets::OffsetTracker;
 use crate::sink::{now_ms, Ack, Prediction, Sink, TopEntry};
@@ -15,7 +15,7 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::Message;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,13 +70,13 @@ pub fn run_with_model(
     let (batches, inbox) = sync_channel::<Batch>(1);
     let infer_stopped = Arc::new(AtomicBool::new(false));
     let infer = {
-        let (sink, worker_id) = (sink.clone(), worker_id.clone());
+        let (sink, worker_id, metrics) = (sink.clone(), worker_id.clone(), metrics.clone());
         let guard = ExitGuard { stopped: infer_stopped.clone(), tracker: tracker.clone() };
         std::thread::Builder::new()
             .name("kafray-infer".into())
             .spawn(move || {
                 let _guard = guard;
-                infer_loop(model, inbox, &sink, &worker_id)
+                infer_loop(model, inbox, &sink, &worker_id, &metrics.stages)
             })
             .map_err(|e| Error::io("start the inference thread", e))?
     };
@@ -174,13 +174,17 @@ impl Intake<'_> {
             let in_flight = self.tracker.in_flight();
             let hold = if self.paused { in_flight > resume_at } else { in_flight >= self.config.max_in_flight };
             self.set_paused(hold);
+            let stages = &self.metrics.stages;
+            let waited = Instant::now();
             if hold {
                 // Paused: keep polling (without waiting) so the group's rebalances and liveness
                 // are still served while acknowledgements make room.
                 self.tracker.wait_below(resume_at + 1, wait);
                 wait = Duration::ZERO;
             }
-            if let Some(polled) = self.consumer.poll(wait) {
+            let polled = self.consumer.poll(wait);
+            StageTimers::add(&stages.poll_us, waited);
+            if let Some(polled) = polled {
                 match polled {
                     Ok(msg) => self.accept(&msg)?,
                     Err(e) => {
@@ -193,7 +197,10 @@ impl Intake<'_> {
                 let batch = self.batcher.take();
                 self.metrics.batches.fetch_add(1, Relaxed);
                 self.metrics.batched_frames.fetch_add(batch.len() as u64, Relaxed);
-                if !send(batch) {
+                let handed = Instant::now();
+                let sent = send(batch);
+                StageTimers::add(&stages.handoff_us, handed);
+                if !sent {
                     return Err(Error::Internal("the inference thread stopped".into()));
                 }
             }
@@ -232,9 +239,11 @@ impl Intake<'_> {
         };
         let value = msg.payload().unwrap_or_default();
         let spec = self.spec;
+        let decoding = Instant::now();
         let result = frame::decode(value, &headers).and_then(|pixels| {
             self.batcher.push(meta, |slot| crate::model::preprocess::preprocess(spec, &pixels, slot))
         });
+        StageTimers::add(&self.metrics.stages.decode_us, decoding);
         if let Err(rejection) = result {
             tracing::debug!(partition, offset, "dead letter: {rejection}");
             let ack = Ack { partition, offset, ts_produce_ms, dead_letter: true };
@@ -261,13 +270,31 @@ fn read_headers(msg: &BorrowedMessage<'_>) -> FrameHeaders {
     out
 }
 
-fn infer_loop(mut model: Model, inbox: Receiver<Batch>, sink: &Sink, worker_id: &str) -> Result<()> {
+fn infer_loop(
+    mut model: Model,
+    inbox: Receiver<Batch>,
+    sink: &Sink,
+    worker_id: &str,
+    stages: &StageTimers,
+) -> Result<()> {
     let model_name = model.spec.name.clone();
-    for batch in inbox {
+    let mut clock = Instant::now();
+    loop {
+        // Waits in slices, so idle time is counted while it passes, not when the next batch comes.
+        let batch = match inbox.recv_timeout(POLL_SLICE) {
+            Ok(batch) => batch,
+            Err(RecvTimeoutError::Timeout) => {
+                clock = StageTimers::add(&stages.idle_us, clock);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        clock = StageTimers::add(&stages.idle_us, clock);
         let size = batch.len();
         // A model failure is not the frame's fault (they decoded): stop without storing their
         // offsets, so they are read again, rather than park them as poison.
         let results = model.classify(&batch.input)?;
+        clock = StageTimers::add(&stages.infer_us, clock);
         let ts_done_ms = now_ms();
         for (meta, result) in batch.frames.iter().zip(results) {
             let top: Vec<TopEntry> = result
@@ -298,6 +325,7 @@ fn infer_loop(mut model: Model, inbox: Receiver<Batch>, sink: &Sink, worker_id: 
             };
             sink.predict(meta.key.as_deref(), &prediction, meta.truth.as_deref(), ack)?;
         }
+        clock = StageTimers::add(&stages.produce_us, clock);
     }
     Ok(())
 }

@@ -110,6 +110,7 @@ extern "C" {
 /// One record read back from a topic.
 #[derive(Debug, Clone)]
 pub struct Record {
+    pub partition: i32,
     pub key: Option<String>,
     pub value: Vec<u8>,
     pub headers: Vec<(String, String)>,
@@ -156,6 +157,7 @@ pub fn read_topic(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Ve
                 })
                 .unwrap_or_default();
             out.push(Record {
+                partition: m.partition(),
                 key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                 value: m.payload().unwrap_or_default().to_vec(),
                 headers,

@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         from kafray import ray as kray
 
         cluster = None
-        if args.address is None:
+        # A caller already connected (a test, a notebook) keeps its connection and its cluster.
+        ours = not ray.is_initialized()
+        if args.address is None and ours:
             from ray.cluster_utils import Cluster
 
             node = dict(num_cpus=1, memory=2 * 2**30, object_store_memory=256 * 2**20)
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 if n == args.nodes:
                     timelines.append((f"Ray: one task per file, round-robin over {n} node(s)", records))
         finally:
-            ray.shutdown()
+            if ours:
+                ray.shutdown()
             if cluster:
                 cluster.shutdown()
 

@@ -1,0 +1,531 @@
+"""The paper's throughput sweep (Fig. 9): workers x batch size, kafray against a Python peer, with
+the raw limit of the same cores, in one run.
+
+    .venv/bin/python bench/sweep.py --profile short     # a few minutes on 2 cores
+    .venv/bin/python bench/sweep.py --profile full      # workers 1,2,4,8,12 x batch 1,5,10,20,40
+
+For each model (MNIST CNN on raw digits; MobileNetV2 on 224x224 JPEG photos), each number of
+workers W and each batch size B, and each system (kafray's Rust worker, `peer.py`), one cell:
+
+1. fresh input/output topics whose partition count every worker count divides (24 for 1..12), and
+   the producer spreads frames round-robin over them, so every worker gets an equal share;
+2. W Ray actors (one CPU each) start the system's worker in one consumer group; the cell waits
+   until every partition is assigned, so no rebalance falls inside the measurement;
+3. one producer (`kafray produce`) publishes the frames as fast as the broker takes them;
+4. once every frame has a result, `kafray eval` reads the results back: images/s between the
+   first and the last result, latency from the frame's produce timestamp to its result (so it
+   includes the time a frame queued behind the others: the load is saturating), mean real batch,
+   accuracy, duplicates; the actors report CPU time and per-stage time.
+
+The raw limit is `kafray.raw_limit`: the same model and batch size, decode included, on one thread
+per core of this machine (a worker is not pinned to one core: kafray decodes on a second thread,
+and the broker and producer share the cores too), with no Kafka and no Ray. One thread alone is
+measured as well, for the cost per image. Results go to `--out`: `sweep.csv` (one row per cell), `raw.csv`, `run.json`
+(machine, versions, command) and the charts `fig9_<model>.png`, `ratios.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+import kafray
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import peer  # noqa: E402
+
+# Actor code travels by value, so worker processes need neither bench/ on their path nor this
+# machine's checkout.
+ray.cloudpickle.register_pickle_by_value(peer)
+if __name__ != "__main__":
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+PROFILES = {
+    "short": dict(workers=[1, 2, 4], batches=[1, 10, 40], frames={"mnist": 10000, "mobilenet_v2": 240}),
+    "full": dict(workers=[1, 2, 4, 8, 12], batches=[1, 5, 10, 20, 40],
+                 frames={"mnist": 10000, "mobilenet_v2": 1200}),
+}
+MNIST = (ROOT / "assets/mnist/t10k-images-idx3-ubyte.gz", ROOT / "assets/mnist/t10k-labels-idx1-ubyte.gz")
+SYSTEMS = ("kafray", "peer")
+STAGES = ("poll", "decode", "handoff", "idle", "infer", "produce")
+CLI = ROOT / "target/release/kafray"
+
+
+@ray.remote(max_restarts=0)
+class KafrayWorker:
+    """kafray's Rust worker (`kafray.Worker`, GIL released) behind the same actor interface as the
+    peer's, so both systems are started, measured and stopped the same way."""
+
+    def __init__(self, model_path: str, threads: int = 1):
+        self.model = model_path
+        self.threads = threads
+        self.worker = None
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def start(self, brokers: str, input_topic: str, output_topic: str, group: str, batch_size: int,
+              max_wait_ms: int = 20, max_in_flight: int = 1000) -> None:
+        self.worker = kafray.Worker(
+            brokers=brokers, input_topic=input_topic, output_topic=output_topic, group=group, model=self.model,
+            batch_size=batch_size, max_wait_ms=max_wait_ms, max_in_flight=max_in_flight, threads=self.threads,
+            status_interval_s=0).start()
+
+    def stats(self) -> dict:
+        if self.worker is None:
+            return {"pid": os.getpid(), "running": False}
+        return {**self.worker.stats(), "pid": os.getpid()}
+
+    def stop(self, timeout: float = 60.0) -> dict:
+        s = self.worker.stop(timeout)
+        self.worker = None
+        return {**s, "pid": os.getpid()}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1),
+            "os": platform.platform(), "python": platform.python_version(), "kafray": kafray.__version__,
+            "ray": ray.__version__, "onnxruntime": _version("onnxruntime"),
+            "confluent_kafka": _version("confluent-kafka")}
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes, all their threads (local processes only)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+def create_topics(brokers: str, names: list[tuple[str, int]]) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": brokers})
+    futures = admin.create_topics([NewTopic(n, p, 1) for n, p in names], request_timeout=30)
+    for f in futures.values():
+        f.result()
+
+
+def produce_command(model: str, brokers: str, topic: str, frames: int, photos: Path) -> list[str]:
+    # The load generator skips idempotence: a fresh idempotent producer holds its first frames
+    # about a second while it gets a producer id, which would count as every frame's latency.
+    # Round-robin: a few photo sources would hash onto a few partitions and leave workers idle.
+    base = [str(CLI), "produce", "-b", brokers, "-t", topic, "-n", str(frames), "--quiet", "--round-robin",
+            "-X", "enable.idempotence=false", "-X", "acks=all"]
+    if model == "mnist":
+        return base + ["mnist", "--images", str(MNIST[0]), "--labels", str(MNIST[1])]
+    per_set = len([p for p in photos.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")])
+    return base + ["images", str(photos), "--size", "224", "--repeat", str(-(-frames // per_set))]
+
+
+def evaluate(brokers: str, topic: str, frames: int) -> dict:
+    out = subprocess.run([str(CLI), "eval", "-b", brokers, "-t", topic, "-n", str(frames), "--json",
+                          "--timeout", "120", "--idle", "3"], capture_output=True, text=True, timeout=180)
+    if not out.stdout.strip():
+        raise RuntimeError(f"kafray eval failed: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+class Pool:
+    """W actors of one system, reused across batch sizes (the model loads once per actor)."""
+
+    def __init__(self, system: str, workers: int, model: str, threads: int):
+        path = kafray.find_model(model)
+        if system == "kafray":
+            self.actors = [KafrayWorker.options(num_cpus=1).remote(path, threads) for _ in range(workers)]
+        else:
+            labels = os.path.join(os.path.dirname(path), "imagenet_classes.txt") if model != "mnist" else None
+            self.actors = [peer.PeerWorker.options(num_cpus=1).remote(path, labels, threads)
+                           for _ in range(workers)]
+        self.info = ray.get([a.ready.remote() for a in self.actors], timeout=180)
+        self.pids = [i["pid"] for i in self.info]
+        # CPU time is read from /proc: only for actors on this machine.
+        here = ray.util.get_node_ip_address()
+        address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        self.local = all(address.get(i["node_id"]) == here for i in self.info)
+
+    def stats(self) -> list[dict]:
+        return ray.get([a.stats.remote() for a in self.actors], timeout=60)
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+
+
+def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, frames: int, args, run_id: str,
+             brokers: str, partitions: int) -> dict:
+    topic = f"sweep-{run_id}-{model}-{system}-w{workers}-b{batch}"
+    out = f"{topic}.predictions"
+    t_started = time.monotonic()
+    create_topics(brokers, [(topic, partitions), (out, partitions), (f"{topic}.dlq", 1)])
+    ray.get([a.start.remote(brokers, topic, out, f"{topic}-group", batch, args.max_wait_ms,
+                            max(1000, 4 * batch)) for a in pool.actors], timeout=120)
+    # Wait for the group to settle: every partition owned, every worker owning some.
+    deadline = time.monotonic() + 90
+    while True:
+        s = pool.stats()
+        owned = [x.get("assigned_partitions", 0) for x in s]
+        if sum(owned) == partitions and min(owned) > 0:
+            break
+        bad = [x.get("error") for x in s if x.get("error")]
+        if bad or time.monotonic() > deadline:
+            raise RuntimeError(f"{system} w{workers} b{batch}: group did not settle ({owned}; {bad})")
+        time.sleep(0.1)
+    t_settled = time.monotonic()
+    before = pool.stats()
+    cpu0, busy0 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
+    t0 = time.monotonic()
+    produced = subprocess.run(produce_command(model, brokers, topic, frames, args.photos),
+                              capture_output=True, text=True, timeout=600)
+    if produced.returncode != 0:
+        raise RuntimeError(f"producer failed: {produced.stderr.strip()}")
+    t_produced = time.monotonic()
+    deadline = time.monotonic() + 600
+    while True:
+        s = pool.stats()
+        done = sum(x.get("predicted", 0) + x.get("dead_lettered", 0) for x in s)
+        if done >= frames:
+            break
+        bad = [x.get("error") for x in s if x.get("error")]
+        if bad or time.monotonic() > deadline:
+            raise RuntimeError(f"{system} w{workers} b{batch}: {done}/{frames} done ({bad})")
+        time.sleep(0.02)
+    t1 = time.monotonic()
+    cpu1, busy1 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
+    final = ray.get([a.stop.remote() for a in pool.actors], timeout=120)
+    t_stopped = time.monotonic()
+    report = evaluate(brokers, out, frames)
+    if args.verbose:
+        print(f"  settle {t_settled - t_started:.1f} s, produce {t_produced - t0:.1f} s, "
+              f"done {t1 - t0:.1f} s, stop {t_stopped - t1:.1f} s, eval {time.monotonic() - t_stopped:.1f} s")
+    wall = t1 - t0
+    # Stage times over the measurement only (the counters run from the worker's start).
+    stage_us = {k: sum(x.get("stages_us", {}).get(k, 0) for x in final)
+                - sum(x.get("stages_us", {}).get(k, 0) for x in before) for k in STAGES}
+    return {
+        "system": system, "model": model, "workers": workers, "batch_size": batch, "frames": frames,
+        "images_per_s": round(report["throughput_per_s"], 1),
+        "wall_images_per_s": round(frames / wall, 1),
+        "producer_images_per_s": round(frames / (t_produced - t0), 1),
+        "latency_ms_p50": report["latency_ms_p50"], "latency_ms_p99": report["latency_ms_p99"],
+        "mean_batch": round(report["mean_batch_size"], 2),
+        "accuracy": report["accuracy"] if report["accuracy"] is not None else "",
+        "distinct": report["distinct_frames"], "duplicates": report["duplicates"],
+        "workers_with_results": len(report["per_worker"]),
+        "worker_cpu_cores": round((cpu1 - cpu0) / wall, 2),
+        "machine_cpu_cores": round((busy1[0] - busy0[0]) / (busy1[1] - busy0[1]) * (os.cpu_count() or 1), 2),
+        **{f"{k}_ms_per_image": round(stage_us[k] / 1000 / frames, 4) for k in STAGES},
+    }
+
+
+def raw_limits(models: list[str], batches: list[int], workers: list[int], args) -> list[dict]:
+    cores = os.cpu_count() or 1
+    rows = []
+    for model in models:
+        source = dict(mnist=tuple(map(str, MNIST))) if model == "mnist" else dict(photos=str(args.photos))
+        for parallel in sorted({1, cores}):
+            for batch in batches:
+                r = kafray.raw_limit(model, batch_size=batch, parallel=parallel, threads=args.threads,
+                                     seconds=args.raw_seconds, **source)
+                rows.append({"model": model, "parallel": parallel, "batch_size": batch,
+                             "images_per_s": round(r["images_per_s"], 1),
+                             "decode_ms_per_image": round(r["decode_ms_per_image"], 4),
+                             "infer_ms_per_image": round(r["infer_ms_per_image"], 4)})
+                print(f"raw  {model:<13} threads {parallel:>2} batch {batch:>2}: {r['images_per_s']:>8.0f} img/s",
+                      flush=True)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def attach_ratios(rows: list[dict], raw: list[dict]) -> None:
+    """Adds raw_images_per_s / of_raw (the limit: every core, same batch size) and kafray_over_peer."""
+    cores = os.cpu_count() or 1
+    limit = {(r["model"], int(r["parallel"]), int(r["batch_size"])): float(r["images_per_s"]) for r in raw}
+    by_cell = {(r["system"], r["model"], int(r["workers"]), int(r["batch_size"])): r for r in rows}
+    for r in rows:
+        lim = limit.get((r["model"], cores, int(r["batch_size"])))
+        r["raw_images_per_s"] = lim if lim is not None else ""
+        r["of_raw"] = round(float(r["images_per_s"]) / lim, 3) if lim else ""
+        other = by_cell.get(("peer", r["model"], int(r["workers"]), int(r["batch_size"])))
+        r["kafray_over_peer"] = (round(float(r["images_per_s"]) / float(other["images_per_s"]), 2)
+                                 if r["system"] == "kafray" and other else "")
+
+
+MODEL_TITLES = {"mnist": "MNIST CNN, raw 28x28 digits", "mobilenet_v2": "MobileNetV2, 224x224 JPEG photos"}
+
+
+def plot(out: Path, rows: list[dict], raw: list[dict], meta: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cores = meta["machine"]["cores"]
+    written = []
+    models = sorted({r["model"] for r in rows}, key=lambda m: m != "mnist")
+    batches = sorted({int(r["batch_size"]) for r in rows})
+    workers = sorted({int(r["workers"]) for r in rows})
+    colors = dict(zip(batches, plt.cm.viridis([i / max(1, len(batches) - 1) * 0.9 for i in range(len(batches))])))
+    for model in models:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        for ax, system in zip(axes, SYSTEMS):
+            for b in batches:
+                pts = sorted((int(r["workers"]), float(r["images_per_s"])) for r in rows
+                             if r["model"] == model and r["system"] == system and int(r["batch_size"]) == b)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", color=colors[b], label=f"batch {b}")
+            lim = max(float(r["images_per_s"]) for r in raw if r["model"] == model and int(r["parallel"]) == cores)
+            ax.axhline(lim, ls=":", color="grey", label=f"raw limit, {cores} cores (no Kafka, no Ray)")
+            ax.set_title(f"{'kafray (Rust worker)' if system == 'kafray' else 'Python peer (confluent-kafka + onnxruntime)'}",
+                         fontsize=10)
+            ax.set_xlabel("workers (Ray actors)")
+            ax.set_xticks(workers)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("images / s")
+        axes[0].set_ylim(bottom=0)
+        axes[1].legend(fontsize=8, loc="best")
+        fig.suptitle(f"{MODEL_TITLES.get(model, model)}: throughput vs workers "
+                     f"({cores} cores, profile {meta['profile']})", fontsize=11)
+        fig.tight_layout()
+        path = out / f"fig9_{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        grid = [[next((float(r["kafray_over_peer"]) for r in rows if r["model"] == model and r["system"] == "kafray"
+                       and int(r["workers"]) == w and int(r["batch_size"]) == b and r["kafray_over_peer"] != ""),
+                      float("nan")) for w in workers] for b in batches]
+        top = max(2.0, max(v for g in grid for v in g if v == v))
+        norm = matplotlib.colors.TwoSlopeNorm(vmin=0, vcenter=1, vmax=top)
+        im = ax.imshow(grid, cmap="RdYlGn", norm=norm, origin="lower")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(workers)), workers)
+        ax.set_yticks(range(len(batches)), batches)
+        ax.set_xlabel("workers")
+        ax.set_ylabel("batch size")
+        ax.set_title(f"kafray / peer images/s: {model}", fontsize=10)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    path = out / "ratios.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def tables(rows: list[dict], raw: list[dict], meta: dict) -> str:
+    """The results as Markdown tables (pasted into bench/RESULTS.md), computed from one run."""
+    cores = meta["machine"]["cores"]
+    cell = {(r["system"], r["model"], int(r["workers"]), int(r["batch_size"])): r for r in rows}
+    lines = [f"Profile `{meta['profile']}`, {meta['started']}, {meta['machine']['cpu']} ({cores} cores), "
+             f"{meta['broker']}; command `{meta['command']}`.", ""]
+    for model in sorted({r["model"] for r in rows}, key=lambda m: m != "mnist"):
+        keys = sorted({(w, b) for (_, m, w, b) in cell if m == model})
+        pairs = [(cell.get(("kafray", model, w, b)), cell.get(("peer", model, w, b))) for w, b in keys]
+        ratios = [float(k["images_per_s"]) / float(p["images_per_s"]) for k, p in pairs if k and p]
+        of_raw = {s: [float(r["of_raw"]) for r in rows if r["model"] == model and r["system"] == s and r["of_raw"]]
+                  for s in SYSTEMS}
+        lines += [f"**{MODEL_TITLES.get(model, model)}** ({meta_frames(rows, model)} frames per cell). "
+                  f"kafray/peer: geometric mean **{_geomean(ratios):.2f}** (range {min(ratios):.2f}-"
+                  f"{max(ratios):.2f}); of the raw limit: kafray {min(of_raw['kafray']):.2f}-"
+                  f"{max(of_raw['kafray']):.2f}, peer {min(of_raw['peer']):.2f}-{max(of_raw['peer']):.2f}.", "",
+                  "| workers | batch | kafray img/s | peer img/s | raw limit | kafray/peer | kafray/raw | peer/raw "
+                  "| p50 / p99 ms kafray | p50 / p99 ms peer | mean batch k / p | CPU cores k / p |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for (w, b), (k, p) in zip(keys, pairs):
+            if not (k and p):
+                continue
+            lines.append(
+                f"| {w} | {b} | {float(k['images_per_s']):.0f} | {float(p['images_per_s']):.0f} | "
+                f"{float(k['raw_images_per_s']):.0f} | **{float(k['images_per_s']) / float(p['images_per_s']):.2f}** | "
+                f"{float(k['of_raw']):.2f} | {float(p['of_raw']):.2f} | {k['latency_ms_p50']} / {k['latency_ms_p99']} | "
+                f"{p['latency_ms_p50']} / {p['latency_ms_p99']} | {float(k['mean_batch']):.1f} / "
+                f"{float(p['mean_batch']):.1f} | {float(k['worker_cpu_cores']):.2f} / {float(p['worker_cpu_cores']):.2f} |")
+        lines.append("")
+    lines += ["**Where the time goes**: thread time per image, ms, summed over the workers (kafray: intake thread "
+              "poll / decode / handoff, inference thread idle / infer / produce; the peer has one thread: poll / "
+              "decode / infer / produce). Raw: one thread, no Kafka.", "",
+              "| model | system | workers | batch | poll (wait) | decode | handoff (wait) | idle (wait) | infer | produce |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['system']} | {r['workers']} | {r['batch_size']} | "
+                     + " | ".join(f"{float(r[f'{k}_ms_per_image']):.3f}" if r["system"] == "kafray" or k in
+                                  ("poll", "decode", "infer", "produce") else "-" for k in STAGES) + " |")
+    for r in raw:
+        if int(r["parallel"]) == 1:
+            lines.append(f"| {r['model']} | raw | - | {r['batch_size']} | - | {float(r['decode_ms_per_image']):.3f} "
+                         f"| - | - | {float(r['infer_ms_per_image']):.3f} | - |")
+    return "\n".join(lines) + "\n"
+
+
+def meta_frames(rows: list[dict], model: str) -> str:
+    return next(r["frames"] for r in rows if r["model"] == model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", choices=sorted(PROFILES), default="short")
+    p.add_argument("--models", default="mnist,mobilenet_v2", help="comma list of mnist, mobilenet_v2")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of kafray, peer")
+    p.add_argument("--workers", help="comma list (default: the profile's)")
+    p.add_argument("--batches", help="comma list (default: the profile's)")
+    p.add_argument("--frames", type=int, help="frames per cell (default: the profile's, per model)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per worker, both systems")
+    p.add_argument("--max-wait-ms", type=int, default=20, help="a partial batch is sent after this long")
+    p.add_argument("--raw-seconds", type=float, help="seconds per raw-limit measurement (short 1, full 3)")
+    p.add_argument("--photos", type=Path, default=ROOT.parent / "shared/assets/images")
+    p.add_argument("--brokers", help="a Kafka cluster to use (default: a local Tansu broker, in memory)")
+    p.add_argument("--address", help="a Ray cluster to join (default: a local one, with as many CPUs as the most "
+                   "workers, on this machine's cores)")
+    p.add_argument("--out", type=Path, help="folder for the results (default: bench/results/sweep-<profile>)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print where each cell's time goes")
+    p.add_argument("--plot-only", action="store_true", help="redraw the charts from the CSVs in --out")
+    args = p.parse_args(argv)
+    prof = PROFILES[args.profile]
+    out = args.out or ROOT / f"bench/results/sweep-{args.profile}"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        meta = json.loads((out / "run.json").read_text())
+        rows, raw = read_csv(out / "sweep.csv"), read_csv(out / "raw.csv")
+        for path in plot(out, rows, raw, meta):
+            print(f"wrote {path}")
+        (out / "tables.md").write_text(tables(rows, raw, meta))
+        return 0
+
+    models = [m for m in args.models.split(",") if m]
+    systems = [s for s in args.systems.split(",") if s]
+    for s in systems:
+        if s not in SYSTEMS:
+            p.error(f"--systems: {s!r} is not one of {', '.join(SYSTEMS)}")
+    for m in models:
+        if m not in prof["frames"]:
+            p.error(f"--models: {m!r} is not one of {', '.join(prof['frames'])}")
+    workers = [int(x) for x in args.workers.split(",")] if args.workers else prof["workers"]
+    batches = [int(x) for x in args.batches.split(",")] if args.batches else prof["batches"]
+    if min(workers) < 1 or min(batches) < 1:
+        p.error("--workers and --batches take positive integers")
+    if not CLI.is_file():
+        p.error(f"{CLI} is missing: run `cargo build --release` first")
+    if "mobilenet_v2" in models and not args.photos.is_dir():
+        p.error(f"--photos {args.photos}: no such folder (the photos of ../shared/assets/images)")
+    raw_seconds = args.raw_seconds or (1.0 if args.profile == "short" else 3.0)
+    args.raw_seconds = raw_seconds
+    # Every worker count of the sweep divides the partition count, so each worker owns an equal share.
+    partitions = math.lcm(*workers)
+    if partitions > 48:
+        partitions = max(workers)
+    os.chdir(ROOT)  # the CLI finds models and MNIST relative to the checkout
+
+    began = time.time()
+    meta = {"profile": args.profile, "command": " ".join([".venv/bin/python", "bench/sweep.py", *sys.argv[1:]]),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(), "partitions": partitions,
+            "threads_per_worker": args.threads, "max_wait_ms": args.max_wait_ms}
+    print(f"sweep {args.profile}: {models} x workers {workers} x batch {batches} x {systems}", flush=True)
+
+    raw = raw_limits(models, batches, workers, args)
+    write_csv(out / "raw.csv", raw)
+
+    broker = None
+    if args.brokers:
+        brokers = args.brokers
+    else:
+        broker = kafray.EmbeddedBroker("memory")
+        brokers = broker.bootstrap
+    meta["broker"] = args.brokers or "local Tansu (nisshi), in-memory storage"
+    ours = not ray.is_initialized()
+    if not ours:
+        pass  # a caller (a test, a notebook) is connected already: use that cluster, leave it up
+    elif args.address:
+        ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=max(workers), include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                 object_store_memory=256 * 2**20)
+    meta["ray_cpus"] = ray.cluster_resources().get("CPU")
+    run_id = str(int(began))
+    rows = []
+    try:
+        for model in models:
+            frames = args.frames or prof["frames"][model]
+            for w in workers:
+                for system in systems:
+                    pool = Pool(system, w, model, args.threads)
+                    try:
+                        for b in batches:
+                            row = run_cell(pool, system, model, w, b, frames, args, run_id, brokers, partitions)
+                            rows.append(row)
+                            print(f"{system:<6} {model:<13} w{w:>2} b{b:>2}: {row['images_per_s']:>8.0f} img/s  "
+                                  f"p50 {row['latency_ms_p50']} ms p99 {row['latency_ms_p99']} ms  "
+                                  f"batch {row['mean_batch']:.1f}  cpu {row['worker_cpu_cores']:.2f}", flush=True)
+                            write_csv(out / "sweep.csv", rows)
+                    finally:
+                        pool.close()
+    finally:
+        if ours:
+            ray.shutdown()
+        if broker is not None:
+            broker.stop()
+    attach_ratios(rows, raw)
+    write_csv(out / "sweep.csv", rows)
+    meta["seconds"] = round(time.time() - began, 1)
+    (out / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for path in plot(out, rows, raw, meta):
+        print(f"wrote {path}")
+    (out / "tables.md").write_text(tables(rows, raw, meta))
+    print(f"wrote {out / 'tables.md'}, {out / 'sweep.csv'}, {out / 'raw.csv'} in {meta['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

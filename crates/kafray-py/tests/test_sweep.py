@@ -1,0 +1,111 @@
+"""The benchmark suite (bench/): the Python peer is a correct at-least-once consumer, and the sweep
+measures every cell of both systems and writes its CSVs and charts."""
+from __future__ import annotations
+
+import csv
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, evaluate, produce_mnist
+
+sys.path.insert(0, str(REPO / "bench"))
+import peer  # noqa: E402
+import sweep  # noqa: E402
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_peer_predicts_every_frame_dead_letters_bad_ones_and_commits_after_delivery(ray_cluster, broker):
+    import kafray
+    import ray
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    total = 3000
+    sweep.create_topics(broker, [("frames", 4), ("predictions", 4), ("frames.dlq", 1)])
+    model = kafray.find_model("mnist")
+    actors = [peer.PeerWorker.options(num_cpus=1).remote(model) for _ in range(2)]
+    try:
+        ray.get([a.start.remote(broker, "frames", "predictions", "peer-test", 16) for a in actors], timeout=120)
+        _wait(lambda: all(s.get("assigned_partitions") for s in ray.get([a.stats.remote() for a in actors])),
+              60, "both peer workers to own partitions")
+        assert produce_mnist(broker, total, partitions=4).wait(120) == 0
+        bad = Producer({"bootstrap.servers": broker})
+        bad.produce("frames", value=b"not an image", key=b"cam-x")
+        bad.produce("frames", value=b"\x01\x02\x03", key=b"cam-y",
+                    headers=[("kafray.format", b"raw"), ("kafray.shape", b"28x28x1")])
+        assert bad.flush(30) == 0
+
+        def finished():
+            s = ray.get([a.stats.remote() for a in actors])
+            assert not any(x["error"] for x in s), s
+            return sum(x["predicted"] + x["dead_lettered"] for x in s) >= total + 2 and s
+
+        stats = _wait(finished, 120, "the peer to handle every frame")
+        final = ray.get([a.stop.remote() for a in actors], timeout=120)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    assert sum(x["dead_lettered"] for x in final) == 2
+    assert all(x["predicted"] > 0 and x["stages_us"]["infer"] > 0 for x in stats), "both workers classified"
+    report = evaluate(broker, total)
+    assert report["distinct_frames"] == total and report["duplicates"] == 0, report
+    assert report["accuracy"] >= 0.985, report
+
+    reader = Consumer({"bootstrap.servers": broker, "group.id": "peer-test-check", "enable.auto.commit": False})
+    reasons = []
+    reader.assign([TopicPartition("frames.dlq", 0, 0)])
+    while len(reasons) < 2:
+        m = reader.poll(10)
+        assert m is not None, "dead letters missing"
+        reasons.append(dict(m.headers())["kafray.error"].decode())
+    assert any("undecodable frame" in r for r in reasons), reasons
+    assert any("cannot reshape" in r or "shape" in r for r in reasons), reasons
+    # Committed offsets reach the end of every partition: nothing is read again, nothing lost.
+    group = Consumer({"bootstrap.servers": broker, "group.id": "peer-test"})
+    parts = [TopicPartition("frames", p) for p in range(4)]
+    committed = group.committed(parts, timeout=10)
+    ends = [reader.get_watermark_offsets(tp, timeout=10)[1] for tp in parts]
+    assert [c.offset for c in committed] == ends, [(x["worker_id"], x.get("store_failures"), x["last_store_failure"], x["error"]) for x in final]
+    reader.close()
+    group.close()
+
+
+def test_sweep_measures_both_systems_against_the_raw_limit(ray_cluster, tmp_path):
+    out = tmp_path / "sweep"
+    code = sweep.main(["--workers", "1,2", "--batches", "5", "--models", "mnist", "--frames", "1500",
+                       "--raw-seconds", "0.3", "--address", ray_cluster, "--out", str(out)])
+    assert code == 0
+    with open(out / "sweep.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["system"], r["workers"]) for r in rows) == [("kafray", "1"), ("kafray", "2"),
+                                                               ("peer", "1"), ("peer", "2")]
+    for r in rows:
+        assert int(r["distinct"]) == 1500 and int(r["duplicates"]) == 0, r
+        assert float(r["accuracy"]) >= 0.98, r
+        assert int(r["workers_with_results"]) == int(r["workers"]), r
+        assert 0 < float(r["mean_batch"]) <= 5, r
+        assert float(r["images_per_s"]) > 0 and 0 < float(r["of_raw"]), r
+        assert float(r["infer_ms_per_image"]) > 0 and float(r["worker_cpu_cores"]) > 0, r
+        assert r["latency_ms_p50"] != "" and int(r["latency_ms_p99"]) >= int(r["latency_ms_p50"]), r
+        if r["system"] == "kafray":
+            assert float(r["kafray_over_peer"]) > 0, r
+    with open(out / "raw.csv", newline="") as f:
+        raw = list(csv.DictReader(f))
+    assert {r["parallel"] for r in raw} >= {"1"} and all(float(r["images_per_s"]) > 0 for r in raw)
+    for chart in ("fig9_mnist.png", "ratios.png"):
+        data = (out / chart).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, chart
+    # The charts can be redrawn from the CSVs alone.
+    (out / "ratios.png").unlink()
+    assert sweep.main(["--plot-only", "--out", str(out)]) == 0
+    assert (out / "ratios.png").is_file()
