@@ -12,13 +12,13 @@ workers W and each batch size B, and each system (kafray's Rust worker, `peer.py
 2. W Ray actors (one CPU each) start the system's worker in one consumer group; the cell waits
    until every partition is assigned, so no rebalance falls inside the measurement;
 3. one producer (`kafray produce`) publishes the frames as fast as the broker takes them;
-4. once every frame has a result, `kafray eval` reads the results back: images/s between the
-   first and the last result, latency from the frame's produce timestamp to its result (so it
+4. once every frame has a result, `kafray eval` reads the results back: images/s from the first
+   frame's produce timestamp to the last result (so the first batches' work counts), latency from the frame's produce timestamp to its result (so it
    includes the time a frame queued behind the others: the load is saturating), mean real batch,
    accuracy, duplicates; the actors report CPU time and per-stage time.
 
-The raw limit is `kafray.raw_limit`: the same model and batch size, decode included, on one thread
-per core of this machine (a worker is not pinned to one core: kafray decodes on a second thread,
+The raw limit is `kafray.raw_limit`: the same model, decode included, on one thread per core of
+this machine, at the best of the sweep's batch sizes (a worker is not pinned to one core: kafray decodes on a second thread,
 and the broker and producer share the cores too), with no Kafka and no Ray. One thread alone is
 measured as well, for the cost per image. Results go to `--out`: `sweep.csv` (one row per cell), `raw.csv`, `run.json`
 (machine, versions, command) and the charts `fig9_<model>.png`, `ratios.png`.
@@ -52,7 +52,7 @@ if __name__ != "__main__":
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 PROFILES = {
-    "short": dict(workers=[1, 2, 4], batches=[1, 10, 40], frames={"mnist": 10000, "mobilenet_v2": 240}),
+    "short": dict(workers=[1, 2, 4], batches=[1, 10, 40], frames={"mnist": 10000, "mobilenet_v2": 400}),
     "full": dict(workers=[1, 2, 4, 8, 12], batches=[1, 5, 10, 20, 40],
                  frames={"mnist": 10000, "mobilenet_v2": 1200}),
 }
@@ -237,7 +237,7 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
                 - sum(x.get("stages_us", {}).get(k, 0) for x in before) for k in STAGES}
     return {
         "system": system, "model": model, "workers": workers, "batch_size": batch, "frames": frames,
-        "images_per_s": round(report["throughput_per_s"], 1),
+        "images_per_s": round(frames * 1000 / max(1, report["last_done_ms"] - report["first_produced_ms"]), 1),
         "wall_images_per_s": round(frames / wall, 1),
         "producer_images_per_s": round(frames / (t_produced - t0), 1),
         "latency_ms_p50": report["latency_ms_p50"], "latency_ms_p99": report["latency_ms_p99"],
@@ -282,12 +282,17 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def attach_ratios(rows: list[dict], raw: list[dict]) -> None:
-    """Adds raw_images_per_s / of_raw (the limit: every core, same batch size) and kafray_over_peer."""
+    """Adds raw_images_per_s / of_raw and kafray_over_peer. The limit is the best raw throughput on
+    every core at any batch size: a worker's real batch can differ from the asked one, and on
+    CPUs a bigger batch is not always faster per image."""
     cores = os.cpu_count() or 1
-    limit = {(r["model"], int(r["parallel"]), int(r["batch_size"])): float(r["images_per_s"]) for r in raw}
+    limit = {}
+    for r in raw:
+        if int(r["parallel"]) == cores:
+            limit[r["model"]] = max(limit.get(r["model"], 0.0), float(r["images_per_s"]))
     by_cell = {(r["system"], r["model"], int(r["workers"]), int(r["batch_size"])): r for r in rows}
     for r in rows:
-        lim = limit.get((r["model"], cores, int(r["batch_size"])))
+        lim = limit.get(r["model"])
         r["raw_images_per_s"] = lim if lim is not None else ""
         r["of_raw"] = round(float(r["images_per_s"]) / lim, 3) if lim else ""
         other = by_cell.get(("peer", r["model"], int(r["workers"]), int(r["batch_size"])))

@@ -135,7 +135,8 @@ impl Worker {
     }
 
     /// Counters since start: consumed, predicted, dead_lettered, batches, mean_batch, lag,
-    /// latency_p50_ms / latency_p99_ms (produce timestamp -> acknowledged), running, error.
+    /// latency_p50_ms / latency_p99_ms (produce timestamp -> acknowledged), running, error, and
+    /// stages_us: µs each thread spent per stage (poll, decode, handoff; idle, infer, produce).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let mut state = self.state.lock().unwrap();
         state.reap();

@@ -33,6 +33,10 @@ pub struct EvalReport {
     pub accuracy: Option<f64>,
     /// Distinct frames per second between the first and last prediction (worker clocks).
     pub throughput_per_s: f64,
+    /// Earliest frame timestamp and latest prediction, ms since the epoch: distinct frames over
+    /// this span is a throughput that also counts the first batches' work (for short runs).
+    pub first_produced_ms: Option<i64>,
+    pub last_done_ms: Option<i64>,
     pub latency_ms_p50: Option<i64>,
     pub latency_ms_p95: Option<i64>,
     pub latency_ms_p99: Option<i64>,
@@ -165,6 +169,8 @@ pub fn report(predictions: &[ReadPrediction], unparseable: usize, timed_out: boo
         accuracy: (!labelled.is_empty()).then(|| correct as f64 / labelled.len() as f64),
         // N predictions span N - 1 gaps.
         throughput_per_s: first.len().saturating_sub(1) as f64 * 1000.0 / span_ms as f64,
+        first_produced_ms: first.values().filter_map(|r| r.prediction.ts_produce_ms).min(),
+        last_done_ms: done.iter().max().copied(),
         latency_ms_p50: pct(0.50),
         latency_ms_p95: pct(0.95),
         latency_ms_p99: pct(0.99),
@@ -251,6 +257,7 @@ mod tests {
         assert_eq!(r.accuracy, Some(0.75));
         assert!((r.mean_batch_size - 2.0).abs() < 1e-9, "two batches of 4 frames: {}", r.mean_batch_size);
         assert!((r.throughput_per_s - 3.0).abs() < 1e-9, "3 gaps in 1 s: {}", r.throughput_per_s);
+        assert_eq!((r.first_produced_ms, r.last_done_ms), (Some(1000 - 10), Some(2000)));
         // Latencies 10, 20, 30, 40 ms; nearest rank: p50 = value at round(0.5 * 3) = 30.
         assert_eq!((r.latency_ms_p50, r.latency_ms_p99), (Some(30), Some(40)));
     }
