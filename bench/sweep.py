@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, help="frames per cell (default: the profile's, per model)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per worker, both systems")
     p.add_argument("--max-wait-ms", type=int, default=20, help="a partial batch is sent after this long")
-    p.add_argument("--raw-seconds", type=float, help="seconds per raw-limit measurement (short 1, full 3)")
+    p.add_argument("--raw-seconds", type=float, help="seconds per raw-limit measurement (short 2, full 3)")
     p.add_argument("--photos", type=Path, default=ROOT.parent / "shared/assets/images")
     p.add_argument("--brokers", help="a Kafka cluster to use (default: a local Tansu broker, in memory)")
     p.add_argument("--address", help="a Ray cluster to join (default: a local one, with as many CPUs as the most "
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{CLI} is missing: run `cargo build --release` first")
     if "mobilenet_v2" in models and not args.photos.is_dir():
         p.error(f"--photos {args.photos}: no such folder (the photos of ../shared/assets/images)")
-    raw_seconds = args.raw_seconds or (1.0 if args.profile == "short" else 3.0)
+    raw_seconds = args.raw_seconds or (2.0 if args.profile == "short" else 3.0)
     args.raw_seconds = raw_seconds
     # Every worker count of the sweep divides the partition count, so each worker owns an equal share.
     partitions = math.lcm(*workers)
