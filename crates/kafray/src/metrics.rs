@@ -29,7 +29,7 @@ struct Latency {
 
 /// Time spent per stage, µs summed since start. The intake thread polls, decodes and hands
 /// batches over; the inference thread waits for a batch, infers, and hands predictions to the
-/// producer. Each thread's stages add up to its wall time, so a bottleneck shows as the busy one.
+/// producer. Each thread's stages add up to about its wall time, so a bottleneck shows as the busy one.
 #[derive(Default)]
 pub struct StageTimers {
     pub poll_us: AtomicU64,
@@ -41,7 +41,7 @@ pub struct StageTimers {
 }
 
 /// A copy of [`StageTimers`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stages {
     /// Intake: waiting in the consumer's poll (for frames, or for acknowledgements to make room).
     pub poll_us: u64,
