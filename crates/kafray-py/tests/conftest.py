@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,17 @@ def produce_mnist(brokers: str, limit: int, rate: int | None = None, partitions:
     if rate:
         args += ["--rate", str(rate)]
     return subprocess.Popen(args, cwd=REPO)
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.5):
+    """Polls `check` until it returns something truthy (returned), or fails the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def evaluate(brokers: str, expect: int, timeout: int = 180) -> dict:

@@ -6,18 +6,8 @@ import time
 import pytest
 import ray
 
-from conftest import evaluate, produce_mnist
+from conftest import evaluate, produce_mnist, wait_for
 from kafray import ray as kray
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def start(deployments, ray_cluster, broker, workers, **config):

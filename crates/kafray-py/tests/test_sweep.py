@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import csv
 import sys
-import time
 
-import pytest
-
-from conftest import REPO, evaluate, produce_mnist
+from conftest import REPO, evaluate, produce_mnist, wait_for
 
 sys.path.insert(0, str(REPO / "bench"))
 import peer  # noqa: E402
 import sweep  # noqa: E402
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_peer_predicts_every_frame_dead_letters_bad_ones_and_commits_after_delivery(ray_cluster, broker):
@@ -36,8 +23,8 @@ def test_peer_predicts_every_frame_dead_letters_bad_ones_and_commits_after_deliv
     actors = [peer.PeerWorker.options(num_cpus=1).remote(model) for _ in range(2)]
     try:
         ray.get([a.start.remote(broker, "frames", "predictions", "peer-test", 16) for a in actors], timeout=120)
-        _wait(lambda: all(s.get("assigned_partitions") for s in ray.get([a.stats.remote() for a in actors])),
-              60, "both peer workers to own partitions")
+        wait_for(lambda: all(s.get("assigned_partitions") for s in ray.get([a.stats.remote() for a in actors])),
+                 60, "both peer workers to own partitions", interval=0.1)
         assert produce_mnist(broker, total, partitions=4).wait(120) == 0
         bad = Producer({"bootstrap.servers": broker})
         bad.produce("frames", value=b"not an image", key=b"cam-x")
@@ -50,7 +37,7 @@ def test_peer_predicts_every_frame_dead_letters_bad_ones_and_commits_after_deliv
             assert not any(x["error"] for x in s), s
             return sum(x["predicted"] + x["dead_lettered"] for x in s) >= total + 2 and s
 
-        stats = _wait(finished, 120, "the peer to handle every frame")
+        stats = wait_for(finished, 120, "the peer to handle every frame", interval=0.1)
         final = ray.get([a.stop.remote() for a in actors], timeout=120)
     finally:
         for a in actors:
