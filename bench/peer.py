@@ -42,9 +42,9 @@ class _Batch:
 
     __slots__ = ("pending", "offsets")
 
-    def __init__(self, offsets: dict):
+    def __init__(self):
         self.pending = 0
-        self.offsets = offsets  # partition -> next offset to commit
+        self.offsets: dict[int, int] = {}  # partition -> next offset to commit
 
 
 @ray.remote(max_restarts=0)
@@ -165,7 +165,7 @@ class PeerWorker:
             return
         # One record per consume() call: its offsets are stored once every result and dead
         # letter of it is acknowledged, never before an earlier frame's.
-        batch = _Batch({})
+        batch = _Batch()
         self.batches.append(batch)
         frames, images = [], []
         for m in msgs:

@@ -180,6 +180,20 @@ class Pool:
     def stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.actors], timeout=60)
 
+    def wait_until(self, check, timeout: float, interval: float, what: str) -> None:
+        """Polls the actors' stats until `check(stats)` returns (True, _); fails at once on a
+        worker's error, or after `timeout` with the progress `check` last described."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            done, progress = check(s)
+            if done:
+                return
+            bad = [x.get("error") for x in s if x.get("error")]
+            if bad or time.monotonic() > deadline:
+                raise RuntimeError(f"{what}: {progress} ({bad})")
+            time.sleep(interval)
+
     def close(self) -> None:
         for a in self.actors:
             ray.kill(a)
@@ -193,17 +207,17 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
     create_topics(brokers, [(topic, partitions), (out, partitions), (f"{topic}.dlq", 1)])
     ray.get([a.start.remote(brokers, topic, out, f"{topic}-group", batch, args.max_wait_ms,
                             max(1000, 4 * batch)) for a in pool.actors], timeout=120)
-    # Wait for the group to settle: every partition owned, every worker owning some.
-    deadline = time.monotonic() + 90
-    while True:
-        s = pool.stats()
+    cell = f"{system} w{workers} b{batch}"
+
+    def settled(s):  # every partition owned, every worker owning some
         owned = [x.get("assigned_partitions", 0) for x in s]
-        if sum(owned) == partitions and min(owned) > 0:
-            break
-        bad = [x.get("error") for x in s if x.get("error")]
-        if bad or time.monotonic() > deadline:
-            raise RuntimeError(f"{system} w{workers} b{batch}: group did not settle ({owned}; {bad})")
-        time.sleep(0.1)
+        return sum(owned) == partitions and min(owned) > 0, f"group did not settle, partitions owned {owned}"
+
+    def answered(s):
+        done = sum(x.get("predicted", 0) + x.get("dead_lettered", 0) for x in s)
+        return done >= frames, f"{done}/{frames} done"
+
+    pool.wait_until(settled, 90, 0.1, cell)
     t_settled = time.monotonic()
     before = pool.stats()
     cpu0, busy0 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
@@ -213,16 +227,7 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
     if produced.returncode != 0:
         raise RuntimeError(f"producer failed: {produced.stderr.strip()}")
     t_produced = time.monotonic()
-    deadline = time.monotonic() + 600
-    while True:
-        s = pool.stats()
-        done = sum(x.get("predicted", 0) + x.get("dead_lettered", 0) for x in s)
-        if done >= frames:
-            break
-        bad = [x.get("error") for x in s if x.get("error")]
-        if bad or time.monotonic() > deadline:
-            raise RuntimeError(f"{system} w{workers} b{batch}: {done}/{frames} done ({bad})")
-        time.sleep(0.02)
+    pool.wait_until(answered, 600, 0.02, cell)
     t1 = time.monotonic()
     cpu1, busy1 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
     final = ray.get([a.stop.remote() for a in pool.actors], timeout=120)
