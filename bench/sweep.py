@@ -76,11 +76,12 @@ class KafrayWorker:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def start(self, brokers: str, input_topic: str, output_topic: str, group: str, batch_size: int,
-              max_wait_ms: int = 20, max_in_flight: int = 1000) -> None:
+              max_wait_ms: int = 20, max_in_flight: int = 1000, **policy) -> None:
+        # `policy`: further worker settings, e.g. latency_target_ms (bench/latency.py).
         self.worker = kafray.Worker(
             brokers=brokers, input_topic=input_topic, output_topic=output_topic, group=group, model=self.model,
             batch_size=batch_size, max_wait_ms=max_wait_ms, max_in_flight=max_in_flight, threads=self.threads,
-            status_interval_s=0).start()
+            status_interval_s=0, **policy).start()
 
     def stats(self) -> dict:
         if self.worker is None:

@@ -77,12 +77,16 @@ struct WorkerArgs {
     /// Model: path to an .onnx file, or mnist | mobilenet_v2 | efficientnet_lite0 [default: mnist].
     #[arg(short, long, env = "KAFRAY_MODEL")]
     model: Option<String>,
-    /// Largest micro-batch [default: 10].
+    /// Largest micro-batch: the model, once free, takes every ready frame up to this [default: 10].
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Send a batch when its first frame has waited this long [default: 20].
+    /// Optional fill wait: hold a partial batch up to this long for more frames [default: 0, never].
     #[arg(long)]
     max_wait_ms: Option<u64>,
+    /// Optional latency objective (ms, queueing + inference in the worker): steer the batch
+    /// limit with AIMD to stay under it [default: none, the limit is --batch-size].
+    #[arg(long)]
+    latency_target_ms: Option<u64>,
     /// ONNX Runtime intra-op threads [default: 1].
     #[arg(long)]
     threads: Option<usize>,
@@ -124,6 +128,9 @@ impl WorkerArgs {
         if self.worker_id.is_some() {
             c.worker_id = self.worker_id.clone();
         }
+        if self.latency_target_ms.is_some() {
+            c.latency_target_ms = self.latency_target_ms;
+        }
         for p in &self.properties {
             c.kafka.push(parse_property(p)?);
         }
@@ -151,6 +158,9 @@ struct EvalArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Also write one CSV row per frame (partition, offset, worker, batch size, timestamps, latency).
+    #[arg(long, value_name = "PATH")]
+    records: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -212,6 +222,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let (read, unparseable, timed_out) = eval::read_predictions(&opts)?;
             let report = eval::report(&read, unparseable, timed_out);
+            if let Some(path) = &args.records {
+                eval::write_records(path, &read)?;
+            }
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

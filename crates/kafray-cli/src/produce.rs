@@ -22,8 +22,11 @@ pub struct ProduceArgs {
     #[arg(short = 'n', long, global = true)]
     limit: Option<usize>,
     /// Frames per second over all sources (default: as fast as the broker takes them).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "schedule")]
     rate: Option<f64>,
+    /// A bursty rate: RATE:SECONDS phases, repeated, e.g. 3000:2,600:2 (2 s at 3000/s, 2 s at 600/s).
+    #[arg(long, global = true, value_parser = parse_schedule)]
+    schedule: Option<Schedule>,
     /// Create the topic with this many partitions when it does not exist.
     #[arg(long, global = true)]
     partitions: Option<usize>,
@@ -49,6 +52,9 @@ enum Source {
         /// Number of source ids (keys) the digits are spread over.
         #[arg(long, default_value_t = 8)]
         sources: usize,
+        /// Publish the set this many times (for streams longer than 10,000 digits).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
     },
     /// PNG/JPEG files as they are; the key is the file name without extension.
     Images {
@@ -81,6 +87,14 @@ enum Source {
     },
 }
 
+/// `--schedule` phases (a newtype, so clap takes the list as one value).
+#[derive(Clone)]
+struct Schedule(Vec<(f64, f64)>);
+
+fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    publish::parse_schedule(s).map(Schedule).map_err(|e| e.to_string())
+}
+
 /// What to send and how fast.
 struct Plan {
     frames: Box<dyn Iterator<Item = OutFrame>>,
@@ -99,12 +113,17 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
         publisher = publisher.round_robin(&args.kafka.brokers, &props)?;
     }
     let Plan { frames, rate, total, duration } = match args.source {
-        Source::Mnist { images, labels, sources } => {
+        Source::Mnist { images, labels, sources, repeat } => {
             let digits = kafray::mnist::load(&images, &labels)
                 .with_context(|| "load MNIST (run from the repository root, or pass --images/--labels)")?;
             let frames: Vec<OutFrame> = publish::mnist_frames(&digits, sources).collect();
-            let n = frames.len();
-            Plan { frames: Box::new(frames.into_iter()), rate: args.rate, total: Some(n), duration: None }
+            let n = frames.len() * repeat;
+            Plan {
+                frames: Box::new(frames.into_iter().cycle().take(n)),
+                rate: args.rate,
+                total: Some(n),
+                duration: None,
+            }
         }
         Source::Images { paths, repeat, size } => {
             let mut frames = Vec::new();
@@ -147,7 +166,10 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, stop.clone())?;
     }
     let start = Instant::now();
-    let pacer = publish::Pacer::new(rate);
+    let pacer = match args.schedule {
+        Some(Schedule(phases)) => publish::Pacer::schedule(phases),
+        None => publish::Pacer::new(rate),
+    };
     for (sent, frame) in frames.enumerate() {
         let over = total.is_some_and(|t| sent >= t) || duration.is_some_and(|d| start.elapsed().as_secs_f64() >= d);
         if over || stop.load(Ordering::Relaxed) {

@@ -136,7 +136,9 @@ impl Worker {
 
     /// Counters since start: consumed, predicted, dead_lettered, batches, mean_batch, lag,
     /// latency_p50_ms / latency_p99_ms (produce timestamp -> acknowledged), running, error, and
-    /// stages_us: µs each thread spent per stage (poll, decode, handoff; idle, infer, produce).
+    /// stages_us: µs each thread spent per stage (poll, decode, handoff; idle, infer, produce),
+    /// batch_limit: the batching policy's limit now, and frame_us: µs summed over acknowledged
+    /// predictions of each part of a frame's path (frames, fetch, decode, queue, infer, ack).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let mut state = self.state.lock().unwrap();
         state.reap();
@@ -174,6 +176,20 @@ impl Worker {
             stages.set_item(name, us)?;
         }
         d.set_item("stages_us", stages)?;
+        d.set_item("batch_limit", s.batch_limit)?;
+        let frame = PyDict::new(py);
+        let f = s.frame_times;
+        for (name, us) in [
+            ("frames", f.frames),
+            ("fetch", f.fetch_us),
+            ("decode", f.decode_us),
+            ("queue", f.queue_us),
+            ("infer", f.infer_us),
+            ("ack", f.ack_us),
+        ] {
+            frame.set_item(name, us)?;
+        }
+        d.set_item("frame_us", frame)?;
         Ok(d)
     }
 }

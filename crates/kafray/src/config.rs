@@ -20,10 +20,16 @@ pub struct WorkerConfig {
     pub group: String,
     /// Model: a path to an `.onnx` file or a built-in name (`mnist`, `mobilenet_v2`, `efficientnet_lite0`).
     pub model: String,
-    /// Largest micro-batch.
+    /// Largest micro-batch. The model, once free, takes every frame that is ready up to this,
+    /// so batches are small at light load and grow under load by themselves.
     pub batch_size: usize,
-    /// A batch is sent when its first frame has waited this long, full or not.
+    /// Optional fill wait: a partial batch waits up to this long for more frames before the
+    /// model takes it. 0 (the default): never wait, the lowest latency.
     pub max_wait_ms: u64,
+    /// Optional latency objective, ms, for a frame inside the worker (queueing + inference +
+    /// handing its result to the producer): the batch limit then starts at 1 and is steered
+    /// by AIMD (up by one on slack, down a quarter on a breach), never above `batch_size`.
+    pub latency_target_ms: Option<u64>,
     /// ONNX Runtime intra-op threads per worker.
     pub threads: usize,
     /// How many classes each prediction lists in `top`.
@@ -48,7 +54,8 @@ impl Default for WorkerConfig {
             group: "kafray".into(),
             model: "mnist".into(),
             batch_size: 10,
-            max_wait_ms: 20,
+            max_wait_ms: 0,
+            latency_target_ms: None,
             threads: 1,
             top_k: 5,
             max_in_flight: 1000,
@@ -100,6 +107,9 @@ impl WorkerConfig {
                 "--max-in-flight {} is below --batch-size {}: a batch could never fill; raise --max-in-flight",
                 self.max_in_flight, self.batch_size
             ));
+        }
+        if self.latency_target_ms == Some(0) {
+            return bad("--latency-target-ms 0 cannot be met: give a target in ms (e.g. 25), or leave it out".into());
         }
         if self.threads == 0 {
             return bad("--threads must be at least 1".into());

@@ -40,6 +40,7 @@ pub struct EvalReport {
     pub latency_ms_p50: Option<i64>,
     pub latency_ms_p95: Option<i64>,
     pub latency_ms_p99: Option<i64>,
+    pub latency_ms_max: Option<i64>,
     pub mean_batch_size: f64,
     pub per_worker: BTreeMap<String, usize>,
     pub timed_out: bool,
@@ -129,6 +130,30 @@ pub fn read_predictions(opts: &EvalOptions) -> Result<(Vec<ReadPrediction>, usiz
     Ok((out, unparseable, timed_out))
 }
 
+/// Writes one CSV row per frame (its first prediction): where and when it was produced and
+/// classified, for timelines and percentiles of one's own.
+pub fn write_records(path: &std::path::Path, predictions: &[ReadPrediction]) -> Result<()> {
+    use std::io::Write as _;
+    let io = |e| crate::Error::io(format!("write {}", path.display()), e);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    writeln!(out, "partition,offset,worker,batch_size,ts_produce_ms,ts_done_ms,latency_ms").map_err(io)?;
+    let mut seen = std::collections::HashSet::new();
+    for r in predictions.iter().filter(|r| seen.insert((r.prediction.partition, r.prediction.offset))) {
+        let p = &r.prediction;
+        let (produced, latency) = match p.ts_produce_ms {
+            Some(t) => (t.to_string(), (p.ts_done_ms - t).to_string()),
+            None => (String::new(), String::new()),
+        };
+        writeln!(
+            out,
+            "{},{},{},{},{produced},{},{latency}",
+            p.partition, p.offset, p.worker, p.batch_size, p.ts_done_ms
+        )
+        .map_err(io)?;
+    }
+    out.flush().map_err(io)
+}
+
 /// Summarises predictions read back.
 pub fn report(predictions: &[ReadPrediction], unparseable: usize, timed_out: bool) -> EvalReport {
     // The first prediction of each frame counts for accuracy and latency.
@@ -174,6 +199,7 @@ pub fn report(predictions: &[ReadPrediction], unparseable: usize, timed_out: boo
         latency_ms_p50: pct(0.50),
         latency_ms_p95: pct(0.95),
         latency_ms_p99: pct(0.99),
+        latency_ms_max: latencies.last().copied(),
         mean_batch_size: mean_batch,
         per_worker,
         timed_out,
@@ -197,10 +223,11 @@ impl std::fmt::Display for EvalReport {
         writeln!(f, "throughput       {:.0} frames/s", self.throughput_per_s)?;
         writeln!(
             f,
-            "latency          p50 {}  p95 {}  p99 {}",
+            "latency          p50 {}  p95 {}  p99 {}  max {}",
             ms(self.latency_ms_p50),
             ms(self.latency_ms_p95),
-            ms(self.latency_ms_p99)
+            ms(self.latency_ms_p99),
+            ms(self.latency_ms_max)
         )?;
         writeln!(f, "mean batch size  {:.1}", self.mean_batch_size)?;
         let workers: Vec<String> = self.per_worker.iter().map(|(w, n)| format!("{w}: {n}")).collect();
@@ -259,6 +286,6 @@ mod tests {
         assert!((r.throughput_per_s - 3.0).abs() < 1e-9, "3 gaps in 1 s: {}", r.throughput_per_s);
         assert_eq!((r.first_produced_ms, r.last_done_ms), (Some(1000 - 10), Some(2000)));
         // Latencies 10, 20, 30, 40 ms; nearest rank: p50 = value at round(0.5 * 3) = 30.
-        assert_eq!((r.latency_ms_p50, r.latency_ms_p99), (Some(30), Some(40)));
+        assert_eq!((r.latency_ms_p50, r.latency_ms_p99, r.latency_ms_max), (Some(30), Some(40), Some(40)));
     }
 }

@@ -16,8 +16,12 @@ pub struct Metrics {
     pub assigned_partitions: AtomicUsize,
     /// Frames behind the log end over assigned partitions (from librdkafka statistics), -1 unknown.
     pub lag: AtomicI64,
+    /// The batching policy's current batch limit (steered under a latency target).
+    pub batch_limit: AtomicUsize,
     /// Where the worker's two threads spend their time, µs summed (see [`Stages`]).
     pub stages: StageTimers,
+    /// Where each frame's latency goes, µs summed over frames (see [`FrameTimes`]).
+    pub frame_times: FrameTimers,
     /// Produce timestamp -> acknowledged, ms: since start, and since the last status line.
     latency: Mutex<Option<Latency>>,
 }
@@ -27,9 +31,9 @@ struct Latency {
     window: hdrhistogram::Histogram<u64>,
 }
 
-/// Time spent per stage, µs summed since start. The intake thread polls, decodes and hands
-/// batches over; the inference thread waits for a batch, infers, and hands predictions to the
-/// producer. Each thread's stages add up to about its wall time, so a bottleneck shows as the busy one.
+/// Time spent per stage, µs summed since start. The intake thread polls, decodes and fills the
+/// batch being built; the inference thread waits for a batch, infers, and hands predictions to
+/// the producer. Each thread's stages add up to about its wall time, so a bottleneck shows as the busy one.
 #[derive(Default)]
 pub struct StageTimers {
     pub poll_us: AtomicU64,
@@ -40,6 +44,59 @@ pub struct StageTimers {
     pub produce_us: AtomicU64,
 }
 
+/// Each frame's path from its record timestamp to the broker's acknowledgement of its result,
+/// µs summed over acknowledged predictions: divided by `frames`, the mean of each part.
+#[derive(Default)]
+pub struct FrameTimers {
+    pub frames: AtomicU64,
+    pub fetch_us: AtomicU64,
+    pub decode_us: AtomicU64,
+    pub queue_us: AtomicU64,
+    pub infer_us: AtomicU64,
+    pub ack_us: AtomicU64,
+}
+
+/// A copy of [`FrameTimers`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FrameTimes {
+    /// Frames counted (predictions acknowledged).
+    pub frames: u64,
+    /// Record timestamp -> polled by the worker: the producer's linger, the broker, the fetch
+    /// (a held fetch included) and librdkafka's queue. Millisecond timestamps: +-1 ms per frame.
+    pub fetch_us: u64,
+    /// Decoding and preprocessing.
+    pub decode_us: u64,
+    /// Decoded -> its batch dispatched: waiting while the model runs the batch before.
+    pub queue_us: u64,
+    /// Its batch in the model.
+    pub infer_us: u64,
+    /// Inferred -> the broker acknowledged the prediction (serialising, producing, the ack).
+    pub ack_us: u64,
+}
+
+impl FrameTimers {
+    pub fn snapshot(&self) -> FrameTimes {
+        FrameTimes {
+            frames: self.frames.load(Relaxed),
+            fetch_us: self.fetch_us.load(Relaxed),
+            decode_us: self.decode_us.load(Relaxed),
+            queue_us: self.queue_us.load(Relaxed),
+            infer_us: self.infer_us.load(Relaxed),
+            ack_us: self.ack_us.load(Relaxed),
+        }
+    }
+}
+
+/// What [`Metrics::frame_done`] needs about a frame, carried with its prediction to the ack.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameTiming {
+    pub fetch_us: u64,
+    pub decode_us: u64,
+    pub queue_us: u64,
+    pub infer_us: u64,
+    pub inferred_at: std::time::Instant,
+}
+
 /// A copy of [`StageTimers`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stages {
@@ -47,7 +104,7 @@ pub struct Stages {
     pub poll_us: u64,
     /// Intake: decoding and preprocessing frames into the batch.
     pub decode_us: u64,
-    /// Intake: waiting for the inference thread to take a full batch.
+    /// Intake: waiting for room, while the batch being built is at the limit and the model busy.
     pub handoff_us: u64,
     /// Inference: waiting for a batch.
     pub idle_us: u64,
@@ -88,9 +145,11 @@ pub struct Snapshot {
     pub delivery_failures: u64,
     pub consume_errors: u64,
     pub lag: i64,
+    pub batch_limit: usize,
     pub latency_p50_ms: u64,
     pub latency_p99_ms: u64,
     pub stages: Stages,
+    pub frame_times: FrameTimes,
 }
 
 impl Snapshot {
@@ -106,6 +165,17 @@ impl Snapshot {
 impl Metrics {
     pub fn new() -> Self {
         Metrics { lag: AtomicI64::new(-1), ..Default::default() }
+    }
+
+    /// A prediction was acknowledged: adds its frame's path to [`FrameTimers`].
+    pub fn frame_done(&self, t: &FrameTiming) {
+        let f = &self.frame_times;
+        f.frames.fetch_add(1, Relaxed);
+        f.fetch_us.fetch_add(t.fetch_us, Relaxed);
+        f.decode_us.fetch_add(t.decode_us, Relaxed);
+        f.queue_us.fetch_add(t.queue_us, Relaxed);
+        f.infer_us.fetch_add(t.infer_us, Relaxed);
+        f.ack_us.fetch_add(t.inferred_at.elapsed().as_micros() as u64, Relaxed);
     }
 
     pub fn record_latency(&self, ms: i64) {
@@ -142,9 +212,11 @@ impl Metrics {
             delivery_failures: self.delivery_failures.load(Relaxed),
             consume_errors: self.consume_errors.load(Relaxed),
             lag: self.lag.load(Relaxed),
+            batch_limit: self.batch_limit.load(Relaxed),
             latency_p50_ms: p50,
             latency_p99_ms: p99,
             stages: self.stages.snapshot(),
+            frame_times: self.frame_times.snapshot(),
         }
     }
 }

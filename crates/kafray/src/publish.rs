@@ -114,26 +114,76 @@ impl Publisher {
     }
 }
 
-/// Paces sends at `rate` per second against the start, so a slow send is caught up rather
-/// than added to every later one. `None` sends as fast as the broker takes them.
+/// Paces sends against the start, so a slow send is caught up rather than added to every later
+/// one: at one rate, or through a cycle of phases (`rate` frames/s for `seconds` each, repeated),
+/// as a bursty source does. Unpaced, it sends as fast as the broker takes them.
 pub struct Pacer {
     start: std::time::Instant,
-    rate: Option<f64>,
+    /// (frames per second, seconds) per phase; empty: unpaced.
+    phases: Vec<(f64, f64)>,
 }
 
 impl Pacer {
     pub fn new(rate: Option<f64>) -> Self {
-        Pacer { start: std::time::Instant::now(), rate }
+        Self::schedule(rate.map(|r| vec![(r, f64::INFINITY)]).unwrap_or_default())
+    }
+
+    /// Repeats `phases`, each `(frames per second, seconds)`.
+    pub fn schedule(phases: Vec<(f64, f64)>) -> Self {
+        Pacer { start: std::time::Instant::now(), phases }
+    }
+
+    /// When frame number `i` (from 0) is due, after the start; `None` unpaced.
+    pub fn due(&self, i: usize) -> Option<Duration> {
+        if self.phases.is_empty() {
+            return None;
+        }
+        let mut left = i as f64;
+        let per_cycle: f64 = self.phases.iter().map(|(r, s)| r * s).sum();
+        let cycle_s: f64 = self.phases.iter().map(|(_, s)| s).sum();
+        let mut at = 0.0;
+        if per_cycle.is_finite() {
+            let cycles = (left / per_cycle).floor();
+            left -= cycles * per_cycle;
+            at = cycles * cycle_s;
+        }
+        for &(rate, secs) in &self.phases {
+            if left < rate * secs {
+                return Some(Duration::from_secs_f64(at + left / rate));
+            }
+            left -= rate * secs;
+            at += secs;
+        }
+        Some(Duration::from_secs_f64(at))
     }
 
     /// Sleeps until frame number `i` (from 0) is due.
     pub fn wait(&self, i: usize) {
-        if let Some(wait) =
-            self.rate.and_then(|r| Duration::from_secs_f64(i as f64 / r).checked_sub(self.start.elapsed()))
-        {
+        if let Some(wait) = self.due(i).and_then(|due| due.checked_sub(self.start.elapsed())) {
             std::thread::sleep(wait);
         }
     }
+}
+
+/// Parses a rate schedule `RATE:SECONDS,RATE:SECONDS,...` (frames/s for seconds, repeated).
+pub fn parse_schedule(s: &str) -> Result<Vec<(f64, f64)>> {
+    let bad = || {
+        Error::Config(format!(
+            "schedule {s:?}: expected RATE:SECONDS[,RATE:SECONDS...], positive numbers, e.g. 3000:2,600:2"
+        ))
+    };
+    s.split(',')
+        .map(|phase| {
+            let (rate, secs) = phase.split_once(':').ok_or_else(bad)?;
+            let (rate, secs): (f64, f64) =
+                (rate.trim().parse().map_err(|_| bad())?, secs.trim().parse().map_err(|_| bad())?);
+            if rate > 0.0 && secs > 0.0 && rate.is_finite() && secs.is_finite() {
+                Ok((rate, secs))
+            } else {
+                Err(bad())
+            }
+        })
+        .collect()
 }
 
 /// Frames of the MNIST test set: raw 28x28x1 pixels with their label, spread over `sources` keys.
@@ -201,4 +251,23 @@ pub fn to_jpeg(bytes: &[u8], size: u32, quality: u8) -> Result<Vec<u8>> {
         .encode_image(&img)
         .map_err(|e| Error::Internal(format!("JPEG encoding failed: {e}")))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schedule_cycles_through_its_phases() {
+        let p = Pacer::schedule(parse_schedule("100:2, 10:1").unwrap());
+        let s = |i| p.due(i).unwrap().as_secs_f64();
+        assert!((s(0) - 0.0).abs() < 1e-9 && (s(100) - 1.0).abs() < 1e-9, "100/s for 2 s");
+        assert!((s(200) - 2.0).abs() < 1e-9 && (s(205) - 2.5).abs() < 1e-9, "then 10/s for 1 s");
+        assert!((s(210) - 3.0).abs() < 1e-9 && (s(310) - 4.0).abs() < 1e-9, "then again");
+        assert!((Pacer::new(Some(50.0)).due(25).unwrap().as_secs_f64() - 0.5).abs() < 1e-9);
+        assert_eq!(Pacer::new(None).due(7), None);
+        for bad in ["", "100", "100:0", "-5:1", "a:b", "100:2,"] {
+            assert!(parse_schedule(bad).is_err(), "{bad}");
+        }
+    }
 }

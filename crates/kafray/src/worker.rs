@@ -2,11 +2,13 @@
 //! poll -> decode + preprocess -> micro-batch -> infer -> produce -> (ack) -> store offset.
 //! Polling and decoding run on the calling thread, inference on a second one, so the two
 //! overlap; librdkafka's own threads do the network I/O and call back on acknowledgement.
-use crate::batch::{Batch, Batcher, FrameMeta};
+//! The two threads meet in a [`BatchQueue`]: the model, once free, takes whatever frames are
+//! ready, so a frame waits for the model and not for a batch window.
+use crate::batch::{BatchPolicy, BatchQueue, FrameMeta, Next};
 use crate::config::WorkerConfig;
 use crate::error::{Error, Result};
 use crate::frame::{self, FrameHeaders, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
-use crate::metrics::{Metrics, Snapshot, StageTimers};
+use crate::metrics::{FrameTiming, Metrics, Snapshot, StageTimers};
 use crate::model::{Model, ModelSpec};
 use crate::offsets::OffsetTracker;
 use crate::sink::{now_ms, Ack, Prediction, Sink, TopEntry};
@@ -15,13 +17,14 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::Message;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a drain at shutdown may wait for the broker to acknowledge what is in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Upper bound on one poll, so stop requests and stored offsets are handled promptly.
+/// Upper bound on one wait of either thread, so stop requests, stored offsets and the status
+/// line are handled promptly. No frame waits for it: a poll returns as soon as a frame is
+/// there, and a frame joining the batch wakes the inference thread at once.
 const POLL_SLICE: Duration = Duration::from_millis(100);
 
 /// Loads the model named in `config` and runs until `stop` is set.
@@ -59,24 +62,29 @@ pub fn run_with_model(
         tracker.clone(),
         metrics.clone(),
     )?);
+    let policy = BatchPolicy::new(
+        config.batch_size,
+        Duration::from_millis(config.max_wait_ms),
+        config.latency_target_ms.map(Duration::from_millis),
+    );
+    metrics.batch_limit.store(policy.limit(), Relaxed);
     tracing::info!(
         worker = %worker_id, model = %model.path.display(), input = %config.input_topic,
         output = %config.output_topic, group = %config.group, batch_size = config.batch_size,
-        max_wait_ms = config.max_wait_ms, "worker started"
+        max_wait_ms = config.max_wait_ms, latency_target_ms = ?config.latency_target_ms, "worker started"
     );
 
     let spec = model.spec.clone();
-    // One batch waits while the previous one is inferred: enough to overlap decode and inference.
-    let (batches, inbox) = sync_channel::<Batch>(1);
+    let queue = Arc::new(BatchQueue::new(policy, spec.input_len()));
     let infer_stopped = Arc::new(AtomicBool::new(false));
     let infer = {
-        let (sink, worker_id, metrics) = (sink.clone(), worker_id.clone(), metrics.clone());
-        let guard = ExitGuard { stopped: infer_stopped.clone(), tracker: tracker.clone() };
+        let (sink, worker_id, metrics, queue) = (sink.clone(), worker_id.clone(), metrics.clone(), queue.clone());
+        let guard = ExitGuard { stopped: infer_stopped.clone(), tracker: tracker.clone(), queue: queue.clone() };
         std::thread::Builder::new()
             .name("kafray-infer".into())
             .spawn(move || {
                 let _guard = guard;
-                infer_loop(model, inbox, &sink, &worker_id, &metrics.stages)
+                infer_loop(model, &queue, &sink, &worker_id, &metrics)
             })
             .map_err(|e| Error::io("start the inference thread", e))?
     };
@@ -88,21 +96,16 @@ pub fn run_with_model(
         sink: &sink,
         tracker: &tracker,
         metrics: &metrics,
-        batcher: Batcher::new(config.batch_size, Duration::from_millis(config.max_wait_ms), spec.input_len()),
+        queue: &queue,
+        tensor: vec![0.0; spec.input_len()],
         infer_stopped: &infer_stopped,
         paused: false,
     };
-    let mut outcome = intake.run(&stop, |batch| batches.send(batch).is_ok());
+    let outcome = intake.run(&stop);
     // Finish in-flight work: the last partial batch, inference, then every acknowledgement.
-    if outcome.is_ok() && !intake.batcher.is_empty() {
-        let last = intake.batcher.take();
-        if batches.send(last).is_err() {
-            outcome = Err(Error::Internal("the inference thread stopped".into()));
-        }
-    }
-    drop(batches);
+    queue.close();
     let inferred = infer.join().map_err(|_| Error::Internal("the inference thread panicked".into()))?;
-    // The inference thread's own error explains a failed send better than the send does.
+    // The inference thread's own error explains a stopped intake better than the intake does.
     let outcome = inferred.and(outcome);
     let flushed = sink.flush(DRAIN_TIMEOUT);
     source::store(&consumer, &config.input_topic, &tracker.take_committable());
@@ -132,28 +135,33 @@ struct Intake<'a> {
     sink: &'a Sink,
     tracker: &'a OffsetTracker,
     metrics: &'a Metrics,
-    batcher: Batcher,
+    queue: &'a BatchQueue,
+    /// One preprocessed frame, before it joins the batch.
+    tensor: Vec<f32>,
     infer_stopped: &'a AtomicBool,
     /// The assignment is paused because `max_in_flight` frames are in flight.
     paused: bool,
 }
 
 /// Marks the inference thread as stopped however it ends (error or panic), and wakes the
-/// intake thread if it waits for room, so it cannot wait forever for acknowledgements.
+/// intake thread if it waits for acknowledgements or for room in the batch, so it cannot wait
+/// forever.
 struct ExitGuard {
     stopped: Arc<AtomicBool>,
     tracker: Arc<OffsetTracker>,
+    queue: Arc<BatchQueue>,
 }
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
         self.stopped.store(true, Relaxed);
         self.tracker.wake();
+        self.queue.wake();
     }
 }
 
 impl Intake<'_> {
-    fn run(&mut self, stop: &AtomicBool, mut send: impl FnMut(Batch) -> bool) -> Result<()> {
+    fn run(&mut self, stop: &AtomicBool) -> Result<()> {
         let status_every = Duration::from_secs(self.config.status_interval_s);
         let mut status = StatusLine::new(self.metrics.snapshot());
         while !stop.load(Relaxed) {
@@ -167,14 +175,22 @@ impl Intake<'_> {
             if self.infer_stopped.load(Relaxed) {
                 return Err(Error::Internal("the inference thread stopped".into()));
             }
-            let mut wait = self.batcher.time_left().unwrap_or(POLL_SLICE).min(POLL_SLICE);
+            let stages = &self.metrics.stages;
+            // The batch being built is at the limit while the model runs the one before: wait
+            // for the model to take it rather than read frames that could not join a batch.
+            let handed = Instant::now();
+            if !self.queue.wait_for_room(POLL_SLICE) {
+                StageTimers::add(&stages.handoff_us, handed);
+                continue;
+            }
+            StageTimers::add(&stages.handoff_us, handed);
+            let mut wait = POLL_SLICE;
             // Backpressure with hysteresis: pause at max_in_flight, resume at half of it, so the
             // consumer does not flip between pause and resume (each resume restarts fetching).
             let resume_at = self.config.max_in_flight / 2;
             let in_flight = self.tracker.in_flight();
             let hold = if self.paused { in_flight > resume_at } else { in_flight >= self.config.max_in_flight };
             self.set_paused(hold);
-            let stages = &self.metrics.stages;
             let waited = Instant::now();
             if hold {
                 // Paused: keep polling (without waiting) so the group's rebalances and liveness
@@ -184,25 +200,13 @@ impl Intake<'_> {
             }
             let polled = self.consumer.poll(wait);
             StageTimers::add(&stages.poll_us, waited);
-            if let Some(polled) = polled {
-                match polled {
-                    Ok(msg) => self.accept(&msg)?,
-                    Err(e) => {
-                        self.metrics.consume_errors.fetch_add(1, Relaxed);
-                        tracing::warn!("consumer: {e}");
-                    }
+            match polled {
+                Some(Ok(msg)) => self.accept(&msg)?,
+                Some(Err(e)) => {
+                    self.metrics.consume_errors.fetch_add(1, Relaxed);
+                    tracing::warn!("consumer: {e}");
                 }
-            }
-            if self.batcher.ready() {
-                let batch = self.batcher.take();
-                self.metrics.batches.fetch_add(1, Relaxed);
-                self.metrics.batched_frames.fetch_add(batch.len() as u64, Relaxed);
-                let handed = Instant::now();
-                let sent = send(batch);
-                StageTimers::add(&stages.handoff_us, handed);
-                if !sent {
-                    return Err(Error::Internal("the inference thread stopped".into()));
-                }
+                None => {}
             }
         }
         Ok(())
@@ -222,32 +226,39 @@ impl Intake<'_> {
         self.paused = hold;
     }
 
-    /// Decodes a frame into the batch, or sends it to the dead-letter topic.
+    /// Decodes a frame into the batch being built, or sends it to the dead-letter topic.
     fn accept(&mut self, msg: &BorrowedMessage<'_>) -> Result<()> {
         let (partition, offset) = (msg.partition(), msg.offset());
         self.tracker.begin(partition, offset);
         self.metrics.consumed.fetch_add(1, Relaxed);
         let headers = read_headers(msg);
         let ts_produce_ms = msg.timestamp().to_millis();
-        let meta = FrameMeta {
-            partition,
-            offset,
-            key: msg.key().map(<[u8]>::to_vec),
-            seq: headers.seq,
-            truth: headers.label.clone(),
-            ts_produce_ms,
-        };
         let value = msg.payload().unwrap_or_default();
-        let spec = self.spec;
+        let (spec, tensor) = (self.spec, &mut self.tensor);
         let decoding = Instant::now();
-        let result = frame::decode(value, &headers).and_then(|pixels| {
-            self.batcher.push(meta, |slot| crate::model::preprocess::preprocess(spec, &pixels, slot))
-        });
-        StageTimers::add(&self.metrics.stages.decode_us, decoding);
-        if let Err(rejection) = result {
-            tracing::debug!(partition, offset, "dead letter: {rejection}");
-            let ack = Ack { partition, offset, ts_produce_ms, dead_letter: true };
-            self.sink.dead_letter(msg.key(), value, msg.headers().map(|h| h.detach()), &rejection.0, ack)?;
+        let result = frame::decode(value, &headers)
+            .and_then(|pixels| crate::model::preprocess::preprocess(spec, &pixels, tensor));
+        let queued_at = StageTimers::add(&self.metrics.stages.decode_us, decoding);
+        match result {
+            Ok(()) => {
+                let meta = FrameMeta {
+                    partition,
+                    offset,
+                    key: msg.key().map(<[u8]>::to_vec),
+                    seq: headers.seq,
+                    truth: headers.label,
+                    ts_produce_ms,
+                    fetch_us: ts_produce_ms.map_or(0, |ts| (now_ms() - ts).max(0) as u64 * 1000),
+                    decode_us: queued_at.duration_since(decoding).as_micros() as u64,
+                    queued_at,
+                };
+                self.queue.push(meta, &self.tensor);
+            }
+            Err(rejection) => {
+                tracing::debug!(partition, offset, "dead letter: {rejection}");
+                let ack = Ack { partition, offset, ts_produce_ms, dead_letter: true, timing: None };
+                self.sink.dead_letter(msg.key(), value, msg.headers().map(|h| h.detach()), &rejection.0, ack)?;
+            }
         }
         Ok(())
     }
@@ -270,31 +281,29 @@ fn read_headers(msg: &BorrowedMessage<'_>) -> FrameHeaders {
     out
 }
 
-fn infer_loop(
-    mut model: Model,
-    inbox: Receiver<Batch>,
-    sink: &Sink,
-    worker_id: &str,
-    stages: &StageTimers,
-) -> Result<()> {
+fn infer_loop(mut model: Model, queue: &BatchQueue, sink: &Sink, worker_id: &str, metrics: &Metrics) -> Result<()> {
     let model_name = model.spec.name.clone();
+    let stages = &metrics.stages;
     let mut clock = Instant::now();
     loop {
-        // Waits in slices, so idle time is counted while it passes, not when the next batch comes.
-        let batch = match inbox.recv_timeout(POLL_SLICE) {
-            Ok(batch) => batch,
-            Err(RecvTimeoutError::Timeout) => {
+        // Idle time is counted slice by slice, so it shows while it passes.
+        let (batch, queued) = match queue.next(POLL_SLICE) {
+            Next::Batch(batch, queued) => (batch, queued),
+            Next::Idle => {
                 clock = StageTimers::add(&stages.idle_us, clock);
                 continue;
             }
-            Err(RecvTimeoutError::Disconnected) => break,
+            Next::Closed => break,
         };
-        clock = StageTimers::add(&stages.idle_us, clock);
+        let dispatched = StageTimers::add(&stages.idle_us, clock);
         let size = batch.len();
+        metrics.batches.fetch_add(1, Relaxed);
+        metrics.batched_frames.fetch_add(size as u64, Relaxed);
         // A model failure is not the frame's fault (they decoded): stop without storing their
         // offsets, so they are read again, rather than park them as poison.
         let results = model.classify(&batch.input)?;
-        clock = StageTimers::add(&stages.infer_us, clock);
+        let inferred_at = StageTimers::add(&stages.infer_us, dispatched);
+        let infer_us = inferred_at.duration_since(dispatched).as_micros() as u64;
         let ts_done_ms = now_ms();
         for (meta, result) in batch.frames.iter().zip(results) {
             let top: Vec<TopEntry> = result
@@ -317,15 +326,25 @@ fn infer_loop(
                 ts_produce_ms: meta.ts_produce_ms,
                 ts_done_ms,
             };
+            let timing = FrameTiming {
+                fetch_us: meta.fetch_us,
+                decode_us: meta.decode_us,
+                queue_us: dispatched.saturating_duration_since(meta.queued_at).as_micros() as u64,
+                infer_us,
+                inferred_at,
+            };
             let ack = Ack {
                 partition: meta.partition,
                 offset: meta.offset,
                 ts_produce_ms: meta.ts_produce_ms,
                 dead_letter: false,
+                timing: Some(timing),
             };
             sink.predict(meta.key.as_deref(), &prediction, meta.truth.as_deref(), ack)?;
         }
-        clock = StageTimers::add(&stages.produce_us, clock);
+        clock = StageTimers::add(&stages.produce_us, inferred_at);
+        let limit = queue.observe(size, queued, clock.duration_since(dispatched));
+        metrics.batch_limit.store(limit, Relaxed);
     }
     Ok(())
 }
@@ -346,11 +365,12 @@ impl StatusLine {
         let mean_batch =
             if batches == 0 { 0.0 } else { (now.batched_frames - self.last.batched_frames) as f64 / batches as f64 };
         tracing::info!(
-            "status: {:.0} frames/s, {} predicted, {} dead-lettered, mean batch {:.1}, lag {}, in flight {}, latency {}",
+            "status: {:.0} frames/s, {} predicted, {} dead-lettered, mean batch {:.1} (limit {}), lag {}, in flight {}, latency {}",
             (now.predicted - self.last.predicted) as f64 / secs,
             now.predicted,
             now.dead_lettered,
             mean_batch,
+            now.batch_limit,
             if now.lag < 0 { "?".to_string() } else { now.lag.to_string() },
             in_flight,
             latency.map_or_else(|| "-".to_string(), |(p50, p99)| format!("p50 {p50} ms p99 {p99} ms")),

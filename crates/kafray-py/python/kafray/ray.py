@@ -242,6 +242,7 @@ class Deployment:
             "dead_lettered": sum(s["dead_lettered"] for s in ok),
             "rate": rate,
             "mean_batch": sum(s["batched_frames"] for s in ok) / batches if batches else 0.0,
+            "batch_limits": [s["batch_limit"] for s in ok],
             "lag": sum(lags) if lags else None,
             "latency_p50_ms": sum(s["latency_p50_ms"] * s["predicted"] for s in ok) / weight,
             "latency_p99_ms": max((s["latency_p99_ms"] for s in ok), default=0),
@@ -298,7 +299,8 @@ def classify_files(paths: list[str], *, nodes: int | None = None, model: str = "
 def _worker_config(args) -> dict:
     config = {k: v for k, v in dict(
         brokers=args.brokers, input_topic=args.input, output_topic=args.output, group=args.group or args.name,
-        model=args.model, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, threads=args.threads,
+        model=args.model, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
+        latency_target_ms=args.latency_target_ms, threads=args.threads,
         top_k=args.top_k,
     ).items() if v is not None}
     if args.X:
@@ -312,7 +314,7 @@ def _print_stats(s: dict, as_json: bool) -> None:
         return
     rate = "-" if s["rate"] is None else f"{s['rate']:.0f}"
     print(f"workers {s['running']}/{s['workers']} on {s['nodes']} node(s) | predicted {s['predicted']} | "
-          f"{rate} frames/s | mean batch {s['mean_batch']:.1f} | lag {s['lag']} | "
+          f"{rate} frames/s | mean batch {s['mean_batch']:.1f} (limits {s['batch_limits']}) | lag {s['lag']} | "
           f"p50 {s['latency_p50_ms']:.0f} ms p99 {s['latency_p99_ms']} ms", flush=True)
     for w in s["per_worker"]:
         if w.get("error"):
@@ -338,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--group", "-g", help="consumer group (default: --name)")
     up.add_argument("--model", "-m", default="mnist", help="model path or name; the path must exist on every node")
     up.add_argument("--batch-size", type=int)
-    up.add_argument("--max-wait-ms", type=int)
+    up.add_argument("--max-wait-ms", type=int, help="optional fill wait for a partial batch (default 0: none)")
+    up.add_argument("--latency-target-ms", type=int,
+                    help="optional latency objective in each worker: the batch limit follows it (AIMD)")
     up.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: --num-cpus)")
     up.add_argument("--top-k", type=int)
     up.add_argument("-X", action="append", metavar="KEY=VALUE", help="librdkafka property (repeatable)")

@@ -6,7 +6,7 @@ pub use prediction::{Prediction, TopEntry};
 
 use crate::error::{Error, KafkaContext as _, Result};
 use crate::frame::HEADER_ERROR;
-use crate::metrics::Metrics;
+use crate::metrics::{FrameTiming, Metrics};
 use crate::offsets::OffsetTracker;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -25,6 +25,8 @@ pub struct Ack {
     pub offset: i64,
     pub ts_produce_ms: Option<i64>,
     pub dead_letter: bool,
+    /// A prediction's path so far, completed by the ack (see [`crate::metrics::FrameTimes`]).
+    pub timing: Option<FrameTiming>,
 }
 
 pub struct SinkContext {
@@ -49,6 +51,9 @@ impl ProducerContext for SinkContext {
                     self.metrics.predicted.fetch_add(1, Relaxed);
                     if let Some(ts) = ack.ts_produce_ms {
                         self.metrics.record_latency(now_ms() - ts);
+                    }
+                    if let Some(timing) = &ack.timing {
+                        self.metrics.frame_done(timing);
                     }
                 }
             }
