@@ -98,8 +98,8 @@ class PeerWorker:
             "auto.commit.interval.ms": 1000,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
-            # Same as kafray: Tansu does not answer a held fetch early (see DESIGN.md).
-            "fetch.wait.max.ms": 100,
+            # Same as kafray (see its source/mod.rs): no frame waits long for a held fetch.
+            "fetch.wait.max.ms": 5,
         })
         self.producer = Producer({
             "bootstrap.servers": brokers,

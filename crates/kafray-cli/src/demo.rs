@@ -94,6 +94,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         &props,
     )?;
 
+    // Created before the workers join, so its idempotent session (a producer id from the broker)
+    // is set up by the first frame, rather than holding the first frames while it is.
+    let mut publisher = Publisher::new(&brokers, &frames, &props)?;
     let model = kafray::model::find_model("mnist")?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
@@ -140,7 +143,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     say(format!("the group joined in {:.1} s", joined.elapsed().as_secs_f64()));
 
     let start = Instant::now();
-    let mut publisher = Publisher::new(&brokers, &frames, &props)?;
     let rate = (!args.burst).then_some(args.rate);
     if let Some(r) = rate {
         say(format!("publishing {n} MNIST test digits at {r:.0} frames/s (--burst: all at once)"));

@@ -296,3 +296,52 @@ fn backpressure_bounds_frames_in_flight_and_loses_nothing() {
     assert!(in_flight.iter().all(|&f| f <= 16), "in flight above the bound: {in_flight:?}");
     assert!(report["mean_batch_size"].as_f64().unwrap() <= 8.0);
 }
+
+/// Batching adapts to load: frames paced far below capacity find the model free and are inferred
+/// alone, with no window to wait for; a backlog fills every batch up to the limit.
+#[test]
+fn batches_are_single_frames_at_light_load_and_full_under_a_backlog() {
+    let broker = kafray::broker::EmbeddedBroker::start_with(kafray::broker::Storage::Memory).expect("start the broker");
+    let b = broker.bootstrap();
+    let n = 3000;
+    run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "2", "--limit", &n.to_string(), "-q"]));
+    let backlog = WorkerProcess::start(&b, "w-backlog", &["--create-topics", "2", "--batch-size", "16"]);
+    let report = eval(&b, "predictions", n, 120);
+    let (clean, log) = backlog.stop();
+    assert!(clean, "{log}");
+    assert_eq!(report["distinct_frames"], n, "{report:#}");
+    let mean = report["mean_batch_size"].as_f64().unwrap();
+    assert!(mean > 8.0 && mean <= 16.0, "a backlog fills batches: mean {mean}\n{log}");
+    assert!(log.contains("(limit 16)"), "the status line shows the batch limit:\n{log}");
+
+    let paced = 120;
+    let mut worker = WorkerProcess::start(
+        &b,
+        "w-paced",
+        &["--create-topics", "2", "--batch-size", "16", "--input-topic", "paced", "--output-topic", "paced-out"],
+    );
+    worker.wait_for("partitions assigned", Duration::from_secs(60));
+    // 40 frames/s: 25 ms apart, against a model that needs well under a millisecond per digit.
+    let status = kafray(&[
+        "produce",
+        "mnist",
+        "--brokers",
+        &b,
+        "--topic",
+        "paced",
+        "--limit",
+        &paced.to_string(),
+        "--rate",
+        "40",
+        "-q",
+    ])
+    .status()
+    .unwrap();
+    assert!(status.success());
+    let report = eval(&b, "paced-out", paced, 120);
+    let (clean, log) = worker.stop();
+    assert!(clean, "{log}");
+    assert_eq!(report["distinct_frames"], paced, "{report:#}");
+    let mean = report["mean_batch_size"].as_f64().unwrap();
+    assert!(mean < 1.2, "paced frames go alone, not in a window's batch: mean {mean}\n{log}");
+}

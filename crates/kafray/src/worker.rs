@@ -26,6 +26,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// line are handled promptly. No frame waits for it: a poll returns as soon as a frame is
 /// there, and a frame joining the batch wakes the inference thread at once.
 const POLL_SLICE: Duration = Duration::from_millis(100);
+/// How often safe offsets are stored for the next auto-commit (every second): often enough that
+/// a commit carries what was acknowledged, without a store call per polled frame.
+const STORE_EVERY: Duration = Duration::from_millis(10);
 
 /// Loads the model named in `config` and runs until `stop` is set.
 pub fn run(config: &WorkerConfig, stop: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Result<Snapshot> {
@@ -164,8 +167,12 @@ impl Intake<'_> {
     fn run(&mut self, stop: &AtomicBool) -> Result<()> {
         let status_every = Duration::from_secs(self.config.status_interval_s);
         let mut status = StatusLine::new(self.metrics.snapshot());
+        let mut stored = Instant::now();
         while !stop.load(Relaxed) {
-            source::store(self.consumer, &self.config.input_topic, &self.tracker.take_committable());
+            if stored.elapsed() >= STORE_EVERY {
+                source::store(self.consumer, &self.config.input_topic, &self.tracker.take_committable());
+                stored = Instant::now();
+            }
             if let Some(failure) = self.sink.failure() {
                 return Err(Error::External(failure));
             }

@@ -74,10 +74,12 @@ pub fn subscribe(
         .set("auto.commit.interval.ms", "1000")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        // Bounds how long a fetch may be held when no data is there, on brokers that do not
-        // answer it as soon as data arrives (Tansu measured: p50 latency 161 ms at librdkafka's
-        // default 500, 38 ms at 100). Costs at most 10 empty fetches/s per broker when idle.
-        .set("fetch.wait.max.ms", "100")
+        // How long a broker may hold a fetch when no data is there. Apache Kafka answers a held
+        // fetch as soon as data arrives; brokers that do not (Tansu) make a frame wait for it, so
+        // it is short: no frame waits more than 5 ms for a held fetch. The price is up to 200
+        // empty fetches/s per broker while idle (bench/fetch_path.py measures latency and idle
+        // CPU per value; -X fetch.wait.max.ms=500 suits an idle-heavy fleet on Apache Kafka).
+        .set("fetch.wait.max.ms", "5")
         .set("statistics.interval.ms", stats_interval_ms.to_string());
     for (k, v) in extra {
         cfg.set(k, v);
