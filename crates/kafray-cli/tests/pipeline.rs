@@ -322,6 +322,8 @@ fn batches_are_single_frames_at_light_load_and_full_under_a_backlog() {
     );
     worker.wait_for("partitions assigned", Duration::from_secs(60));
     // 40 frames/s: 25 ms apart, against a model that needs well under a millisecond per digit.
+    // Not idempotent: a fresh idempotent producer holds its first frames while it gets a
+    // producer id from the broker, then releases them together, and they would batch.
     let status = kafray(&[
         "produce",
         "mnist",
@@ -334,6 +336,8 @@ fn batches_are_single_frames_at_light_load_and_full_under_a_backlog() {
         "--rate",
         "40",
         "-q",
+        "-X",
+        "enable.idempotence=false",
     ])
     .status()
     .unwrap();
