@@ -131,6 +131,15 @@ def machine_busy() -> tuple[float, float]:
     return (sum(fields) - idle) / tick, sum(fields) / tick
 
 
+def start_broker(given: str | None):
+    """(the local broker to stop later or None, bootstrap servers, a description for run.json):
+    the cluster given, or a local Tansu broker in memory."""
+    if given:
+        return None, given, given
+    broker = kafray.EmbeddedBroker("memory")
+    return broker, broker.bootstrap, "local Tansu (nisshi), in-memory storage"
+
+
 def create_topics(brokers: str, names: list[tuple[str, int]]) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -488,13 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = raw_limits(models, batches, workers, args)
     write_csv(out / "raw.csv", raw)
 
-    broker = None
-    if args.brokers:
-        brokers = args.brokers
-    else:
-        broker = kafray.EmbeddedBroker("memory")
-        brokers = broker.bootstrap
-    meta["broker"] = args.brokers or "local Tansu (nisshi), in-memory storage"
+    broker, brokers, meta["broker"] = start_broker(args.brokers)
     ours = not ray.is_initialized()
     if not ours:
         pass  # a caller (a test, a notebook) is connected already: use that cluster, leave it up

@@ -1,5 +1,5 @@
 //! `kafray demo`: the whole pipeline on one machine, with nothing set up by hand.
-use crate::KafkaArgs;
+use crate::{BatchArgs, KafkaArgs};
 use clap::Args;
 use kafray::broker::{EmbeddedBroker, Storage};
 use kafray::eval::{self, EvalOptions};
@@ -26,15 +26,8 @@ pub struct DemoArgs {
     /// Partitions of the frames topic.
     #[arg(long, default_value_t = 4)]
     partitions: usize,
-    /// Largest micro-batch [default: the worker's, 10].
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Optional fill wait for a partial batch [default: the worker's, 0].
-    #[arg(long)]
-    max_wait_ms: Option<u64>,
-    /// Optional latency objective in the worker, ms (see `kafray worker --help`).
-    #[arg(long)]
-    latency_target_ms: Option<u64>,
+    #[command(flatten)]
+    batching: BatchArgs,
     /// How many of the 10,000 test digits to stream.
     #[arg(short = 'n', long, default_value_t = 10_000)]
     limit: usize,
@@ -101,7 +94,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     let mut worker_metrics = Vec::new();
-    let defaults = WorkerConfig::default();
+    let mut defaults = WorkerConfig::default();
+    args.batching.apply(&mut defaults);
     for i in 0..args.workers.max(1) {
         let config = WorkerConfig {
             brokers: brokers.clone(),
@@ -109,9 +103,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             output_topic: predictions.clone(),
             group: format!("{prefix}kafray-demo"),
             model: model.display().to_string(),
-            batch_size: args.batch_size.unwrap_or(defaults.batch_size),
-            max_wait_ms: args.max_wait_ms.unwrap_or(defaults.max_wait_ms),
-            latency_target_ms: args.latency_target_ms,
             status_interval_s: 0,
             worker_id: Some(format!("demo-worker-{i}")),
             kafka: props.clone(),

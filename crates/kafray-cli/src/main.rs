@@ -53,6 +53,35 @@ impl KafkaArgs {
     }
 }
 
+/// The batching flags, shared by `worker` and `demo`; each overrides the config when given.
+#[derive(Args, Clone, Default)]
+pub struct BatchArgs {
+    /// Largest micro-batch: the model, once free, takes every ready frame up to this [default: 10].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Optional fill wait: hold a partial batch up to this long for more frames [default: 0, never].
+    #[arg(long)]
+    pub max_wait_ms: Option<u64>,
+    /// Optional latency objective (ms, queueing + inference in the worker): steer the batch
+    /// limit with AIMD to stay under it [default: none, the limit is --batch-size].
+    #[arg(long)]
+    pub latency_target_ms: Option<u64>,
+}
+
+impl BatchArgs {
+    pub fn apply(&self, c: &mut WorkerConfig) {
+        if let Some(v) = self.batch_size {
+            c.batch_size = v;
+        }
+        if let Some(v) = self.max_wait_ms {
+            c.max_wait_ms = v;
+        }
+        if self.latency_target_ms.is_some() {
+            c.latency_target_ms = self.latency_target_ms;
+        }
+    }
+}
+
 /// Flags override the config file, which overrides the defaults; `KAFRAY_*` variables stand in for flags.
 #[derive(Args)]
 struct WorkerArgs {
@@ -77,16 +106,8 @@ struct WorkerArgs {
     /// Model: path to an .onnx file, or mnist | mobilenet_v2 | efficientnet_lite0 [default: mnist].
     #[arg(short, long, env = "KAFRAY_MODEL")]
     model: Option<String>,
-    /// Largest micro-batch: the model, once free, takes every ready frame up to this [default: 10].
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Optional fill wait: hold a partial batch up to this long for more frames [default: 0, never].
-    #[arg(long)]
-    max_wait_ms: Option<u64>,
-    /// Optional latency objective (ms, queueing + inference in the worker): steer the batch
-    /// limit with AIMD to stay under it [default: none, the limit is --batch-size].
-    #[arg(long)]
-    latency_target_ms: Option<u64>,
+    #[command(flatten)]
+    batching: BatchArgs,
     /// ONNX Runtime intra-op threads [default: 1].
     #[arg(long)]
     threads: Option<usize>,
@@ -120,17 +141,15 @@ impl WorkerArgs {
             ($($field:ident => $target:ident),*) => { $( if let Some(v) = &self.$field { c.$target = v.clone(); } )* };
         }
         take!(brokers => brokers, input_topic => input_topic, output_topic => output_topic, group => group,
-              model => model, batch_size => batch_size, max_wait_ms => max_wait_ms, threads => threads,
-              top_k => top_k, max_in_flight => max_in_flight, status_interval => status_interval_s);
+              model => model, threads => threads, top_k => top_k, max_in_flight => max_in_flight,
+              status_interval => status_interval_s);
         if self.dead_letter_topic.is_some() {
             c.dead_letter_topic = self.dead_letter_topic.clone();
         }
         if self.worker_id.is_some() {
             c.worker_id = self.worker_id.clone();
         }
-        if self.latency_target_ms.is_some() {
-            c.latency_target_ms = self.latency_target_ms;
-        }
+        self.batching.apply(&mut c);
         for p in &self.properties {
             c.kafka.push(parse_property(p)?);
         }

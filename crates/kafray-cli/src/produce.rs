@@ -103,6 +103,14 @@ struct Plan {
     duration: Option<f64>,
 }
 
+impl Plan {
+    /// A set of frames sent `repeat` times over.
+    fn repeated(frames: Vec<OutFrame>, repeat: usize, rate: Option<f64>) -> Self {
+        let n = frames.len() * repeat;
+        Plan { frames: Box::new(frames.into_iter().cycle().take(n)), rate, total: Some(n), duration: None }
+    }
+}
+
 pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     let props = args.kafka.properties()?;
     if let Some(p) = args.partitions {
@@ -116,27 +124,14 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
         Source::Mnist { images, labels, sources, repeat } => {
             let digits = kafray::mnist::load(&images, &labels)
                 .with_context(|| "load MNIST (run from the repository root, or pass --images/--labels)")?;
-            let frames: Vec<OutFrame> = publish::mnist_frames(&digits, sources).collect();
-            let n = frames.len() * repeat;
-            Plan {
-                frames: Box::new(frames.into_iter().cycle().take(n)),
-                rate: args.rate,
-                total: Some(n),
-                duration: None,
-            }
+            Plan::repeated(publish::mnist_frames(&digits, sources).collect(), repeat, args.rate)
         }
         Source::Images { paths, repeat, size } => {
             let mut frames = Vec::new();
             for p in &paths {
                 frames.extend(publish::photo_frames(p, size)?);
             }
-            let n = frames.len() * repeat;
-            Plan {
-                frames: Box::new(frames.into_iter().cycle().take(n)),
-                rate: args.rate,
-                total: Some(n),
-                duration: None,
-            }
+            Plan::repeated(frames, repeat, args.rate)
         }
         Source::Camera { path, cameras, fps, size, duration } => {
             anyhow::ensure!(cameras > 0 && fps > 0.0, "--cameras and --fps must be positive");

@@ -24,6 +24,15 @@ fn to_py(e: Error) -> PyErr {
     }
 }
 
+/// A dict of named counters.
+fn counts<'py>(py: Python<'py>, items: &[(&str, u64)]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (name, value) in items {
+        d.set_item(name, value)?;
+    }
+    Ok(d)
+}
+
 /// One kafray worker (one consumer-group member) on native threads.
 #[pyclass(module = "kafray._native")]
 struct Worker {
@@ -163,33 +172,27 @@ impl Worker {
         d.set_item("lag", s.lag)?;
         d.set_item("latency_p50_ms", s.latency_p50_ms)?;
         d.set_item("latency_p99_ms", s.latency_p99_ms)?;
-        let stages = PyDict::new(py);
         let t = s.stages;
-        for (name, us) in [
+        let stages = [
             ("poll", t.poll_us),
             ("decode", t.decode_us),
             ("handoff", t.handoff_us),
             ("idle", t.idle_us),
             ("infer", t.infer_us),
             ("produce", t.produce_us),
-        ] {
-            stages.set_item(name, us)?;
-        }
-        d.set_item("stages_us", stages)?;
+        ];
+        d.set_item("stages_us", counts(py, &stages)?)?;
         d.set_item("batch_limit", s.batch_limit)?;
-        let frame = PyDict::new(py);
         let f = s.frame_times;
-        for (name, us) in [
+        let frame = [
             ("frames", f.frames),
             ("fetch", f.fetch_us),
             ("decode", f.decode_us),
             ("queue", f.queue_us),
             ("infer", f.infer_us),
             ("ack", f.ack_us),
-        ] {
-            frame.set_item(name, us)?;
-        }
-        d.set_item("frame_us", frame)?;
+        ];
+        d.set_item("frame_us", counts(py, &frame)?)?;
         Ok(d)
     }
 }

@@ -186,11 +186,11 @@ impl Intake<'_> {
             // The batch being built is at the limit while the model runs the one before: wait
             // for the model to take it rather than read frames that could not join a batch.
             let handed = Instant::now();
-            if !self.queue.wait_for_room(POLL_SLICE) {
-                StageTimers::add(&stages.handoff_us, handed);
+            let room = self.queue.wait_for_room(POLL_SLICE);
+            StageTimers::add(&stages.handoff_us, handed);
+            if !room {
                 continue;
             }
-            StageTimers::add(&stages.handoff_us, handed);
             let mut wait = POLL_SLICE;
             // Backpressure with hysteresis: pause at max_in_flight, resume at half of it, so the
             // consumer does not flip between pause and resume (each resume restarts fetching).
