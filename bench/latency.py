@@ -15,15 +15,18 @@ latency, throughput, mean batch and the workers' CPU; for kafray also where each
 (fetch, decode, queue, infer, ack). Latency ends at the prediction's `ts_done_ms` (the model's
 answer, before its produce), the same for both systems; the ack part is reported apart.
 
-Writes `--out` (default bench/results/latency/): cells.csv, records/<cell>.csv (one row per frame),
+Writes `--out` (default bench/results/latency/): cells.csv, records/<cell>.csv.gz (one row per frame),
 run.json, tables.md, latency_<model>.png (p50 and p99 against offered load, log scale) and
 bursty_<model>.png (latency and batch size through the bursty run).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +37,8 @@ import ray
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import sweep  # noqa: E402
-from sweep import CLI, MNIST, ROOT, Pool, cpu_seconds, create_topics, machine, machine_busy, read_csv, write_csv  # noqa: E402
+from sweep import (CLI, ROOT, Pool, cpu_seconds, create_topics, machine, machine_busy, read_csv, start_broker,
+                   write_csv)  # noqa: E402
 
 if __name__ != "__main__":
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -114,6 +118,9 @@ def run_cell(pool: Pool, name: str, cfg: dict, model: str, kind: str, load: floa
         raise RuntimeError(f"kafray eval failed: {ev.stderr.strip()}")
     report = json.loads(ev.stdout)
     rows = read_csv(records)
+    with open(records, "rb") as src, gzip.open(f"{records}.gz", "wb") as dst:  # 10x smaller to keep
+        shutil.copyfileobj(src, dst)
+    records.unlink()
     lat = sorted(float(r["latency_ms"]) for r in rows if r["latency_ms"] != "")
     span_ms = max(1, max(int(r["ts_done_ms"]) for r in rows) - min(int(r["ts_produce_ms"]) for r in rows))
     row = {
@@ -212,7 +219,9 @@ def plot(out: Path, rows: list[dict], meta: dict) -> list[Path]:
             continue
         fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
         for r in bursty:
-            recs = read_csv(out / "records" / f"{model}-{r['system']}-bursty-{int(float(r['load']) * 100)}.csv")
+            path = out / "records" / f"{model}-{r['system']}-bursty-{int(float(r['load']) * 100)}.csv.gz"
+            with gzip.open(path, "rt", newline="") as f:
+                recs = list(csv.DictReader(f))
             recs = [x for x in recs if x["ts_produce_ms"]]
             if not recs:
                 continue
@@ -311,15 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(), "workers": args.workers,
             "partitions": args.partitions, "seconds": args.seconds, "burst_high": args.burst_high,
             "burst_low": args.burst_low, "systems": {s: all_systems[s] for s in chosen}}
-    broker = None
-    if args.brokers:
-        brokers = args.brokers
-    else:
-        import kafray
-
-        broker = kafray.EmbeddedBroker("memory")
-        brokers = broker.bootstrap
-    meta["broker"] = args.brokers or "local Tansu (nisshi), in-memory storage"
+    broker, brokers, meta["broker"] = start_broker(args.brokers)
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              object_store_memory=256 * 2**20)
     run_id = str(int(began))
