@@ -123,6 +123,28 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+# Thread names group a worker's CPU time: kafray names its two threads; librdkafka names its own
+# "rdk:..."; the rest is the actor's Python and Ray threads (and the peer's one thread).
+THREAD_CLASSES = (("kafray-worker", "intake"), ("kafray-infer", "infer"), ("rdk:", "librdkafka"))
+CPU_CLASSES = tuple(c for _, c in THREAD_CLASSES) + ("other",)
+
+
+def cpu_by_thread(pids: list[int]) -> dict[str, float]:
+    """CPU seconds of these processes' live threads, grouped by THREAD_CLASSES."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = dict.fromkeys(CPU_CLASSES, 0.0)
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                name, fields = open(task / "stat").read().split("(", 1)[1].rsplit(")", 1)
+            except OSError:
+                continue  # the thread ended
+            fields = fields.split()
+            cls = next((c for prefix, c in THREAD_CLASSES if name.startswith(prefix)), "other")
+            total[cls] += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot."""
     fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
@@ -231,15 +253,17 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
     t_settled = time.monotonic()
     before = pool.stats()
     cpu0, busy0 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
+    threads0 = cpu_by_thread(pool.pids) if pool.local else {}
     t0 = time.monotonic()
     produced = subprocess.run(produce_command(model, brokers, topic, frames, args.photos),
                               capture_output=True, text=True, timeout=600)
     if produced.returncode != 0:
         raise RuntimeError(f"producer failed: {produced.stderr.strip()}")
     t_produced = time.monotonic()
-    pool.wait_until(answered, 600, 0.02, cell)
+    pool.wait_until(answered, 600, args.poll_s, cell)
     t1 = time.monotonic()
     cpu1, busy1 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
+    threads1 = cpu_by_thread(pool.pids) if pool.local else {}
     final = ray.get([a.stop.remote() for a in pool.actors], timeout=120)
     t_stopped = time.monotonic()
     report = evaluate(brokers, out, frames)
@@ -261,6 +285,8 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
         "distinct": report["distinct_frames"], "duplicates": report["duplicates"],
         "workers_with_results": len(report["per_worker"]),
         "worker_cpu_cores": round((cpu1 - cpu0) / wall, 2),
+        "images_per_cpu_s": round(frames / (cpu1 - cpu0), 1) if cpu1 > cpu0 else "",
+        **{f"cpu_{c}_cores": round((threads1[c] - threads0[c]) / wall, 3) if threads1 else "" for c in CPU_CLASSES},
         "machine_cpu_cores": round((busy1[0] - busy0[0]) / (busy1[1] - busy0[1]) * (os.cpu_count() or 1), 2),
         **{f"{k}_ms_per_image": round(stage_us[k] / 1000 / frames, 4) for k in STAGES},
     }
@@ -297,19 +323,26 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def attach_ratios(rows: list[dict], raw: list[dict]) -> None:
-    """Adds raw_images_per_s / of_raw and kafray_over_peer. The limit is the best raw throughput on
-    every core at any batch size: a worker's real batch can differ from the asked one, and on
-    CPUs a bigger batch is not always faster per image."""
+    """Adds raw_images_per_s / of_raw, cpu_efficiency and kafray_over_peer. The limit is the best raw
+    throughput on every core at any batch size: a worker's real batch can differ from the asked one,
+    and on CPUs a bigger batch is not always faster per image. CPU efficiency is images per worker
+    CPU second over one raw thread's rate at the same batch: the share of a worker's CPU that
+    went to decoding and inference rather than to Kafka, hand-offs and Ray."""
     cores = os.cpu_count() or 1
-    limit = {}
+    limit, single = {}, {}
     for r in raw:
         if int(r["parallel"]) == cores:
             limit[r["model"]] = max(limit.get(r["model"], 0.0), float(r["images_per_s"]))
+        if int(r["parallel"]) == 1:
+            single[(r["model"], int(r["batch_size"]))] = float(r["images_per_s"])
     by_cell = {(r["system"], r["model"], int(r["workers"]), int(r["batch_size"])): r for r in rows}
     for r in rows:
         lim = limit.get(r["model"])
         r["raw_images_per_s"] = lim if lim is not None else ""
         r["of_raw"] = round(float(r["images_per_s"]) / lim, 3) if lim else ""
+        one = single.get((r["model"], int(r["batch_size"])))
+        r["cpu_efficiency"] = (round(float(r["images_per_cpu_s"]) / one, 3)
+                               if one and r.get("images_per_cpu_s") not in (None, "") else "")
         other = by_cell.get(("peer", r["model"], int(r["workers"]), int(r["batch_size"])))
         r["kafray_over_peer"] = (round(float(r["images_per_s"]) / float(other["images_per_s"]), 2)
                                  if r["system"] == "kafray" and other else "")
@@ -427,6 +460,20 @@ def tables(rows: list[dict], raw: list[dict], meta: dict) -> str:
         if int(r["parallel"]) == 1:
             lines.append(f"| {r['model']} | raw | - | {r['batch_size']} | - | {float(r['decode_ms_per_image']):.3f} "
                          f"| - | - | {float(r['infer_ms_per_image']):.3f} | - |")
+    if any(r.get("cpu_efficiency") not in (None, "") for r in rows):
+        lines += ["", "**CPU efficiency**: images per worker CPU second over one raw thread's rate at the same "
+                  "batch, and where the workers' CPU went (cores, by thread: kafray's intake and inference "
+                  "threads, librdkafka's threads, and the actor's Python and Ray threads).", "",
+                  "| model | system | workers | batch | mean batch | img / CPU s | raw 1 thread img/s | efficiency "
+                  "| intake | infer | librdkafka | other |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        single = {(r["model"], int(r["batch_size"])): float(r["images_per_s"]) for r in raw if int(r["parallel"]) == 1}
+        for r in rows:
+            if r.get("cpu_efficiency") in (None, ""):
+                continue
+            lines.append(f"| {r['model']} | {r['system']} | {r['workers']} | {r['batch_size']} | "
+                         f"{float(r['mean_batch']):.1f} | {float(r['images_per_cpu_s']):.0f} | "
+                         f"{single[(r['model'], int(r['batch_size']))]:.0f} | **{float(r['cpu_efficiency']):.2f}** | "
+                         + " | ".join(f"{float(r[f'cpu_{c}_cores']):.2f}" for c in CPU_CLASSES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -450,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="a Ray cluster to join (default: a local one, with as many CPUs as the most "
                    "workers, on this machine's cores)")
     p.add_argument("--out", type=Path, help="folder for the results (default: bench/results/sweep-<profile>)")
+    p.add_argument("--poll-s", type=float, default=0.1,
+                   help="how often the driver asks the actors whether a cell is done (each ask costs them CPU)")
     p.add_argument("--verbose", "-v", action="store_true", help="print where each cell's time goes")
     p.add_argument("--plot-only", action="store_true", help="redraw the charts from the CSVs in --out")
     args = p.parse_args(argv)

@@ -149,6 +149,9 @@ impl WorkerArgs {
         if self.worker_id.is_some() {
             c.worker_id = self.worker_id.clone();
         }
+        if self.create_topics.is_some() {
+            c.create_topics = self.create_topics;
+        }
         self.batching.apply(&mut c);
         for p in &self.properties {
             c.kafka.push(parse_property(p)?);
@@ -190,7 +193,12 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("KAFRAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},librdkafka=warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colours for a terminal only: logs piped to files and collectors stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -210,18 +218,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Produce(args) => produce::run(args).map(|_| ExitCode::SUCCESS),
         Command::Worker(args) => {
             let config = args.to_config()?;
-            if let Some(partitions) = args.create_topics {
-                let dlq = config.dead_letter_topic();
-                kafray::admin::ensure_topics(
-                    &config.brokers,
-                    &[
-                        (config.input_topic.as_str(), partitions),
-                        (config.output_topic.as_str(), partitions),
-                        (dlq.as_str(), 1),
-                    ],
-                    &config.kafka,
-                )?;
-            }
             let stop = Arc::new(AtomicBool::new(false));
             for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(signal, stop.clone())?;

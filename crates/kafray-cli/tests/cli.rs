@@ -37,3 +37,33 @@ fn a_model_spec_that_contradicts_the_graph_is_refused() {
     std::fs::write(dir.path().join("digits.toml"), "color = \"rgb\"\n").unwrap();
     fails_with(&["worker", "--model", model.to_str().unwrap()], &["channel count is 3 in the spec but 1 in the graph"]);
 }
+
+#[test]
+fn settings_that_weaken_delivery_are_refused() {
+    fails_with(&["worker", "-X", "acks=1"], &["-X acks=1 is refused", "acks=all"]);
+    fails_with(&["worker", "-X", "enable.idempotence=false"], &["-X enable.idempotence=false is refused"]);
+    fails_with(&["worker", "-X", "enable.auto.commit=false"], &["is refused", "a crash re-reads"]);
+    fails_with(&["worker", "-X", "auto.offset.reset=latest"], &["is refused", "skip the frames"]);
+}
+
+/// A worker pointed at topics that do not exist fails at once, naming the topic and the fix,
+/// instead of running and doing nothing; a missing dead-letter topic is created.
+#[test]
+fn missing_topics_fail_at_start_and_a_missing_dead_letter_topic_is_created() {
+    let broker = common::broker();
+    let b = broker.bootstrap();
+    fails_with(
+        &["worker", "--brokers", &b, "--input-topic", "no-such-frames"],
+        &["the input topic \"no-such-frames\" does not exist", "--create-topics"],
+    );
+    // Input and output exist, the dead-letter topic does not: the worker creates it and runs.
+    common::run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "1", "--limit", "10", "-q"]));
+    fails_with(&["worker", "--brokers", &b], &["the output topic \"predictions\" does not exist"]);
+    kafray::admin::ensure_topics(&b, &[("predictions", 1)], &[]).unwrap();
+    let worker = common::WorkerProcess::start(&b, "w-dlq-missing", &[]);
+    let report = common::eval(&b, "predictions", 10, 60);
+    let (clean, log) = worker.stop();
+    assert!(clean, "{log}");
+    assert!(log.contains("the dead-letter topic is missing: creating it"), "{log}");
+    assert_eq!(report["distinct_frames"], 10, "{report:#}");
+}

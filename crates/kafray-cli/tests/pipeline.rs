@@ -76,8 +76,14 @@ fn malformed_frames_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
             vec![("kafray.format", "raw"), ("kafray.shape", "3x3x1")],
             "shape 3x3x1 does not match model input 28x28x1",
         ),
-        ("random", (0..500u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect(), vec![], "not PNG or JPEG"),
+        ("random", noise(500), vec![], "not PNG or JPEG"),
+        // A frame at the producer's size limit: its dead letter, with the reason added, would
+        // pass the limit, so it goes without its value.
+        ("at-the-limit", noise(AT_LIMIT), vec![], "value of 999900 bytes left out: too large to publish"),
     ];
+    // A valid digit whose key is so long that its prediction (key + the key again as `source`)
+    // can never be published: after every restart it would fail again, so it is dead-lettered.
+    let long_key = "k".repeat(600_000);
     let producer: ThreadedProducer<DefaultProducerContext> =
         ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
     for (key, value, headers, _) in &bad {
@@ -87,26 +93,52 @@ fn malformed_frames_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
         }
         producer.send(BaseRecord::to("frames").key(*key).payload(value).headers(h)).unwrap();
     }
+    let raw = OwnedHeaders::new()
+        .insert(Header { key: "kafray.format", value: Some("raw") })
+        .insert(Header { key: "kafray.shape", value: Some("28x28x1") });
+    producer.send(BaseRecord::to("frames").key(&long_key).payload(&[0u8; 784][..]).headers(raw)).unwrap();
     producer.flush(Duration::from_secs(10)).unwrap();
     produce_digits("100");
 
     let worker = WorkerProcess::start(&b, "w-dlq", &["--create-topics", "2"]);
     let report = eval(&b, "predictions", 200, 90);
-    let dead = read_topic(&b, "frames.dlq", bad.len(), Duration::from_secs(30));
+    let dead = read_topic(&b, "frames.dlq", bad.len() + 1, Duration::from_secs(30));
     let (clean, log) = worker.stop();
     assert!(clean, "{log}");
     assert_eq!(report["distinct_frames"], 200, "every valid frame predicted: {report:#}\n{log}");
-    assert_eq!(dead.len(), bad.len(), "{dead:?}");
+    assert_eq!(dead.len(), bad.len() + 1, "{:?}", dead.iter().map(|d| &d.headers).collect::<Vec<_>>());
     for (key, value, _, reason) in &bad {
         let d =
             dead.iter().find(|d| d.key.as_deref() == Some(*key)).unwrap_or_else(|| panic!("{key} not dead-lettered"));
         let error = d.header("kafray.error").unwrap();
         assert!(error.contains(reason), "{key}: {error:?} should say {reason:?}");
-        assert_eq!(&d.value, value, "{key}: the original value is kept");
+        if *key == "at-the-limit" {
+            assert!(d.value.is_empty(), "the value is left out");
+        } else {
+            assert_eq!(&d.value, value, "{key}: the original value is kept");
+        }
         assert!(d.header("kafray.source.offset").is_some());
     }
+    let d = dead.iter().find(|d| d.key.as_deref() == Some(long_key.as_str())).expect("the long-keyed digit");
+    assert!(
+        d.header("kafray.error").unwrap().contains("larger than the producer's message.max.bytes"),
+        "{:?}",
+        d.headers
+    );
+    assert_eq!(d.value, vec![0u8; 784], "the digit itself is kept");
+    assert!(log.contains("dead_letter_fallbacks=1"), "the fallback is counted and reported:\n{log}");
+    assert!(log.contains("too large to republish"), "the fallback is warned about:\n{log}");
     let raw = dead.iter().find(|d| d.key.as_deref() == Some("wrong-shape")).unwrap();
     assert_eq!(raw.header("kafray.shape"), Some("3x3x1"), "original headers are kept");
+}
+
+/// A frame value that is not an image; with the key "at-the-limit" and kafray's headers, a
+/// record of this value fits the producer's 1,000,000-byte message.max.bytes, and with the
+/// dead-letter headers added it does not.
+const AT_LIMIT: usize = 999_900;
+
+fn noise(n: usize) -> Vec<u8> {
+    (0..n as u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
 }
 
 /// Two workers share the partitions; one is killed mid-stream; every frame still gets a prediction.
@@ -121,7 +153,8 @@ fn a_worker_killed_mid_stream_loses_no_frame() {
     a.wait_for("partitions assigned", Duration::from_secs(60));
     w.wait_for("partitions assigned", Duration::from_secs(60));
     let mut producer = spawn_paced_mnist(&b, n, 1000);
-    std::thread::sleep(Duration::from_millis(2500));
+    // Killed mid-stream: once it has predicted frames, with more still coming.
+    a.wait_for_predicted(500, Duration::from_secs(60));
     a.kill9();
     assert!(producer.wait().unwrap().success());
     let report = eval(&b, "predictions", n, 120);
@@ -257,7 +290,9 @@ fn a_broker_crash_mid_stream_loses_no_frame() {
     let mut worker = WorkerProcess::start(&b, "w-crash", &["--create-topics", "2"]);
     worker.wait_for("partitions assigned", Duration::from_secs(60));
     let mut producer = spawn_paced_mnist(&b, n, 1000);
-    std::thread::sleep(Duration::from_millis(1200));
+    // Crashed mid-stream: once frames were consumed and predicted, with more still coming.
+    worker.wait_for_predicted(300, Duration::from_secs(60));
+    assert!(producer.try_wait().unwrap().is_none(), "the producer is still sending when the broker dies");
     broker.restart().expect("restart the broker on the same port and storage");
     assert!(producer.wait().unwrap().success(), "the producer survives the broker restart");
     let report = eval(&b, "predictions", n, 120);

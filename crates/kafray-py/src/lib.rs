@@ -45,6 +45,8 @@ struct Worker {
 
 #[derive(Default)]
 struct State {
+    /// `start` is loading the model (outside this lock).
+    starting: bool,
     thread: Option<JoinHandle<kafray::Result<Snapshot>>>,
     started: Option<Instant>,
     /// Set once the worker thread has ended: its final counters, or why it failed.
@@ -86,12 +88,20 @@ impl Worker {
 
     /// Loads the model (so a bad model fails here), then joins the group on a native thread.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        let mut state = self.state.lock().unwrap();
-        if state.thread.is_some() || state.outcome.is_some() {
-            return Err(PyRuntimeError::new_err("a Worker starts once; create a new one to start again"));
+        {
+            let mut state = self.state.lock().unwrap();
+            if state.starting || state.thread.is_some() || state.outcome.is_some() {
+                return Err(PyRuntimeError::new_err("a Worker starts once; create a new one to start again"));
+            }
+            state.starting = true;
         }
+        // The model loads without the GIL and without the state lock: a `stats()` call meanwhile
+        // holds the GIL and takes that lock, so holding it here would deadlock.
         let config = self.config.clone();
-        let model = py.detach(|| Model::load(&config.model, config.threads, config.top_k)).map_err(to_py)?;
+        let loaded = py.detach(|| Model::load(&config.model, config.threads, config.top_k));
+        let mut state = self.state.lock().unwrap();
+        state.starting = false;
+        let model = loaded.map_err(to_py)?;
         let (stop, metrics) = (self.stop.clone(), self.metrics.clone());
         let thread = std::thread::Builder::new()
             .name("kafray-worker".into())
@@ -167,8 +177,10 @@ impl Worker {
         d.set_item("batched_frames", s.batched_frames)?;
         d.set_item("mean_batch", s.mean_batch())?;
         d.set_item("delivery_failures", s.delivery_failures)?;
+        d.set_item("dead_letter_fallbacks", s.dead_letter_fallbacks)?;
         d.set_item("consume_errors", s.consume_errors)?;
         d.set_item("assigned_partitions", self.metrics.assigned_partitions.load(Relaxed))?;
+        d.set_item("rebalances", s.rebalances)?;
         d.set_item("lag", s.lag)?;
         d.set_item("latency_p50_ms", s.latency_p50_ms)?;
         d.set_item("latency_p99_ms", s.latency_p99_ms)?;
@@ -202,7 +214,13 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.stop.store(true, Relaxed);
         if let Some(thread) = self.state.get_mut().unwrap().thread.take() {
-            let _ = thread.join();
+            // The drain may take seconds: other Python threads run meanwhile. While the
+            // interpreter shuts down there is no GIL to give back, and nothing else to run.
+            let mut thread = Some(thread);
+            Python::try_attach(|py| py.detach(|| thread.take().map(JoinHandle::join)));
+            if let Some(thread) = thread {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -356,7 +374,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Logs go to stderr (Ray keeps each actor's); KAFRAY_LOG filters like the CLI's.
     let filter = tracing_subscriber::EnvFilter::try_from_env("KAFRAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colours for a terminal only: logs piped to files and collectors stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
     m.add_class::<Worker>()?;
     m.add_class::<Classifier>()?;
     m.add_class::<EmbeddedBroker>()?;

@@ -12,16 +12,24 @@ from kafray import ray as kray
 
 def start(deployments, ray_cluster, broker, workers, **config):
     d = kray.Deployment.start(workers, name=f"t{len(deployments)}-{os.getpid()}", address=ray_cluster,
-                              brokers=broker, batch_size=20, kafka={"session.timeout.ms": "6000"}, **config)
+                              brokers=broker, batch_size=20, create_topics=4, **config)
     deployments.append(d)
     return d
 
 
+def owning(d, n: int) -> bool:
+    per = d.workers()
+    return len(per) == n and all(w.get("assigned_partitions", 0) > 0 for w in per)
+
+
 def test_actors_land_on_both_nodes_and_predict_all_10000_digits(ray_cluster, broker, deployments):
-    assert produce_mnist(broker, 10_000).wait(120) == 0
     d = start(deployments, ray_cluster, broker, 2)
     placed = ray.get([a.ready.remote() for a in d.actors.values()])
     assert len({p["node_id"] for p in placed}) == 2, f"SPREAD put both actors on one node: {placed}"
+    # The stream starts once the group has settled: with no failure and no rebalance inside it,
+    # every frame is predicted exactly once.
+    wait_for(lambda: owning(d, 2), 60, "both actors to own partitions")
+    assert produce_mnist(broker, 10_000).wait(120) == 0
 
     report = evaluate(broker, 10_000)
     assert report["distinct_frames"] == 10_000 and report["duplicates"] == 0, report
@@ -56,6 +64,30 @@ def test_sigkilled_actor_is_restarted_and_nothing_is_lost(ray_cluster, broker, d
     assert report["accuracy"] >= 0.98, report
     after = d.stats()
     assert after["running"] == 2 and after["predicted"] > 0, after
+    assert after["restarts"] == 1 and not after["failed"], after
+
+
+def test_a_restarted_actor_takes_its_partitions_back_without_a_rebalance(ray_cluster, broker, deployments):
+    """Static membership: the actor comes back under the same group.instance.id within the session
+    timeout, so the broker hands it its partitions again and the survivor is never rebalanced."""
+    d = start(deployments, ray_cluster, broker, 2)
+    wait_for(lambda: owning(d, 2), 60, "both actors to own partitions")
+    victim, survivor = d.actors[0], d.actors[1]
+    before = ray.get(victim.ready.remote())
+    owned = ray.get(survivor.stats.remote())
+    os.kill(before["pid"], signal.SIGKILL)
+
+    def back():
+        try:
+            s = ray.get(victim.stats.remote(), timeout=5)
+            return s if s["pid"] != before["pid"] and s["assigned_partitions"] > 0 else None
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return None
+
+    again = wait_for(back, 90, "the restarted actor to own partitions again")
+    kept = ray.get(survivor.stats.remote())
+    assert again["assigned_partitions"] == 4 - owned["assigned_partitions"], (again, kept)
+    assert kept["rebalances"] == owned["rebalances"], f"the survivor was rebalanced: {owned} -> {kept}"
 
 
 def test_scale_up_and_down_while_running(ray_cluster, broker, deployments):
@@ -64,12 +96,7 @@ def test_scale_up_and_down_while_running(ray_cluster, broker, deployments):
     wait_for(lambda: d.stats()["predicted"] > 300, 60, "the first worker's predictions")
     d.scale(3)
     assert len(d.actors) == 3
-
-    def all_busy():
-        per = d.workers()
-        return len(per) == 3 and all(w.get("assigned_partitions", 0) > 0 for w in per)
-
-    wait_for(all_busy, 60, "the group to rebalance over 3 workers")
+    wait_for(lambda: owning(d, 3), 60, "the group to rebalance over 3 workers")
     d.scale(1)
     assert len(d.actors) == 1
     assert producer.wait(60) == 0

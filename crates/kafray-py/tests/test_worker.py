@@ -1,4 +1,7 @@
 """The Python Worker and Classifier, without Ray."""
+import subprocess
+import sys
+
 import pytest
 
 import kafray
@@ -16,7 +19,7 @@ def test_worker_predicts_a_stream_and_stops_cleanly(broker):
     producer = produce_mnist(broker, 2000)
     assert producer.wait(120) == 0
     worker = kafray.Worker(brokers=broker, input_topic="frames", group="py", batch_size=20,
-                           kafka={"session.timeout.ms": "10000"}).start()
+                           create_topics=4).start()
     try:
         report = evaluate(broker, 2000)
     finally:
@@ -40,3 +43,27 @@ def test_classifier_reads_shards_and_images(tmp_path):
     bad.write_text("hello")
     with pytest.raises(ValueError, match="labels-idx1-ubyte"):
         c.classify_file(str(bad))
+
+
+def test_stats_while_start_loads_the_model_does_not_deadlock(broker):
+    """`start` loads the model without the GIL; a thread calling `stats()` meanwhile holds the GIL.
+    Were the worker's lock held across the load, each would wait for the other forever. Run in a
+    child process, so a deadlock fails the test at its timeout instead of hanging the suite."""
+    code = f"""
+import threading, kafray
+w = kafray.Worker(brokers={broker!r}, group="dl", model="mobilenet_v2", create_topics=1)
+t = threading.Thread(target=w.start)
+t.start()
+polls = 0
+while t.is_alive():
+    w.stats()
+    polls += 1
+t.join()
+w.stop(timeout=60)
+del w  # Drop joins the (already stopped) thread without the GIL
+print("polls", polls)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    polls = int(out.stdout.split()[-1])
+    assert polls > 0, "stats() ran while the model loaded"

@@ -73,3 +73,28 @@ pub fn ensure_topics(brokers: &str, topics: &[(&str, usize)], extra: &[(String, 
         Some((topic, code)) => Err(Error::External(format!("cannot create topic {topic} on {brokers}: {code}"))),
     }
 }
+
+/// Checks at a worker's start that its topics exist, so that a typo fails at once with the fix
+/// rather than leaving a worker that reports running and does nothing. A missing dead-letter
+/// topic is created (one partition): it is the worker's own, and a stream must not stop for it.
+pub fn check_worker_topics(
+    brokers: &str,
+    input: &str,
+    output: &str,
+    dead_letter: &str,
+    extra: &[(String, String)],
+) -> Result<()> {
+    for (role, topic) in [("input", input), ("output", output)] {
+        if partition_count(brokers, topic, extra)?.is_none() {
+            return Err(Error::Config(format!(
+                "the {role} topic {topic:?} does not exist on {brokers}: create it (`kafray worker --create-topics N` \
+                 creates missing topics with N partitions) or fix the topic name"
+            )));
+        }
+    }
+    if partition_count(brokers, dead_letter, extra)?.is_none() {
+        tracing::info!(topic = dead_letter, "the dead-letter topic is missing: creating it");
+        ensure_topics(brokers, &[(dead_letter, 1)], extra)?;
+    }
+    Ok(())
+}

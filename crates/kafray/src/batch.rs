@@ -26,6 +26,10 @@ pub struct FrameMeta {
     pub decode_us: u64,
     /// When the frame, decoded, joined the batch being built (for the queueing time).
     pub queued_at: Instant,
+    /// The record as read (value and headers), for a dead letter should the model or the
+    /// producer reject the frame after it decoded.
+    pub value: Vec<u8>,
+    pub headers: Option<rdkafka::message::OwnedHeaders>,
 }
 
 /// Preprocessed frames laid out back to back, ready for the model.
@@ -258,6 +262,8 @@ mod tests {
             fetch_us: 0,
             decode_us: 0,
             queued_at: Instant::now(),
+            value: Vec::new(),
+            headers: None,
         }
     }
 

@@ -42,6 +42,10 @@ pub struct WorkerConfig {
     pub worker_id: Option<String>,
     /// librdkafka properties passed through to the consumer and producer (`-X key=value`).
     pub kafka: Vec<(String, String)>,
+    /// At start, create the input and output topics with this many partitions (and the
+    /// dead-letter topic with one) where they are missing. Without it a missing input or output
+    /// topic fails the start; a missing dead-letter topic is always created.
+    pub create_topics: Option<usize>,
 }
 
 impl Default for WorkerConfig {
@@ -62,6 +66,7 @@ impl Default for WorkerConfig {
             status_interval_s: 5,
             worker_id: None,
             kafka: Vec::new(),
+            create_topics: None,
         }
     }
 }
@@ -111,18 +116,59 @@ impl WorkerConfig {
         if self.latency_target_ms == Some(0) {
             return bad("--latency-target-ms 0 cannot be met: give a target in ms (e.g. 25), or leave it out".into());
         }
+        if self.create_topics == Some(0) {
+            return bad("--create-topics 0: a topic needs at least 1 partition".into());
+        }
         if self.threads == 0 {
             return bad("--threads must be at least 1".into());
         }
         if self.top_k == 0 {
             return bad("--top-k must be at least 1".into());
         }
-        for (k, _) in &self.kafka {
-            if ["enable.auto.offset.store", "group.id", "bootstrap.servers"].contains(&k.as_str()) {
-                return bad(format!("-X {k} is set by kafray itself (offsets are stored only after delivery); use the dedicated flag or leave it out"));
+        for (k, v) in &self.kafka {
+            if let Some(why) = weakens_delivery(k, v) {
+                return bad(format!("-X {k}={v} is refused: {why}"));
             }
         }
         Ok(())
+    }
+}
+
+/// Why a pass-through property would break at-least-once delivery (or its bound on duplicates),
+/// if it would. The worker's guarantee rests on the producer waiting for every in-sync replica
+/// without duplicating on retry, and on offsets that are stored only after that acknowledgement
+/// and then committed regularly.
+fn weakens_delivery(key: &str, value: &str) -> Option<String> {
+    let v = value.trim().to_ascii_lowercase();
+    let is_true = matches!(v.as_str(), "true" | "1" | "yes" | "on");
+    match key {
+        "enable.auto.offset.store" | "group.id" | "bootstrap.servers" => Some(format!(
+            "{key} is set by kafray itself (offsets are stored only after delivery); use the dedicated flag or leave it out"
+        )),
+        "acks" | "request.required.acks" if !matches!(v.as_str(), "all" | "-1") => Some(format!(
+            "results must be acknowledged by every in-sync replica (acks=all) before the frame's offset is committed; \
+             with {key}={value} a broker failure can lose results whose frames count as done. Leave {key} out"
+        )),
+        "enable.idempotence" if !is_true => Some(
+            "the results producer is idempotent so that its retries cannot write a result twice or out of order; \
+             leave enable.idempotence out"
+                .into(),
+        ),
+        "enable.auto.commit" if !is_true => Some(
+            "offsets are committed in the background once stored; without it nothing is committed until a clean \
+             stop, and a crash re-reads everything since the start. Leave enable.auto.commit out"
+                .into(),
+        ),
+        "auto.offset.reset" if !matches!(v.as_str(), "earliest" | "smallest" | "beginning") => Some(format!(
+            "a group without a committed offset (a new group, or one whose offset expired) would skip the frames \
+             already in the topic; kafray reads from the earliest. Leave {key} out"
+        )),
+        "transactional.id" => Some(
+            "kafray's results producer is idempotent, not transactional; a transactional id would make every \
+             result wait for a transaction that kafray never commits. Leave it out"
+                .into(),
+        ),
+        _ => None,
     }
 }
 
@@ -171,6 +217,36 @@ mod tests {
         let c = WorkerConfig { kafka: vec![("enable.auto.offset.store".into(), "true".into())], ..Default::default() };
         assert!(c.validate().is_err());
         assert!(WorkerConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn properties_that_weaken_delivery_are_refused() {
+        let with =
+            |k: &str, v: &str| WorkerConfig { kafka: vec![(k.into(), v.into())], ..Default::default() }.validate();
+        for (k, v) in [
+            ("acks", "0"),
+            ("acks", "1"),
+            ("request.required.acks", "1"),
+            ("enable.idempotence", "false"),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", "latest"),
+            ("transactional.id", "t"),
+            ("group.id", "g"),
+        ] {
+            let err = with(k, v).expect_err(&format!("-X {k}={v} must be refused")).to_string();
+            assert!(err.contains(&format!("-X {k}={v} is refused")), "{err}");
+        }
+        // The settings kafray itself uses, and unrelated ones, pass.
+        for (k, v) in [
+            ("acks", "all"),
+            ("acks", "-1"),
+            ("enable.idempotence", "true"),
+            ("auto.offset.reset", "earliest"),
+            ("session.timeout.ms", "6000"),
+            ("linger.ms", "0"),
+        ] {
+            assert!(with(k, v).is_ok(), "-X {k}={v} must pass");
+        }
     }
 
     #[test]

@@ -50,6 +50,11 @@ pub enum Error {
 
     #[error("internal error (a bug in kafray): {0}")]
     Internal(String),
+
+    /// A stop was requested while a result waited for room in the producer queue. Not a
+    /// failure: that frame stays unacknowledged, so it is read again after a restart.
+    #[error("stopped while a result waited for room in the producer queue")]
+    Stopped,
 }
 
 impl Error {
@@ -60,7 +65,8 @@ impl Error {
             | Error::Inference(_)
             | Error::Kafka { .. }
             | Error::Io { .. }
-            | Error::External(_) => ErrorKind::External,
+            | Error::External(_)
+            | Error::Stopped => ErrorKind::External,
             Error::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -10,10 +10,14 @@ pub struct Metrics {
     pub batches: AtomicU64,
     pub batched_frames: AtomicU64,
     pub delivery_failures: AtomicU64,
+    /// Dead letters published without the frame's value, which was too large to republish.
+    pub dead_letter_fallbacks: AtomicU64,
     /// Errors the consumer reported instead of a frame (logged; see the worker's log).
     pub consume_errors: AtomicU64,
     /// Input partitions this worker currently owns.
     pub assigned_partitions: AtomicUsize,
+    /// Rebalances that assigned partitions to this worker or took some away.
+    pub rebalances: AtomicU64,
     /// Frames behind the log end over assigned partitions (from librdkafka statistics), -1 unknown.
     pub lag: AtomicI64,
     /// The batching policy's current batch limit (steered under a latency target).
@@ -143,7 +147,9 @@ pub struct Snapshot {
     pub batches: u64,
     pub batched_frames: u64,
     pub delivery_failures: u64,
+    pub dead_letter_fallbacks: u64,
     pub consume_errors: u64,
+    pub rebalances: u64,
     pub lag: i64,
     pub batch_limit: usize,
     pub latency_p50_ms: u64,
@@ -210,7 +216,9 @@ impl Metrics {
             batches: self.batches.load(Relaxed),
             batched_frames: self.batched_frames.load(Relaxed),
             delivery_failures: self.delivery_failures.load(Relaxed),
+            dead_letter_fallbacks: self.dead_letter_fallbacks.load(Relaxed),
             consume_errors: self.consume_errors.load(Relaxed),
+            rebalances: self.rebalances.load(Relaxed),
             lag: self.lag.load(Relaxed),
             batch_limit: self.batch_limit.load(Relaxed),
             latency_p50_ms: p50,

@@ -3,6 +3,7 @@
 //! for a partition is the lowest offset still in flight (or one past the highest seen): every
 //! frame before it has a durable result, whatever order the acknowledgements came in.
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ struct State {
 pub struct OffsetTracker {
     state: Mutex<State>,
     room: Condvar,
+    /// Threads inside [`wait_below`](Self::wait_below) (lets a test know a waiter is parked).
+    waiters: AtomicUsize,
 }
 
 impl OffsetTracker {
@@ -55,18 +58,30 @@ impl OffsetTracker {
         }
     }
 
-    /// Offsets (the next offset to consume, as Kafka commits them) that advanced since the last call.
-    pub fn take_committable(&self) -> Vec<(i32, i64)> {
-        let mut s = self.state.lock().unwrap();
+    /// Offsets (the next offset to consume, as Kafka commits them) that advanced since the last
+    /// store that succeeded. They stay here until [`stored`](Self::stored) confirms them, so a
+    /// store that failed is tried again.
+    pub fn committable(&self) -> Vec<(i32, i64)> {
+        let s = self.state.lock().unwrap();
         let mut out = Vec::new();
-        for (&partition, p) in s.partitions.iter_mut() {
+        for (&partition, p) in s.partitions.iter() {
             let next = p.in_flight.first().copied().unwrap_or(p.next_unseen);
             if next > p.last_stored {
-                p.last_stored = next;
                 out.push((partition, next));
             }
         }
+        out.sort_unstable();
         out
+    }
+
+    /// These offsets were stored (for the next commit).
+    pub fn stored(&self, offsets: &[(i32, i64)]) {
+        let mut s = self.state.lock().unwrap();
+        for &(partition, next) in offsets {
+            if let Some(p) = s.partitions.get_mut(&partition) {
+                p.last_stored = p.last_stored.max(next);
+            }
+        }
     }
 
     /// Partitions taken away by a rebalance: their in-flight frames no longer count.
@@ -92,7 +107,9 @@ impl OffsetTracker {
     /// Waits until fewer than `limit` frames are in flight, or `timeout` passes.
     pub fn wait_below(&self, limit: usize, timeout: Duration) -> bool {
         let s = self.state.lock().unwrap();
+        self.waiters.fetch_add(1, SeqCst);
         let (s, _) = self.room.wait_timeout_while(s, timeout, |s| s.in_flight >= limit).unwrap();
+        self.waiters.fetch_sub(1, SeqCst);
         s.in_flight < limit
     }
 }
@@ -107,16 +124,17 @@ mod tests {
         for o in 10..15 {
             t.begin(0, o);
         }
-        assert!(t.take_committable().is_empty());
+        assert!(t.committable().is_empty());
         t.done(0, 11);
         t.done(0, 12);
-        assert!(t.take_committable().is_empty(), "10 is still in flight");
+        assert!(t.committable().is_empty(), "10 is still in flight");
         t.done(0, 10);
-        assert_eq!(t.take_committable(), vec![(0, 13)]);
-        assert!(t.take_committable().is_empty(), "no change, nothing new to store");
+        assert_eq!(t.committable(), vec![(0, 13)]);
+        t.stored(&[(0, 13)]);
+        assert!(t.committable().is_empty(), "no change, nothing new to store");
         t.done(0, 14);
         t.done(0, 13);
-        assert_eq!(t.take_committable(), vec![(0, 15)]);
+        assert_eq!(t.committable(), vec![(0, 15)]);
         assert_eq!(t.in_flight(), 0);
     }
 
@@ -126,13 +144,30 @@ mod tests {
         t.begin(0, 0);
         t.begin(1, 100);
         t.done(1, 100);
-        assert_eq!(t.take_committable(), vec![(1, 101)]);
+        assert_eq!(t.committable(), vec![(1, 101)]);
+        t.stored(&[(1, 101)]);
         assert_eq!(t.in_flight(), 1);
         t.forget(&[0]);
         assert_eq!(t.in_flight(), 0);
         t.done(0, 0); // late acknowledgement of a revoked partition
         assert_eq!(t.in_flight(), 0);
-        assert!(t.take_committable().is_empty());
+        assert!(t.committable().is_empty());
+    }
+
+    #[test]
+    fn a_failed_store_is_offered_again() {
+        let t = OffsetTracker::new();
+        t.begin(3, 7);
+        t.done(3, 7);
+        assert_eq!(t.committable(), vec![(3, 8)]);
+        // The store failed: nothing confirmed, so the same offset is offered on the next turn.
+        assert_eq!(t.committable(), vec![(3, 8)]);
+        t.begin(3, 8);
+        t.stored(&[(3, 8)]);
+        assert!(t.committable().is_empty());
+        t.stored(&[(3, 5)]); // an older confirmation never moves the mark back
+        t.done(3, 8);
+        assert_eq!(t.committable(), vec![(3, 9)]);
     }
 
     #[test]
@@ -141,9 +176,18 @@ mod tests {
         t.begin(0, 0);
         assert!(!t.wait_below(1, Duration::from_millis(10)));
         let t2 = t.clone();
-        let h = std::thread::spawn(move || t2.wait_below(1, Duration::from_secs(10)));
-        std::thread::sleep(Duration::from_millis(20));
+        let h = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            (t2.wait_below(1, Duration::from_secs(30)), started.elapsed())
+        });
+        // Once the waiter is counted and the lock is free again, it is parked on the condition
+        // variable: only the notification in `done` can wake it before its 30 s run out.
+        while t.waiters.load(SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        drop(t.state.lock().unwrap());
         t.done(0, 0);
-        assert!(h.join().unwrap());
+        let (woken, waited) = h.join().unwrap();
+        assert!(woken && waited < Duration::from_secs(20), "woken {woken} after {waited:?}");
     }
 }

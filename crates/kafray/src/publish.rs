@@ -52,6 +52,7 @@ pub struct Publisher {
     seqs: std::collections::HashMap<String, u64>,
     /// Round-robin over this many partitions instead of by key; with the next partition.
     spread: Option<(i32, i32)>,
+    queue_wait_limit: Duration,
 }
 
 impl Publisher {
@@ -59,7 +60,8 @@ impl Publisher {
         let producer = crate::sink::producer_config(brokers, extra)
             .create_with_context(PublishContext::default())
             .kafka_context(|| format!("producer for {brokers}"))?;
-        Ok(Publisher { producer, topic: topic.into(), seqs: Default::default(), spread: None })
+        let queue_wait_limit = crate::sink::queue_wait_limit(extra);
+        Ok(Publisher { producer, topic: topic.into(), seqs: Default::default(), spread: None, queue_wait_limit })
     }
 
     /// Sends frame i to partition i mod (the topic's partitions) rather than by key, so every
@@ -96,7 +98,10 @@ impl Publisher {
             record = record.partition(*next);
             *next = (*next + 1) % *partitions;
         }
-        crate::sink::send_waiting(&self.producer, record)
+        let ctx = self.producer.context();
+        crate::sink::send_waiting(&self.producer, record, self.queue_wait_limit, || {
+            ctx.first_error.lock().unwrap().as_ref().map(|e| Error::External(format!("a frame was not delivered: {e}")))
+        })
     }
 
     /// Waits for every frame to be acknowledged; fails if any was not.

@@ -12,9 +12,11 @@ use crate::metrics::{FrameTiming, Metrics, Snapshot, StageTimers};
 use crate::model::{Model, ModelSpec};
 use crate::offsets::OffsetTracker;
 use crate::sink::{now_ms, Ack, Prediction, Sink, TopEntry};
-use crate::source::{self, Source, SourceContext};
+use crate::source::{self, ConsumerError, Source, SourceContext};
 use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Message;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -26,6 +28,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// line are handled promptly. No frame waits for it: a poll returns as soon as a frame is
 /// there, and a frame joining the batch wakes the inference thread at once.
 const POLL_SLICE: Duration = Duration::from_millis(100);
+/// How long the input topic may be reported missing before the worker gives up on it.
+const MISSING_TOPIC_GRACE: Duration = Duration::from_secs(30);
 /// How often safe offsets are stored for the next auto-commit (every second): often enough that
 /// a commit carries what was acknowledged, without a store call per polled frame.
 const STORE_EVERY: Duration = Duration::from_millis(10);
@@ -47,6 +51,25 @@ pub fn run_with_model(
 ) -> Result<Snapshot> {
     config.validate()?;
     let worker_id = config.worker_id();
+    let dead_letter_topic = config.dead_letter_topic();
+    if let Some(partitions) = config.create_topics {
+        crate::admin::ensure_topics(
+            &config.brokers,
+            &[
+                (config.input_topic.as_str(), partitions),
+                (config.output_topic.as_str(), partitions),
+                (dead_letter_topic.as_str(), 1),
+            ],
+            &config.kafka,
+        )?;
+    }
+    crate::admin::check_worker_topics(
+        &config.brokers,
+        &config.input_topic,
+        &config.output_topic,
+        &dead_letter_topic,
+        &config.kafka,
+    )?;
     let tracker = Arc::new(OffsetTracker::new());
     let stats_ms = if config.status_interval_s > 0 { config.status_interval_s * 1000 } else { 0 };
     let consumer = source::subscribe(
@@ -64,6 +87,7 @@ pub fn run_with_model(
         &config.kafka,
         tracker.clone(),
         metrics.clone(),
+        stop.clone(),
     )?);
     let policy = BatchPolicy::new(
         config.batch_size,
@@ -103,15 +127,20 @@ pub fn run_with_model(
         tensor: vec![0.0; spec.input_len()],
         infer_stopped: &infer_stopped,
         paused: false,
+        input_missing_since: None,
     };
     let outcome = intake.run(&stop);
     // Finish in-flight work: the last partial batch, inference, then every acknowledgement.
     queue.close();
     let inferred = infer.join().map_err(|_| Error::Internal("the inference thread panicked".into()))?;
     // The inference thread's own error explains a stopped intake better than the intake does.
-    let outcome = inferred.and(outcome);
+    // A result given up for a stop is no failure: its frame is read again.
+    let outcome = match inferred.and(outcome) {
+        Err(Error::Stopped) => Ok(()),
+        other => other,
+    };
     let flushed = sink.flush(DRAIN_TIMEOUT);
-    source::store(&consumer, &config.input_topic, &tracker.take_committable());
+    source::store_safe(&consumer, &config.input_topic, &tracker);
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => {}
         Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
@@ -121,7 +150,8 @@ pub fn run_with_model(
     let last = metrics.snapshot();
     tracing::info!(
         worker = %worker_id, predicted = last.predicted, dead_lettered = last.dead_lettered,
-        consume_errors = last.consume_errors, in_flight = tracker.in_flight(), "worker stopped"
+        dead_letter_fallbacks = last.dead_letter_fallbacks, consume_errors = last.consume_errors,
+        in_flight = tracker.in_flight(), "worker stopped"
     );
     outcome?;
     if let Some(failure) = sink.failure() {
@@ -144,6 +174,8 @@ struct Intake<'a> {
     infer_stopped: &'a AtomicBool,
     /// The assignment is paused because `max_in_flight` frames are in flight.
     paused: bool,
+    /// Since when the consumer has reported the input topic missing, without a frame between.
+    input_missing_since: Option<Instant>,
 }
 
 /// Marks the inference thread as stopped however it ends (error or panic), and wakes the
@@ -170,7 +202,7 @@ impl Intake<'_> {
         let mut stored = Instant::now();
         while !stop.load(Relaxed) {
             if stored.elapsed() >= STORE_EVERY {
-                source::store(self.consumer, &self.config.input_topic, &self.tracker.take_committable());
+                source::store_safe(self.consumer, &self.config.input_topic, self.tracker);
                 stored = Instant::now();
             }
             if let Some(failure) = self.sink.failure() {
@@ -208,10 +240,36 @@ impl Intake<'_> {
             let polled = self.consumer.poll(wait);
             StageTimers::add(&stages.poll_us, waited);
             match polled {
-                Some(Ok(msg)) => self.accept(&msg)?,
+                Some(Ok(msg)) => {
+                    self.input_missing_since = None;
+                    self.accept(&msg)?
+                }
+                // Only with -X enable.partition.eof=true: the end of a partition, not an error.
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => {
                     self.metrics.consume_errors.fetch_add(1, Relaxed);
-                    tracing::warn!("consumer: {e}");
+                    match source::classify_error(&e) {
+                        ConsumerError::Fatal => {
+                            return Err(Error::External(format!(
+                                "the consumer cannot go on: {e} (check the input topic {:?}, the group's and the topic's ACLs, and the broker)",
+                                self.config.input_topic
+                            )))
+                        }
+                        ConsumerError::TopicMissing => {
+                            // At start the topic existed: it was deleted, or metadata lags after a
+                            // broker restart. Only a lasting absence stops the worker.
+                            let since = *self.input_missing_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= MISSING_TOPIC_GRACE {
+                                return Err(Error::External(format!(
+                                    "the input topic {:?} has been missing for {} s (deleted?): {e}",
+                                    self.config.input_topic,
+                                    MISSING_TOPIC_GRACE.as_secs()
+                                )));
+                            }
+                            tracing::warn!("consumer: {e}");
+                        }
+                        ConsumerError::Transient => tracing::warn!("consumer: {e}"),
+                    }
                 }
                 None => {}
             }
@@ -258,6 +316,8 @@ impl Intake<'_> {
                     fetch_us: ts_produce_ms.map_or(0, |ts| (now_ms() - ts).max(0) as u64 * 1000),
                     decode_us: queued_at.duration_since(decoding).as_micros() as u64,
                     queued_at,
+                    value: value.to_vec(),
+                    headers: msg.headers().map(|h| h.detach()),
                 };
                 self.queue.push(meta, &self.tensor);
             }
@@ -306,13 +366,34 @@ fn infer_loop(mut model: Model, queue: &BatchQueue, sink: &Sink, worker_id: &str
         let size = batch.len();
         metrics.batches.fetch_add(1, Relaxed);
         metrics.batched_frames.fetch_add(size as u64, Relaxed);
-        // A model failure is not the frame's fault (they decoded): stop without storing their
-        // offsets, so they are read again, rather than park them as poison.
-        let results = model.classify(&batch.input)?;
+        // A frame on which the model fails (while it classifies others) is dead-lettered; a
+        // failure of the model itself stops the worker without storing these frames' offsets,
+        // so they are read again.
+        let results = model.classify_isolating(&batch.input)?;
         let inferred_at = StageTimers::add(&stages.infer_us, dispatched);
         let infer_us = inferred_at.duration_since(dispatched).as_micros() as u64;
         let ts_done_ms = now_ms();
         for (meta, result) in batch.frames.iter().zip(results) {
+            let ack = Ack {
+                partition: meta.partition,
+                offset: meta.offset,
+                ts_produce_ms: meta.ts_produce_ms,
+                dead_letter: false,
+                timing: None,
+            };
+            let result = match result {
+                Ok(result) => result,
+                Err(reason) => {
+                    tracing::warn!(
+                        partition = meta.partition,
+                        offset = meta.offset,
+                        "the model failed on this frame alone: {reason}"
+                    );
+                    let reason = format!("the model failed on this frame: {reason}");
+                    sink.dead_letter(meta.key.as_deref(), &meta.value, meta.headers.clone(), &reason, ack)?;
+                    continue;
+                }
+            };
             let top: Vec<TopEntry> = result
                 .top
                 .iter()
@@ -340,14 +421,20 @@ fn infer_loop(mut model: Model, queue: &BatchQueue, sink: &Sink, worker_id: &str
                 infer_us,
                 inferred_at,
             };
-            let ack = Ack {
-                partition: meta.partition,
-                offset: meta.offset,
-                ts_produce_ms: meta.ts_produce_ms,
-                dead_letter: false,
-                timing: Some(timing),
-            };
-            sink.predict(meta.key.as_deref(), &prediction, meta.truth.as_deref(), ack)?;
+            let ack = Ack { timing: Some(timing), ..ack };
+            match sink.predict(meta.key.as_deref(), &prediction, meta.truth.as_deref(), ack) {
+                // This frame's result can never be published (a huge key, say): the same would
+                // happen after every restart, so the frame is dead-lettered instead.
+                Err(Error::Kafka {
+                    source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                    ..
+                }) => {
+                    let reason = "its prediction is larger than the producer's message.max.bytes (a very long key?)";
+                    tracing::warn!(partition = meta.partition, offset = meta.offset, "dead letter: {reason}");
+                    sink.dead_letter(meta.key.as_deref(), &meta.value, meta.headers.clone(), reason, ack)?;
+                }
+                other => other?,
+            }
         }
         clock = StageTimers::add(&stages.produce_us, inferred_at);
         let limit = queue.observe(size, queued, clock.duration_since(dispatched));

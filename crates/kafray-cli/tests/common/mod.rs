@@ -43,38 +43,52 @@ pub fn spawn_paced_mnist(brokers: &str, n: usize, rate: u32) -> Child {
 pub struct WorkerProcess {
     pub child: Child,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Reads stderr into `log`; it ends when the process has exited and its pipe is drained.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl WorkerProcess {
     pub fn start(brokers: &str, id: &str, extra: &[&str]) -> Self {
         let mut args = vec!["worker", "--brokers", brokers, "--worker-id", id, "--status-interval", "1"];
-        args.extend_from_slice(&["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=500"]);
         args.extend_from_slice(extra);
         let mut child =
             kafray(&args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("start kafray worker");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
         });
-        WorkerProcess { child, log }
+        WorkerProcess { child, log, reader: Some(reader) }
     }
 
     /// Waits until the worker's log has a line containing `text`.
     pub fn wait_for(&mut self, text: &str, timeout: Duration) {
+        self.wait_for_line(text, timeout, |l| l.contains(text));
+    }
+
+    /// Waits until a status line reports at least `n` predictions.
+    pub fn wait_for_predicted(&mut self, n: u64, timeout: Duration) {
+        let what = format!("a status line with at least {n} predicted");
+        self.wait_for_line(&what, timeout, |l| {
+            let predicted = l.split("status: ").nth(1).and_then(|s| s.split(" predicted").next()?.rsplit(' ').next());
+            predicted.and_then(|p| p.parse::<u64>().ok()).is_some_and(|p| p >= n)
+        });
+    }
+
+    fn wait_for_line(&mut self, what: &str, timeout: Duration, found: impl Fn(&str) -> bool) {
         let start = Instant::now();
         while start.elapsed() < timeout {
-            if self.log.lock().unwrap().iter().any(|l| l.contains(text)) {
+            if self.log.lock().unwrap().iter().any(|l| found(l)) {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("worker exited ({status}) before logging {text:?}:\n{}", self.log_text());
+                panic!("worker exited ({status}) before logging {what}:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("worker did not log {text:?} within {timeout:?}:\n{}", self.log_text());
+        panic!("worker did not log {what} within {timeout:?}:\n{}", self.log_text());
     }
 
     pub fn log_text(&self) -> String {
@@ -85,7 +99,10 @@ impl WorkerProcess {
     pub fn stop(mut self) -> (bool, String) {
         unsafe { libc_kill(self.child.id() as i32, 15) };
         let status = self.child.wait().unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        // Every line the worker wrote is in the log once the reader has drained the pipe.
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
         (status.success(), self.log_text())
     }
 

@@ -16,8 +16,10 @@ CLI (``kafray-ray`` or ``python -m kafray.ray``)::
 
 Each actor runs a :class:`kafray.Worker` (Rust, GIL released) in one consumer group, so Kafka
 spreads the partitions over the actors and rebalances when actors come and go. Actors are
-restarted by Ray when their process dies (``max_restarts=-1``); offsets are committed only after
-results are acknowledged, so a crash re-delivers what was in flight and loses nothing.
+restarted by Ray when their process dies, up to a budget (``--max-restarts``) with backoff; each
+actor is a static group member, so a restarted one takes its partitions back without a rebalance.
+Offsets are committed only after results are acknowledged, so a crash re-delivers what was in
+flight and loses nothing.
 """
 from __future__ import annotations
 
@@ -44,13 +46,43 @@ class ClusterTooSmall(RuntimeError):
     """The cluster lacks the resources asked for (Ray would wait for them without a word)."""
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
-class KafrayWorkerActor:
-    """One kafray worker in a Ray actor. Ray restarts it (re-running __init__) if its process dies."""
+# By default Ray restarts an actor whose process dies this many times over its life (the
+# budget); each restart first waits RESTART_BACKOFF_S[min(restarts, len) - 1] seconds. A worker
+# that keeps dying (a crash on start, a node that keeps failing) then stays dead, and its cause
+# shows in `stats()` and the CLI, rather than looping. `--max-restarts -1` restores the loop.
+MAX_RESTARTS = 5
+RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0)
 
-    def __init__(self, config: dict, placement: dict):
+
+def _restarts_so_far() -> int:
+    """How often Ray has restarted the current actor (0 on its first start)."""
+    ctx = ray.get_runtime_context()
+    if not ctx.was_current_actor_reconstructed:
+        return 0
+    try:
+        from ray.util.state import get_actor
+
+        state = get_actor(ctx.get_actor_id())
+        return max(1, int(getattr(state, "num_restarts", 1) or 1))
+    except Exception:  # the state API is best effort: count it as a first restart
+        return 1
+
+
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0)
+class KafrayWorkerActor:
+    """One kafray worker in a Ray actor. Ray restarts it (re-running __init__) if its process
+    dies, up to MAX_RESTARTS times with a growing backoff.
+
+    The worker joins its group as a static member (`group.instance.id` = the actor's name), so a
+    restarted actor takes its partitions back without rebalancing the others."""
+
+    def __init__(self, config: dict, placement: dict, instance_id: str):
         self._spec = {"config": config, **placement}
-        self.worker = kafray.Worker(**config).start()
+        self.restarts = _restarts_so_far()
+        if self.restarts:
+            time.sleep(RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S)) - 1])
+        kafka = {"group.instance.id": instance_id, **config.get("kafka", {})}
+        self.worker = kafray.Worker(**{**config, "kafka": kafka}).start()
 
     def spec(self) -> dict:
         """What this deployment's actors are made of, so `scale` can add more of the same."""
@@ -62,12 +94,20 @@ class KafrayWorkerActor:
 
     def stats(self) -> dict:
         s = self.worker.stats()
+        s["restarts"] = self.restarts
         s["pid"] = os.getpid()
         s["node_id"] = ray.get_runtime_context().get_node_id()
         return s
 
     def stop(self, timeout: float = 60.0) -> dict:
         return self.worker.stop(timeout)
+
+
+def _death_cause(e: Exception) -> str:
+    """The first lines of why an actor call failed: Ray's death cause names the actor's error."""
+    text = f"{type(e).__name__}: {e}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " ".join(lines[:3])[:500]
 
 
 def connect(address: str | None = "auto") -> None:
@@ -103,8 +143,10 @@ def _actor_name(deployment: str, index: int) -> str:
 class Deployment:
     """N kafray workers as Ray actors, spread over the cluster's nodes, sharing one consumer group."""
 
-    def __init__(self, name: str, config: dict, num_cpus: float, num_gpus: float, detached: bool):
+    def __init__(self, name: str, config: dict, num_cpus: float, num_gpus: float, detached: bool,
+                 max_restarts: int = MAX_RESTARTS):
         self.name = name
+        self.max_restarts = max_restarts
         self.config = config
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
@@ -122,9 +164,11 @@ class Deployment:
         num_gpus: float = 0.0,
         address: str | None = "auto",
         detached: bool = False,
+        max_restarts: int = MAX_RESTARTS,
         **config,
     ) -> "Deployment":
         """Starts `workers` actors; `config` is :class:`kafray.Worker`'s (brokers, model, ...).
+        Ray restarts an actor whose process dies up to `max_restarts` times (-1: without end).
 
         The model is resolved to an absolute path here, so every node must see that path (a shared
         folder, or the same checkout on each machine)."""
@@ -133,7 +177,7 @@ class Deployment:
         config.setdefault("threads", max(1, int(num_cpus)))
         config["model"] = kafray.find_model(config.get("model", "mnist"))
         config.setdefault("status_interval_s", 5)
-        d = cls(name, config, num_cpus, num_gpus, detached)
+        d = cls(name, config, num_cpus, num_gpus, detached, max_restarts)
         existing = [n for n in ray.util.list_named_actors() if n.startswith(f"{name}-worker-")]
         if existing:
             raise ValueError(f"a deployment named {name!r} is running ({len(existing)} actors): "
@@ -153,6 +197,7 @@ class Deployment:
             raise ValueError(f"no deployment named {name!r} in namespace {NAMESPACE!r}")
         spec = ray.get(d.actors[min(d.actors)].spec.remote(), timeout=30)
         d.config, d.num_cpus, d.num_gpus = spec["config"], spec["num_cpus"], spec["num_gpus"]
+        d.max_restarts = spec.get("max_restarts", MAX_RESTARTS)
         return d
 
     def _spawn(self, index: int):
@@ -161,11 +206,12 @@ class Deployment:
             num_cpus=self.num_cpus,
             num_gpus=self.num_gpus,
             scheduling_strategy="SPREAD",
+            max_restarts=self.max_restarts,
         )
         if self.detached:
             options["lifetime"] = "detached"
-        placement = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-        return KafrayWorkerActor.options(**options).remote(self.config, placement)
+        placement = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": self.max_restarts}
+        return KafrayWorkerActor.options(**options).remote(self.config, placement, options["name"])
 
     def scale(self, workers: int, timeout: float = READY_TIMEOUT_S) -> None:
         """Grows or shrinks to `workers` actors. New actors join the group, leaving ones finish
@@ -213,14 +259,15 @@ class Deployment:
         for i, ref in refs.items():
             try:
                 s = ray.get(ref, timeout=10)
-            except Exception as e:
-                s = {"error": f"{type(e).__name__}: {e}".splitlines()[0], "running": False}
+            except Exception as e:  # restarting, or dead for good: say why
+                s = {"error": _death_cause(e), "running": False}
             s["actor"] = _actor_name(self.name, i)
             out.append(s)
         return out
 
     def stats(self) -> dict:
-        """Totals over the actors: predicted, rate (frames/s since the previous call), mean batch,
+        """Totals over the actors, and `failed`: the workers that are dead for good (their restart
+        budget spent) or whose engine stopped on an error, each with its cause. Also: predicted, rate (frames/s since the previous call), mean batch,
         lag (sum over workers), latency p50 (weighted mean of the workers') and p99 (worst)."""
         per = self.workers()
         ok = [s for s in per if "predicted" in s]
@@ -246,6 +293,8 @@ class Deployment:
             "lag": sum(lags) if lags else None,
             "latency_p50_ms": sum(s["latency_p50_ms"] * s["predicted"] for s in ok) / weight,
             "latency_p99_ms": max((s["latency_p99_ms"] for s in ok), default=0),
+            "restarts": sum(s.get("restarts", 0) for s in ok),
+            "failed": {s["actor"]: s["error"] for s in per if s.get("error")},
             "per_worker": per,
         }
 
@@ -301,7 +350,7 @@ def _worker_config(args) -> dict:
         brokers=args.brokers, input_topic=args.input, output_topic=args.output, group=args.group or args.name,
         model=args.model, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
         latency_target_ms=args.latency_target_ms, threads=args.threads,
-        top_k=args.top_k,
+        top_k=args.top_k, create_topics=args.create_topics,
     ).items() if v is not None}
     if args.X:
         config["kafka"] = dict(kv.split("=", 1) for kv in args.X)
@@ -315,7 +364,7 @@ def _print_stats(s: dict, as_json: bool) -> None:
     rate = "-" if s["rate"] is None else f"{s['rate']:.0f}"
     print(f"workers {s['running']}/{s['workers']} on {s['nodes']} node(s) | predicted {s['predicted']} | "
           f"{rate} frames/s | mean batch {s['mean_batch']:.1f} (limits {s['batch_limits']}) | lag {s['lag']} | "
-          f"p50 {s['latency_p50_ms']:.0f} ms p99 {s['latency_p99_ms']} ms", flush=True)
+          f"p50 {s['latency_p50_ms']:.0f} ms p99 {s['latency_p99_ms']} ms | restarts {s['restarts']}", flush=True)
     for w in s["per_worker"]:
         if w.get("error"):
             print(f"  {w['actor']}: {w['error']}", flush=True)
@@ -334,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--workers", "-n", type=int, default=2)
     up.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per worker (Ray resource)")
     up.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per worker (Ray resource)")
+    up.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
+                    help=f"restarts of a worker whose process dies, with backoff (default {MAX_RESTARTS}; -1: no end)")
     up.add_argument("--brokers", "-b", default=os.environ.get("KAFRAY_BROKERS", "127.0.0.1:9092"))
     up.add_argument("--input", "-i", default="frames")
     up.add_argument("--output", "-o", default="predictions")
@@ -345,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="optional latency objective in each worker: the batch limit follows it (AIMD)")
     up.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: --num-cpus)")
     up.add_argument("--top-k", type=int)
+    up.add_argument("--create-topics", type=int, metavar="P",
+                    help="create missing input/output topics with P partitions (else a missing one fails the start)")
     up.add_argument("-X", action="append", metavar="KEY=VALUE", help="librdkafka property (repeatable)")
     up.add_argument("--detach", action="store_true", help="start and return; the actors outlive this command")
     up.add_argument("--interval", type=float, default=5.0, help="seconds between stats lines")
@@ -371,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "=" not in kv:
                     p.error(f"-X {kv!r}: expected KEY=VALUE, e.g. -X fetch.wait.max.ms=50")
             d = Deployment.start(args.workers, name=args.name, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                                 address=args.address, detached=args.detach, **_worker_config(args))
+                                 address=args.address, detached=args.detach, max_restarts=args.max_restarts,
+                                 **_worker_config(args))
             print(f"kafray-ray: {args.workers} worker(s) up as {args.name!r} "
                   f"(group {d.config['group']!r}, model {d.config['model']})", flush=True)
             if args.detach:

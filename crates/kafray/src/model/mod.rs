@@ -43,7 +43,13 @@ pub struct Model {
     pub path: PathBuf,
     backend: Box<dyn Backend>,
     top_k: usize,
+    /// One input the model classified last time it succeeded: a failing batch is the batch's
+    /// fault if the model still classifies this, and the model's own if it does not.
+    canary: Option<Vec<f32>>,
 }
+
+/// Why the model rejected one frame of a batch that it otherwise classified.
+pub type FrameRejection = String;
 
 impl Model {
     /// Loads a model by path or alias (see [`find_model`]) on ONNX Runtime.
@@ -64,7 +70,7 @@ impl Model {
             }
         }
         let top_k = top_k.clamp(1, backend.classes());
-        Ok(Model { spec, path: path.to_path_buf(), backend, top_k })
+        Ok(Model { spec, path: path.to_path_buf(), backend, top_k, canary: None })
     }
 
     pub fn input_len(&self) -> usize {
@@ -85,9 +91,78 @@ impl Model {
             let batch = part.len() / per_image;
             let scores = self.backend.infer(part, self.spec.input_shape(batch))?;
             let classes = self.backend.classes();
+            // One result per frame, or none: a short answer would leave frames that are never
+            // acknowledged, and the worker would stall at max_in_flight.
+            if scores.len() != batch * classes {
+                return Err(crate::Error::Inference(format!(
+                    "the backend returned {} scores for a batch of {batch} x {classes} classes",
+                    scores.len()
+                )));
+            }
             results.extend(scores.chunks(classes).map(|s| self.top(s)));
         }
         Ok(results)
+    }
+
+    /// Classifies a batch and, where the model fails on it, finds the frames that make it fail,
+    /// so that one poison frame cannot stop the stream. One entry per frame.
+    ///
+    /// A failing batch is tried once more (a transient fault), then the canary (an input the
+    /// model classified before) tells a broken model from a broken batch: if the canary fails
+    /// too, or if there is none and not one frame of the batch can be classified, the error is
+    /// the model's and is returned. Otherwise the batch is split in halves until each failing
+    /// frame stands alone, and those frames get their rejection.
+    pub fn classify_isolating(&mut self, input: &[f32]) -> Result<Vec<Result<Classification, FrameRejection>>> {
+        let per_image = self.input_len();
+        let n = input.len() / per_image;
+        let error = match self.classify(input).or_else(|_| self.classify(input)) {
+            Ok(results) => {
+                self.remember_canary(&input[..per_image]);
+                return Ok(results.into_iter().map(Ok).collect());
+            }
+            Err(e) => e,
+        };
+        if let Some(canary) = self.canary.take() {
+            let healthy = self.classify(&canary).is_ok();
+            self.canary = Some(canary);
+            if !healthy {
+                return Err(error);
+            }
+        }
+        let mut out = Vec::with_capacity(n);
+        if n == 1 {
+            out.push(Err(error.to_string()));
+        } else {
+            let half = n / 2 * per_image;
+            self.isolate(&input[..half], &mut out);
+            self.isolate(&input[half..], &mut out);
+        }
+        if self.canary.is_none() && out.iter().all(Result::is_err) {
+            return Err(error);
+        }
+        Ok(out)
+    }
+
+    fn isolate(&mut self, input: &[f32], out: &mut Vec<Result<Classification, FrameRejection>>) {
+        let per_image = self.input_len();
+        match self.classify(input) {
+            Ok(results) => {
+                self.remember_canary(&input[..per_image]);
+                out.extend(results.into_iter().map(Ok));
+            }
+            Err(e) if input.len() == per_image => out.push(Err(e.to_string())),
+            Err(_) => {
+                let half = input.len() / per_image / 2 * per_image;
+                self.isolate(&input[..half], out);
+                self.isolate(&input[half..], out);
+            }
+        }
+    }
+
+    fn remember_canary(&mut self, image: &[f32]) {
+        if self.canary.is_none() {
+            self.canary = Some(image.to_vec());
+        }
     }
 
     fn top(&self, scores: &[f32]) -> Classification {
@@ -135,6 +210,113 @@ mod tests {
             assert!(shape[0] <= 2, "batch larger than the graph allows");
             Ok(input.iter().flat_map(|&v| (0..4).map(move |c| if c == v as usize { 10.0 } else { 0.0 })).collect())
         }
+    }
+
+    /// Answers one image fewer than it was given.
+    struct Short;
+    impl Backend for Short {
+        fn graph_input(&self) -> Vec<i64> {
+            vec![-1, 1, 1, 1]
+        }
+        fn classes(&self) -> usize {
+            4
+        }
+        fn max_batch(&self) -> Option<usize> {
+            None
+        }
+        fn infer(&mut self, input: &[f32], _shape: [usize; 4]) -> Result<Vec<f32>> {
+            Ok(vec![1.0; (input.len() - 1) * 4])
+        }
+    }
+
+    /// Fails on any batch holding a 13 (a poison frame), on every batch while `broken`, and on
+    /// the next `transient` calls whatever they hold.
+    struct Picky {
+        broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        transient: usize,
+        calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+    impl Backend for Picky {
+        fn graph_input(&self) -> Vec<i64> {
+            vec![-1, 1, 1, 1]
+        }
+        fn classes(&self) -> usize {
+            16
+        }
+        fn max_batch(&self) -> Option<usize> {
+            None
+        }
+        fn infer(&mut self, input: &[f32], _shape: [usize; 4]) -> Result<Vec<f32>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.calls.fetch_add(1, SeqCst);
+            if self.transient > 0 {
+                self.transient -= 1;
+                return Err(crate::Error::Inference("transient".into()));
+            }
+            if self.broken.load(SeqCst) {
+                return Err(crate::Error::Inference("the device is gone".into()));
+            }
+            if input.contains(&13.0) {
+                return Err(crate::Error::Inference("cannot digest 13".into()));
+            }
+            Ok(input.iter().flat_map(|&v| (0..16).map(move |c| if c == v as usize { 10.0 } else { 0.0 })).collect())
+        }
+    }
+
+    fn picky(transient: usize) -> (Model, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("picky.onnx");
+        std::fs::write(dir.path().join("picky.toml"), "layout='nchw'\ncolor='gray'\nscale=1.0\n").unwrap();
+        let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let backend = Picky { broken: broken.clone(), transient, calls: Default::default() };
+        (Model::with_backend(&path, Box::new(backend), 1).unwrap(), broken)
+    }
+
+    fn classes(out: &[Result<Classification, FrameRejection>]) -> Vec<Option<usize>> {
+        out.iter().map(|r| r.as_ref().ok().map(Classification::class)).collect()
+    }
+
+    #[test]
+    fn a_poison_frame_is_isolated_and_the_rest_classified() {
+        let (mut m, _) = picky(0);
+        let out = m.classify_isolating(&[1.0, 2.0, 13.0, 3.0, 4.0, 13.0, 5.0]).unwrap();
+        assert_eq!(classes(&out), vec![Some(1), Some(2), None, Some(3), Some(4), None, Some(5)]);
+        assert!(out[2].as_ref().unwrap_err().contains("cannot digest 13"), "{:?}", out[2]);
+        // A single-frame batch that fails while the canary (digit 1 or 2 above) passes: poison too.
+        let out = m.classify_isolating(&[13.0]).unwrap();
+        assert_eq!(classes(&out), vec![None]);
+    }
+
+    #[test]
+    fn a_broken_model_is_an_error_not_a_poison_frame() {
+        let (mut m, broken) = picky(0);
+        assert_eq!(classes(&m.classify_isolating(&[7.0]).unwrap()), vec![Some(7)]);
+        broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = m.classify_isolating(&[1.0, 2.0, 3.0]).unwrap_err().to_string();
+        assert!(err.contains("the device is gone"), "{err}");
+        // Without a canary, a batch of which no frame can be classified is the model's fault too.
+        let (mut fresh, broken) = picky(0);
+        broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(fresh.classify_isolating(&[1.0, 2.0]).is_err());
+        let (mut fresh, _) = picky(0);
+        assert!(fresh.classify_isolating(&[13.0]).is_err(), "one frame, no canary: cannot tell, so it is retried");
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_whole() {
+        let (mut m, _) = picky(1);
+        let out = m.classify_isolating(&[1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(classes(&out), vec![Some(1), Some(2), Some(3)]);
+    }
+
+    #[test]
+    fn a_short_answer_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short.onnx");
+        std::fs::write(dir.path().join("short.toml"), "layout='nchw'\ncolor='gray'\nscale=1.0\n").unwrap();
+        let mut m = Model::with_backend(&path, Box::new(Short), 1).unwrap();
+        let err = m.classify(&[1.0, 2.0, 3.0]).unwrap_err().to_string();
+        assert!(err.contains("returned 8 scores for a batch of 3 x 4 classes"), "{err}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -73,6 +73,10 @@ pub struct Sink {
     producer: ThreadedProducer<SinkContext>,
     output_topic: String,
     dead_letter_topic: String,
+    /// The worker's stop request: a record waiting for room in a full queue is given up (its
+    /// frame stays unacknowledged and is read again), so a stop is not held up by the broker.
+    stop: Arc<AtomicBool>,
+    queue_wait_limit: Duration,
 }
 
 impl Sink {
@@ -83,12 +87,19 @@ impl Sink {
         extra: &[(String, String)],
         tracker: Arc<OffsetTracker>,
         metrics: Arc<Metrics>,
+        stop: Arc<AtomicBool>,
     ) -> Result<Self> {
         let context = SinkContext { tracker, metrics, failure: Mutex::new(None) };
         let producer = producer_config(brokers, extra)
             .create_with_context(context)
             .kafka_context(|| format!("producer for {brokers}"))?;
-        Ok(Sink { producer, output_topic: output_topic.into(), dead_letter_topic: dead_letter_topic.into() })
+        Ok(Sink {
+            producer,
+            output_topic: output_topic.into(),
+            dead_letter_topic: dead_letter_topic.into(),
+            stop,
+            queue_wait_limit: queue_wait_limit(extra),
+        })
     }
 
     /// Publishes one prediction, keyed like its frame.
@@ -124,6 +135,12 @@ impl Sink {
                 source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), ..
             }) => {
                 let reason = format!("{reason} (value of {} bytes left out: too large to publish)", value.len());
+                tracing::warn!(
+                    partition = ack.partition, offset = ack.offset,
+                    "dead letter without its value ({} bytes, too large to republish); the frame stays in the input topic",
+                    value.len()
+                );
+                self.producer.context().metrics.dead_letter_fallbacks.fetch_add(1, Relaxed);
                 self.send(&self.dead_letter_topic, key, &[], Some(with_reason(&reason)), ack)
             }
             other => other,
@@ -145,7 +162,15 @@ impl Sink {
         if let Some(h) = headers {
             record = record.headers(h);
         }
-        send_waiting(&self.producer, record)
+        send_waiting(&self.producer, record, self.queue_wait_limit, || {
+            if let Some(failure) = self.failure() {
+                Some(Error::External(failure))
+            } else if self.stop.load(Relaxed) {
+                Some(Error::Stopped)
+            } else {
+                None
+            }
+        })
     }
 
     /// Waits until every queued record is acknowledged (or fails).
@@ -174,20 +199,49 @@ pub(crate) fn producer_config(brokers: &str, extra: &[(String, String)]) -> Clie
 }
 
 /// Queues a record, waiting while librdkafka's local queue is full (backpressure from the broker).
+/// Between tries it asks `give_up`, whose error ends the wait (a stop request, a delivery that
+/// failed for good), and it waits at most `limit`: a queue that stays full that long means the
+/// broker takes nothing, which the caller must hear about rather than hang.
 pub(crate) fn send_waiting<C: ProducerContext>(
     producer: &ThreadedProducer<C>,
     mut record: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque>,
+    limit: Duration,
+    give_up: impl Fn() -> Option<Error>,
 ) -> Result<()> {
+    let started = std::time::Instant::now();
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                if let Some(e) = give_up() {
+                    return Err(e);
+                }
+                if started.elapsed() >= limit {
+                    return Err(Error::External(format!(
+                        "the producer queue for {} stayed full for {} s: the broker takes nothing; check it",
+                        r.topic,
+                        limit.as_secs()
+                    )));
+                }
                 record = r;
                 std::thread::sleep(Duration::from_millis(1));
             }
             Err((e, r)) => return Err(e).kafka_context(|| format!("produce to {}", r.topic)),
         }
     }
+}
+
+/// How long a record may wait for room in the producer queue: librdkafka's `message.timeout.ms`
+/// (the time a queued record may take to be delivered) as set in `extra`, else its default.
+pub(crate) fn queue_wait_limit(extra: &[(String, String)]) -> Duration {
+    let ms = extra
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "message.timeout.ms" || k == "delivery.timeout.ms")
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .unwrap_or(300_000);
+    Duration::from_millis(ms)
 }
 
 fn is_consumer_only(key: &str) -> bool {

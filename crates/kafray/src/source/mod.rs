@@ -6,9 +6,11 @@ use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// Keeps the offset tracker and the metrics in step with the group.
@@ -38,7 +40,7 @@ impl ConsumerContext for SourceContext {
             tracing::info!(partitions = ?parts, "partitions revoked");
             // Store what is already safe, so the commit on revocation carries it (fewer duplicates).
             if let Some(topic) = elements.first().map(|e| e.topic().to_string()) {
-                store(consumer, &topic, &self.tracker.take_committable());
+                store_safe(consumer, &topic, &self.tracker);
             }
             // Results still in flight for these partitions may be produced again by the next owner.
             self.tracker.forget(&parts);
@@ -46,9 +48,16 @@ impl ConsumerContext for SourceContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-            tracing::info!(partitions = ?parts, "partitions assigned");
+        match rebalance {
+            Rebalance::Assign(tpl) if tpl.count() > 0 => {
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(partitions = ?parts, "partitions assigned");
+                self.metrics.rebalances.fetch_add(1, Relaxed);
+            }
+            Rebalance::Revoke(tpl) if tpl.count() > 0 => {
+                self.metrics.rebalances.fetch_add(1, Relaxed);
+            }
+            _ => {}
         }
         // From the consumer itself, so incremental (cooperative) rebalances count right too.
         let owned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
@@ -80,6 +89,14 @@ pub fn subscribe(
         // empty fetches/s per broker while idle (bench/fetch_path.py measures latency and idle
         // CPU per value; -X fetch.wait.max.ms=500 suits an idle-heavy fleet on Apache Kafka).
         .set("fetch.wait.max.ms", "5")
+        // Failover: a worker that dies is noticed within the session timeout, and its partitions
+        // go to the others. 6 s is the lowest that Apache Kafka's default
+        // group.min.session.timeout.ms allows; heartbeats (at most a third of it) also carry the
+        // news of a rebalance to the living. Cooperative-sticky rebalances move only the
+        // partitions that change hands: the other workers keep consuming through a rebalance.
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("statistics.interval.ms", stats_interval_ms.to_string());
     for (k, v) in extra {
         cfg.set(k, v);
@@ -91,18 +108,83 @@ pub fn subscribe(
     Ok(consumer)
 }
 
-/// Stores (for the next auto-commit) the offsets that became safe.
-pub fn store(consumer: &Source, topic: &str, offsets: &[(i32, i64)]) {
+/// Stores (for the next auto-commit) the offsets that became safe, and confirms to the tracker
+/// those that were stored; the others are offered again on the next call.
+pub fn store_safe(consumer: &Source, topic: &str, tracker: &OffsetTracker) {
+    let offsets = tracker.committable();
     if offsets.is_empty() {
         return;
     }
-    let mut tpl = TopicPartitionList::new();
-    for &(partition, next) in offsets {
+    // One partition per call, so one partition's failure does not hide the others' success.
+    let mut stored = Vec::with_capacity(offsets.len());
+    for &(partition, next) in &offsets {
+        let mut tpl = TopicPartitionList::new();
         // The list form stores exactly the offset given: the next frame to read.
         let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(next));
+        match consumer.store_offsets(&tpl) {
+            Ok(()) => stored.push((partition, next)),
+            // The partition was revoked meanwhile; its next owner re-reads from the last commit.
+            Err(KafkaError::StoreOffset(RDKafkaErrorCode::State | RDKafkaErrorCode::UnknownPartition)) => {
+                tracing::debug!(partition, "offset store skipped: the partition is no longer assigned")
+            }
+            Err(e) => {
+                // Tried again every turn: say so once a second, not every 10 ms.
+                static LAST_WARNED_S: AtomicU64 = AtomicU64::new(0);
+                let now_s = crate::sink::now_ms() as u64 / 1000;
+                if LAST_WARNED_S.swap(now_s, Relaxed) != now_s {
+                    tracing::warn!(partition, next, "offset store failed (tried again): {e}");
+                }
+            }
+        }
     }
-    if let Err(e) = consumer.store_offsets(&tpl) {
-        // Happens when a partition was revoked meanwhile; its next owner re-reads from the last commit.
-        tracing::debug!("offset store skipped: {e}");
+    tracker.stored(&stored);
+}
+
+/// What an error the consumer reports instead of a frame means for the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerError {
+    /// It cannot go on: no retry will help (an authorisation error, librdkafka's fatal error).
+    Fatal,
+    /// The input topic is not there; fatal if it lasts.
+    TopicMissing,
+    /// A broker down, a timeout: librdkafka retries by itself.
+    Transient,
+}
+
+pub fn classify_error(e: &KafkaError) -> ConsumerError {
+    use RDKafkaErrorCode as C;
+    match e {
+        KafkaError::MessageConsumptionFatal(_) => ConsumerError::Fatal,
+        KafkaError::MessageConsumption(code) => match code {
+            C::Fatal
+            | C::TopicAuthorizationFailed
+            | C::GroupAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::Authentication
+            | C::InvalidGroupId
+            | C::InconsistentGroupProtocol => ConsumerError::Fatal,
+            C::UnknownTopicOrPartition | C::UnknownTopic => ConsumerError::TopicMissing,
+            _ => ConsumerError::Transient,
+        },
+        _ => ConsumerError::Transient,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorisation_and_fatal_errors_stop_the_worker_and_outages_do_not() {
+        use RDKafkaErrorCode as C;
+        let consumption = KafkaError::MessageConsumption;
+        assert_eq!(classify_error(&KafkaError::MessageConsumptionFatal(C::Fatal)), ConsumerError::Fatal);
+        assert_eq!(classify_error(&consumption(C::TopicAuthorizationFailed)), ConsumerError::Fatal);
+        assert_eq!(classify_error(&consumption(C::GroupAuthorizationFailed)), ConsumerError::Fatal);
+        assert_eq!(classify_error(&consumption(C::UnknownTopicOrPartition)), ConsumerError::TopicMissing);
+        for transient in [C::AllBrokersDown, C::BrokerTransportFailure, C::RequestTimedOut, C::NotCoordinator] {
+            assert_eq!(classify_error(&consumption(transient)), ConsumerError::Transient, "{transient:?}");
+        }
     }
 }
