@@ -8,6 +8,7 @@ use kafray::config::{parse_property, WorkerConfig};
 use kafray::eval::{self, EvalOptions};
 use kafray::metrics::Metrics;
 use kafray::ErrorKind;
+use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -54,17 +55,20 @@ impl KafkaArgs {
 }
 
 /// The batching flags, shared by `worker` and `demo`; each overrides the config when given.
-#[derive(Args, Clone, Default)]
+#[derive(Args, Clone, Default, Serialize)]
 pub struct BatchArgs {
     /// Largest micro-batch: the model, once free, takes every ready frame up to this [default: 10].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
     /// Optional fill wait: hold a partial batch up to this long for more frames [default: 0, never].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_wait_ms: Option<u64>,
     /// Optional latency objective (ms, queueing + inference in the worker): steer the batch
     /// limit with AIMD to stay under it [default: none, the limit is --batch-size].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_target_ms: Option<u64>,
 }
 
@@ -82,80 +86,77 @@ impl BatchArgs {
     }
 }
 
-/// Flags override the config file, which overrides the defaults; `KAFRAY_*` variables stand in for flags.
-#[derive(Args)]
+/// Each flag sets the `WorkerConfig` field of its name. Flags win over `KAFRAY_<FIELD>`
+/// variables, which win over the config file, which wins over the defaults.
+#[derive(Args, Serialize)]
 struct WorkerArgs {
     /// TOML file with worker settings (field names as in `WorkerConfig`; unknown fields are rejected).
     #[arg(long, env = "KAFRAY_CONFIG")]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// Kafka bootstrap servers [default: 127.0.0.1:9092].
-    #[arg(short, long, env = "KAFRAY_BROKERS")]
+    #[arg(short, long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     brokers: Option<String>,
     /// Topic the frames arrive on [default: frames].
-    #[arg(long, env = "KAFRAY_INPUT_TOPIC")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     input_topic: Option<String>,
     /// Topic predictions go to [default: predictions].
-    #[arg(long, env = "KAFRAY_OUTPUT_TOPIC")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     output_topic: Option<String>,
     /// Topic for frames that cannot be classified [default: <input-topic>.dlq].
-    #[arg(long, env = "KAFRAY_DEAD_LETTER_TOPIC")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     dead_letter_topic: Option<String>,
     /// Consumer group [default: kafray].
-    #[arg(short, long, env = "KAFRAY_GROUP")]
+    #[arg(short, long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     group: Option<String>,
     /// Model: path to an .onnx file, or mnist | mobilenet_v2 | efficientnet_lite0 [default: mnist].
-    #[arg(short, long, env = "KAFRAY_MODEL")]
+    #[arg(short, long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<String>,
     #[command(flatten)]
+    #[serde(flatten)]
     batching: BatchArgs,
     /// ONNX Runtime intra-op threads [default: 1].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<usize>,
     /// Classes listed per prediction [default: 5].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     top_k: Option<usize>,
     /// Frames in flight before polling pauses (backpressure) [default: 1000].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_in_flight: Option<usize>,
     /// Seconds between status lines, 0 for none [default: 5].
     #[arg(long)]
+    #[serde(rename = "status_interval_s", skip_serializing_if = "Option::is_none")]
     status_interval: Option<u64>,
     /// Name reported in predictions [default: <hostname>-<pid>].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     worker_id: Option<String>,
-    /// Create missing input, output and dead-letter topics with this many partitions.
+    /// Create missing input and output topics with this many partitions (else a missing one
+    /// fails the start; a missing dead-letter topic is always created, with 1).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     create_topics: Option<usize>,
-    /// librdkafka property for the consumer and producer, e.g. -X session.timeout.ms=6000 (repeatable).
+    /// librdkafka property for the consumer and producer, e.g. -X session.timeout.ms=6000
+    /// (repeatable; added to the `kafka` list of the file and the environment).
     #[arg(short = 'X', value_name = "KEY=VALUE")]
+    #[serde(skip)]
     properties: Vec<String>,
 }
 
 impl WorkerArgs {
     fn to_config(&self) -> kafray::Result<WorkerConfig> {
-        let mut c = match &self.config {
-            Some(path) => WorkerConfig::from_file(path)?,
-            None => WorkerConfig::default(),
-        };
-        macro_rules! take {
-            ($($field:ident => $target:ident),*) => { $( if let Some(v) = &self.$field { c.$target = v.clone(); } )* };
-        }
-        take!(brokers => brokers, input_topic => input_topic, output_topic => output_topic, group => group,
-              model => model, threads => threads, top_k => top_k, max_in_flight => max_in_flight,
-              status_interval => status_interval_s);
-        if self.dead_letter_topic.is_some() {
-            c.dead_letter_topic = self.dead_letter_topic.clone();
-        }
-        if self.worker_id.is_some() {
-            c.worker_id = self.worker_id.clone();
-        }
-        if self.create_topics.is_some() {
-            c.create_topics = self.create_topics;
-        }
-        self.batching.apply(&mut c);
-        for p in &self.properties {
-            c.kafka.push(parse_property(p)?);
-        }
+        let properties: Vec<_> = self.properties.iter().map(|p| parse_property(p)).collect::<Result<_, _>>()?;
+        let c = WorkerConfig::layered(self.config.as_deref(), self, &properties)?;
         c.validate()?;
         Ok(c)
     }
@@ -248,5 +249,62 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(if report.timed_out { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Command::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CLI cannot drift from `WorkerConfig`: every field has a flag that sets it (`kafka`
+    /// through `-X`), and every flag sets a field of its own name.
+    #[test]
+    fn every_config_field_has_its_flag() {
+        let cli = Cli::try_parse_from([
+            "kafray",
+            "worker",
+            "--brokers",
+            "b",
+            "--input-topic",
+            "i",
+            "--output-topic",
+            "o",
+            "--dead-letter-topic",
+            "d",
+            "--group",
+            "g",
+            "--model",
+            "m",
+            "--batch-size",
+            "3",
+            "--max-wait-ms",
+            "4",
+            "--latency-target-ms",
+            "5",
+            "--threads",
+            "2",
+            "--top-k",
+            "3",
+            "--max-in-flight",
+            "9",
+            "--status-interval",
+            "1",
+            "--worker-id",
+            "w",
+            "--create-topics",
+            "2",
+            "-X",
+            "linger.ms=1",
+        ])
+        .unwrap();
+        let Command::Worker(args) = cli.command else { unreachable!() };
+        let serde_json::Value::Object(flags) = serde_json::to_value(&args).unwrap() else { unreachable!() };
+        let mut named: Vec<String> = flags.keys().cloned().collect();
+        named.push("kafka".into());
+        named.sort();
+        assert_eq!(named, WorkerConfig::field_names(), "flags (left) against WorkerConfig's fields (right)");
+        let c = args.to_config().unwrap();
+        assert_eq!((c.batch_size, c.status_interval_s, c.create_topics), (3, 1, Some(2)));
+        assert_eq!(c.kafka, vec![("linger.ms".to_string(), "1".to_string())]);
     }
 }

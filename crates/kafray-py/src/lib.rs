@@ -69,11 +69,13 @@ impl State {
 
 #[pymethods]
 impl Worker {
-    /// `config_json`: a JSON object with `WorkerConfig`'s fields (unknown fields are refused).
+    /// `config_json`: a JSON object with `WorkerConfig`'s fields (unknown fields are refused),
+    /// layered like the CLI's flags: over `KAFRAY_<FIELD>` variables, over the defaults.
     #[new]
     fn new(config_json: &str) -> PyResult<Self> {
-        let config: WorkerConfig = serde_json::from_str(config_json)
+        let given: serde_json::Value = serde_json::from_str(config_json)
             .map_err(|e| PyValueError::new_err(format!("invalid worker configuration: {e}")))?;
+        let config = WorkerConfig::layered(None, &given, &[]).map_err(to_py)?;
         config.validate().map_err(to_py)?;
         let worker_id = config.worker_id();
         let config = WorkerConfig { worker_id: Some(worker_id.clone()), ..config };
@@ -364,6 +366,15 @@ impl EmbeddedBroker {
         &self.bootstrap
     }
 
+    /// Kills the broker (SIGKILL) and starts it again on the same port and storage: with
+    /// "sqlite", what it had acknowledged survives.
+    fn restart(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| match self.inner.lock().unwrap().as_mut() {
+            Some(broker) => broker.restart().map_err(to_py),
+            None => Err(PyRuntimeError::new_err("the broker was stopped")),
+        })
+    }
+
     fn stop(&self) {
         self.inner.lock().unwrap().take();
     }
@@ -386,6 +397,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_mnist_shards, m)?)?;
     m.add_function(wrap_pyfunction!(find_model, m)?)?;
     m.add_function(wrap_pyfunction!(raw_limit, m)?)?;
+    m.add("WORKER_CONFIG_FIELDS", WorkerConfig::field_names())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -67,3 +67,16 @@ print("polls", polls)
     assert out.returncode == 0, out.stderr
     polls = int(out.stdout.split()[-1])
     assert polls > 0, "stats() ran while the model loaded"
+
+
+def test_every_worker_setting_is_offered_by_kafray_ray_up_and_documented():
+    """The worker's configuration is defined once (Rust's WorkerConfig); the Python surfaces
+    must offer every field of it: a field added there without a flag here fails this test."""
+    from kafray import ray as kray
+
+    up = kray.parser()._subparsers._group_actions[0].choices["up"]
+    dests = {a.dest for a in up._actions}
+    assert not [f for f in kafray.WORKER_CONFIG_FIELDS if f not in dests], dests
+    assert not [f for f in kafray.WORKER_CONFIG_FIELDS if f"``{f}``" not in kafray.Worker.__doc__]
+    with pytest.raises(ValueError, match="unknown field `batchsize`"):
+        kafray.Worker(batchsize=10)

@@ -1,11 +1,15 @@
-//! Worker configuration. Layered by the binary: defaults, then a TOML file (unknown fields
-//! rejected), then `KAFRAY_*` environment variables, then flags.
+//! Worker configuration, defined once: this struct's fields are the TOML file's fields, the
+//! `KAFRAY_<FIELD>` environment variables, the Python keywords and (with `-` for `_`) the CLI's
+//! flags. [`WorkerConfig::layered`] stacks defaults, then a TOML file (unknown fields rejected),
+//! then the environment, then flags; tests check that every surface offers every field.
 use crate::error::{Error, Result};
-use serde::Deserialize;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Everything one worker (one consumer-group member) needs.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// Kafka bootstrap servers, `host:port[,host:port]`.
@@ -72,11 +76,50 @@ impl Default for WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// Every field's name, sorted: the one list that the CLI's flags, the
+    /// environment variables and the Python surfaces are checked against.
+    pub fn field_names() -> Vec<String> {
+        match serde_json::to_value(Self::default()) {
+            Ok(serde_json::Value::Object(fields)) => fields.keys().cloned().collect(),
+            _ => unreachable!("a struct serialises to an object"),
+        }
+    }
+
     /// Reads a TOML file over the defaults.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| Error::io(format!("config file {}", path.display()), e))?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        Self::layered(Some(path), &serde_json::json!({}), &[])
+    }
+
+    /// The configuration in layers, each over the one before: the defaults; the TOML `file`
+    /// (unknown fields rejected); `KAFRAY_<FIELD>` environment variables (e.g.
+    /// `KAFRAY_BATCH_SIZE=20`, `KAFRAY_KAFKA='[["session.timeout.ms","6000"]]'`); then
+    /// `flags`, whose fields (serialised, unset ones left out) win. `properties` (`-X`) are
+    /// added to the `kafka` list of the layers below.
+    pub fn layered(file: Option<&Path>, flags: &impl Serialize, properties: &[(String, String)]) -> Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(Error::Config(format!("config file {}: no such file", path.display())));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let fields = Self::field_names();
+        // Flags (and Python keywords) name fields: an unknown name is a typo, said plainly.
+        if let Ok(serde_json::Value::Object(given)) = serde_json::to_value(flags) {
+            if let Some(unknown) = given.keys().find(|k| !fields.contains(k)) {
+                return Err(Error::Config(format!(
+                    "unknown field `{unknown}`: the worker's settings are {}",
+                    fields.join(", ")
+                )));
+            }
+        }
+        // Only the fields: other KAFRAY_* variables (KAFRAY_LOG, KAFRAY_MODELS) are not config.
+        let env =
+            Env::prefixed("KAFRAY_").filter(move |key| fields.iter().any(|f| key.as_str().eq_ignore_ascii_case(f)));
+        figment = figment.merge(env).merge(Serialized::defaults(flags));
+        let mut config: Self = figment.extract().map_err(|e| Error::Config(figment_message(e)))?;
+        config.kafka.extend(properties.iter().cloned());
+        Ok(config)
     }
 
     pub fn dead_letter_topic(&self) -> String {
@@ -172,6 +215,11 @@ fn weakens_delivery(key: &str, value: &str) -> Option<String> {
     }
 }
 
+/// Every error of a layered extraction, each with where its value came from.
+fn figment_message(e: figment::Error) -> String {
+    e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+}
+
 fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -192,20 +240,64 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment's own error
     fn file_layer_rejects_unknown_fields() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.toml");
-        std::fs::write(
-            &path,
-            "batch_size = 20\ninput_topic = \"cams\"\nkafka = [[\"session.timeout.ms\", \"6000\"]]\n",
-        )
-        .unwrap();
-        let c = WorkerConfig::from_file(&path).unwrap();
-        assert_eq!((c.batch_size, c.input_topic.as_str(), c.dead_letter_topic().as_str()), (20, "cams", "cams.dlq"));
-        assert_eq!(c.kafka, vec![("session.timeout.ms".to_string(), "6000".to_string())]);
-        std::fs::write(&path, "batchsize = 20\n").unwrap();
-        let err = WorkerConfig::from_file(&path).unwrap_err().to_string();
-        assert!(err.contains("unknown field `batchsize`"), "{err}");
+        // In a jail: the environment layer reads this process's variables, which other tests set.
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "w.toml",
+                "batch_size = 20\ninput_topic = \"cams\"\nkafka = [[\"session.timeout.ms\", \"6000\"]]\n",
+            )?;
+            let c = WorkerConfig::from_file(Path::new("w.toml")).unwrap();
+            assert_eq!(
+                (c.batch_size, c.input_topic.as_str(), c.dead_letter_topic().as_str()),
+                (20, "cams", "cams.dlq")
+            );
+            assert_eq!(c.kafka, vec![("session.timeout.ms".to_string(), "6000".to_string())]);
+            jail.create_file("w.toml", "batchsize = 20\n")?;
+            let err = WorkerConfig::from_file(Path::new("w.toml")).unwrap_err().to_string();
+            assert!(
+                err.contains("unknown field: found `batchsize`") || err.contains("unknown field `batchsize`"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment's own error
+    fn layers_stack_defaults_file_environment_then_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("w.toml", "batch_size = 20\ninput_topic = \"cams\"\nmax_in_flight = 300\n")?;
+            jail.set_env("KAFRAY_BATCH_SIZE", "30");
+            jail.set_env("KAFRAY_LATENCY_TARGET_MS", "25");
+            jail.set_env("KAFRAY_KAFKA", r#"[["session.timeout.ms", "9000"]]"#);
+            jail.set_env("KAFRAY_LOG", "debug"); // not a field: ignored, not refused
+            let flags = serde_json::json!({ "batch_size": 40, "group": "g" });
+            let extra = [("linger.ms".to_string(), "1".to_string())];
+            let c = WorkerConfig::layered(Some(Path::new("w.toml")), &flags, &extra).unwrap();
+            assert_eq!(c.batch_size, 40, "a flag wins over the environment");
+            assert_eq!(c.latency_target_ms, Some(25), "the environment wins over the defaults");
+            assert_eq!((c.input_topic.as_str(), c.max_in_flight), ("cams", 300), "the file wins over the defaults");
+            assert_eq!(c.group, "g");
+            assert_eq!(c.kafka, vec![("session.timeout.ms".into(), "9000".into()), ("linger.ms".into(), "1".into())]);
+            jail.set_env("KAFRAY_BATCH_SIZE", "many");
+            let err = WorkerConfig::layered(None, &serde_json::json!({}), &[]).unwrap_err().to_string();
+            assert!(err.contains("BATCH_SIZE") && err.contains("KAFRAY_"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_field_is_named_once() {
+        let names = WorkerConfig::field_names();
+        assert!(
+            names.contains(&"brokers".to_string())
+                && names.contains(&"create_topics".to_string())
+                && names.contains(&"kafka".to_string())
+        );
+        let unique: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len());
     }
 
     #[test]

@@ -49,6 +49,13 @@ impl PixelFormat {
     }
 }
 
+/// The largest image side kafray decodes (16K: beyond any camera frame). A frame that declares
+/// more is rejected before anything is allocated for it: its header alone could ask for tens of
+/// gigabytes.
+pub const MAX_SIDE: u32 = 16_384;
+/// The most memory one image's decoding may allocate.
+const MAX_DECODE_BYTES: u64 = 1 << 30;
+
 /// Height x width x channels of a raw frame, written `HxWxC`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
@@ -64,8 +71,9 @@ impl Shape {
 
     pub fn parse(s: &str) -> Option<Self> {
         let dims: Vec<usize> = s.trim().split('x').map(|d| d.parse().ok()).collect::<Option<_>>()?;
+        let side = 1..=MAX_SIDE as usize;
         match dims[..] {
-            [h, w, c] if h > 0 && w > 0 && (c == 1 || c == 3) => Some(Shape::new(h, w, c)),
+            [h, w, c] if side.contains(&h) && side.contains(&w) && (c == 1 || c == 3) => Some(Shape::new(h, w, c)),
             _ => None,
         }
     }
@@ -141,9 +149,13 @@ pub fn decode(value: &[u8], headers: &FrameHeaders) -> Result<Pixels, Rejection>
         }
         PixelFormat::Png | PixelFormat::Jpeg => {
             let fmt = if format == PixelFormat::Png { ImageFormat::Png } else { ImageFormat::Jpeg };
-            image::load_from_memory_with_format(value, fmt)
-                .map(Pixels::Image)
-                .map_err(|e| reject!("undecodable image ({}): {e}", format.as_str()))
+            let mut limits = image::Limits::default();
+            limits.max_image_width = Some(MAX_SIDE);
+            limits.max_image_height = Some(MAX_SIDE);
+            limits.max_alloc = Some(MAX_DECODE_BYTES);
+            let mut reader = image::ImageReader::with_format(std::io::Cursor::new(value), fmt);
+            reader.limits(limits);
+            reader.decode().map(Pixels::Image).map_err(|e| reject!("undecodable image ({}): {e}", format.as_str()))
         }
     }
 }
@@ -191,6 +203,53 @@ mod tests {
         assert_eq!(err.0, "raw frame has 3 bytes but shape 2x2x1 needs 4");
         let bad = FrameHeaders { shape: Some("2x2".into()), ..headers };
         assert!(decode(&[1, 2, 3, 4], &bad).unwrap_err().0.contains("bad kafray.shape"));
+    }
+
+    /// A PNG that is only a header declaring `width` x `height` RGB.
+    fn png_header(width: u32, height: u32) -> Vec<u8> {
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(width.to_be_bytes());
+        ihdr.extend(height.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        out.extend(13u32.to_be_bytes());
+        out.extend(&ihdr);
+        out.extend(crc32(&ihdr).to_be_bytes());
+        out
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    /// A JPEG whose frame header (SOF0) declares `side` x `side`, and nothing after it.
+    fn jpeg_header(side: u16) -> Vec<u8> {
+        let mut out = vec![0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x11, 0x08];
+        out.extend(side.to_be_bytes());
+        out.extend(side.to_be_bytes());
+        out.extend([3, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1]);
+        out.extend([0xFF, 0xD9]);
+        out
+    }
+
+    #[test]
+    fn images_declaring_absurd_sizes_are_rejected_without_allocating_them() {
+        let err = decode(&png_header(60_000, 60_000), &FrameHeaders::default()).unwrap_err();
+        assert!(err.0.starts_with("undecodable image (png)") && err.0.contains("limit"), "{err}");
+        let err = decode(&jpeg_header(65_000), &FrameHeaders::default()).unwrap_err();
+        assert!(err.0.starts_with("undecodable image (jpeg)"), "{err}");
+        let raw = FrameHeaders { format: Some("raw".into()), ..Default::default() };
+        for absurd in ["18446744073709551615x2x3", "100000x100000x3", "0x5x1"] {
+            let headers = FrameHeaders { shape: Some(absurd.into()), ..raw.clone() };
+            assert!(decode(&[0; 12], &headers).unwrap_err().0.contains("bad kafray.shape"), "{absurd}");
+        }
     }
 
     #[test]

@@ -11,11 +11,10 @@ use crate::frame::{self, FrameHeaders, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, 
 use crate::metrics::{FrameTiming, Metrics, Snapshot, StageTimers};
 use crate::model::{Model, ModelSpec};
 use crate::offsets::OffsetTracker;
-use crate::sink::{now_ms, Ack, Prediction, Sink, TopEntry};
-use crate::source::{self, ConsumerError, Source, SourceContext};
-use rdkafka::consumer::{CommitMode, Consumer};
+use crate::sink::{now_ms, Ack, Prediction, ResultSink, Sink, TopEntry};
+use crate::source::{self, ConsumerError, FrameSource, SourceContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Message;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -50,7 +49,6 @@ pub fn run_with_model(
     metrics: Arc<Metrics>,
 ) -> Result<Snapshot> {
     config.validate()?;
-    let worker_id = config.worker_id();
     let dead_letter_topic = config.dead_letter_topic();
     if let Some(partitions) = config.create_topics {
         crate::admin::ensure_topics(
@@ -83,12 +81,28 @@ pub fn run_with_model(
     let sink = Arc::new(Sink::new(
         &config.brokers,
         &config.output_topic,
-        &config.dead_letter_topic(),
+        &dead_letter_topic,
         &config.kafka,
         tracker.clone(),
         metrics.clone(),
         stop.clone(),
     )?);
+    run_pipeline(config, model, &consumer, sink, tracker, stop, metrics)
+}
+
+/// The data path from poll to stored offset, over any [`FrameSource`] and [`ResultSink`] (the
+/// seam that lets tests run it without a broker). Runs until `stop` is set or something fails;
+/// then finishes what is in flight, stores and commits what is safe, and leaves the group.
+pub fn run_pipeline<S: FrameSource>(
+    config: &WorkerConfig,
+    model: Model,
+    source: &S,
+    sink: Arc<dyn ResultSink>,
+    tracker: Arc<OffsetTracker>,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) -> Result<Snapshot> {
+    let worker_id = config.worker_id();
     let policy = BatchPolicy::new(
         config.batch_size,
         Duration::from_millis(config.max_wait_ms),
@@ -111,7 +125,7 @@ pub fn run_with_model(
             .name("kafray-infer".into())
             .spawn(move || {
                 let _guard = guard;
-                infer_loop(model, &queue, &sink, &worker_id, &metrics)
+                infer_loop(model, &queue, sink.as_ref(), &worker_id, &metrics)
             })
             .map_err(|e| Error::io("start the inference thread", e))?
     };
@@ -119,8 +133,8 @@ pub fn run_with_model(
     let mut intake = Intake {
         config,
         spec: &spec,
-        consumer: &consumer,
-        sink: &sink,
+        source,
+        sink: sink.as_ref(),
         tracker: &tracker,
         metrics: &metrics,
         queue: &queue,
@@ -140,13 +154,11 @@ pub fn run_with_model(
         other => other,
     };
     let flushed = sink.flush(DRAIN_TIMEOUT);
-    source::store_safe(&consumer, &config.input_topic, &tracker);
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => {}
-        Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!("final commit failed (the group re-reads from the last commit): {e}"),
+    source::store_safe(source, &config.input_topic, &tracker);
+    if let Err(e) = source.commit_now() {
+        tracing::warn!("final commit failed (the group re-reads from the last commit): {e}");
     }
-    consumer.unsubscribe();
+    source.leave();
     let last = metrics.snapshot();
     tracing::info!(
         worker = %worker_id, predicted = last.predicted, dead_lettered = last.dead_lettered,
@@ -161,11 +173,11 @@ pub fn run_with_model(
     Ok(last)
 }
 
-struct Intake<'a> {
+struct Intake<'a, S> {
     config: &'a WorkerConfig,
     spec: &'a ModelSpec,
-    consumer: &'a Source,
-    sink: &'a Sink,
+    source: &'a S,
+    sink: &'a dyn ResultSink,
     tracker: &'a OffsetTracker,
     metrics: &'a Metrics,
     queue: &'a BatchQueue,
@@ -195,14 +207,14 @@ impl Drop for ExitGuard {
     }
 }
 
-impl Intake<'_> {
+impl<S: FrameSource> Intake<'_, S> {
     fn run(&mut self, stop: &AtomicBool) -> Result<()> {
         let status_every = Duration::from_secs(self.config.status_interval_s);
         let mut status = StatusLine::new(self.metrics.snapshot());
         let mut stored = Instant::now();
         while !stop.load(Relaxed) {
             if stored.elapsed() >= STORE_EVERY {
-                source::store_safe(self.consumer, &self.config.input_topic, self.tracker);
+                source::store_safe(self.source, &self.config.input_topic, self.tracker);
                 stored = Instant::now();
             }
             if let Some(failure) = self.sink.failure() {
@@ -237,7 +249,7 @@ impl Intake<'_> {
                 self.tracker.wait_below(resume_at + 1, wait);
                 wait = Duration::ZERO;
             }
-            let polled = self.consumer.poll(wait);
+            let polled = self.source.poll(wait);
             StageTimers::add(&stages.poll_us, waited);
             match polled {
                 Some(Ok(msg)) => {
@@ -283,16 +295,14 @@ impl Intake<'_> {
         if !hold && !self.paused {
             return;
         }
-        let Ok(assignment) = self.consumer.assignment() else { return };
-        let result = if hold { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
-        if let Err(e) = result {
+        if let Err(e) = self.source.set_paused(hold) {
             tracing::warn!("consumer {}: {e}", if hold { "pause" } else { "resume" });
         }
         self.paused = hold;
     }
 
     /// Decodes a frame into the batch being built, or sends it to the dead-letter topic.
-    fn accept(&mut self, msg: &BorrowedMessage<'_>) -> Result<()> {
+    fn accept(&mut self, msg: &impl Message) -> Result<()> {
         let (partition, offset) = (msg.partition(), msg.offset());
         self.tracker.begin(partition, offset);
         self.metrics.consumed.fetch_add(1, Relaxed);
@@ -317,21 +327,28 @@ impl Intake<'_> {
                     decode_us: queued_at.duration_since(decoding).as_micros() as u64,
                     queued_at,
                     value: value.to_vec(),
-                    headers: msg.headers().map(|h| h.detach()),
+                    headers: msg.headers().map(owned_headers),
                 };
                 self.queue.push(meta, &self.tensor);
             }
             Err(rejection) => {
                 tracing::debug!(partition, offset, "dead letter: {rejection}");
                 let ack = Ack { partition, offset, ts_produce_ms, dead_letter: true, timing: None };
-                self.sink.dead_letter(msg.key(), value, msg.headers().map(|h| h.detach()), &rejection.0, ack)?;
+                self.sink.dead_letter(msg.key(), value, msg.headers().map(owned_headers), &rejection.0, ack)?;
             }
         }
         Ok(())
     }
 }
 
-fn read_headers(msg: &BorrowedMessage<'_>) -> FrameHeaders {
+/// A copy of a record's headers, to publish again with its dead letter.
+fn owned_headers(headers: &impl Headers) -> OwnedHeaders {
+    headers.iter().fold(OwnedHeaders::new_with_capacity(headers.count()), |out, h| {
+        out.insert(Header { key: h.key, value: h.value })
+    })
+}
+
+fn read_headers(msg: &impl Message) -> FrameHeaders {
     let mut out = FrameHeaders::default();
     if let Some(headers) = msg.headers() {
         for h in headers.iter() {
@@ -348,7 +365,13 @@ fn read_headers(msg: &BorrowedMessage<'_>) -> FrameHeaders {
     out
 }
 
-fn infer_loop(mut model: Model, queue: &BatchQueue, sink: &Sink, worker_id: &str, metrics: &Metrics) -> Result<()> {
+fn infer_loop(
+    mut model: Model,
+    queue: &BatchQueue,
+    sink: &dyn ResultSink,
+    worker_id: &str,
+    metrics: &Metrics,
+) -> Result<()> {
     let model_name = model.spec.name.clone();
     let stages = &metrics.stages;
     let mut clock = Instant::now();
@@ -470,5 +493,355 @@ impl StatusLine {
             latency.map_or_else(|| "-".to_string(), |(p50, p99)| format!("p50 {p50} ms p99 {p99} ms")),
         );
         *self = StatusLine::new(now);
+    }
+}
+
+/// The path from poll to stored offset without a broker: a fake source and sink around the real
+/// intake, batching, inference and offset bookkeeping.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Backend;
+    use rdkafka::error::KafkaResult;
+    use rdkafka::message::{OwnedMessage, Timestamp};
+    use std::collections::{BTreeSet, HashMap, VecDeque};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::{Condvar, Mutex};
+    use std::thread::JoinHandle;
+
+    const TOPIC: &str = "frames";
+    /// A poison pixel: the model fails on any batch that holds it.
+    const POISON: u8 = 13;
+
+    enum Event {
+        Frame(OwnedMessage),
+        Revoke(Vec<i32>),
+        Assign(Vec<i32>),
+    }
+
+    /// Serves events in order; a revoke runs the same handler as the Kafka consumer's.
+    struct FakeSource {
+        events: Mutex<VecDeque<Event>>,
+        arrived: Condvar,
+        tracker: Arc<OffsetTracker>,
+        assigned: Mutex<BTreeSet<i32>>,
+        stored: Mutex<HashMap<i32, i64>>,
+        committed: Mutex<HashMap<i32, i64>>,
+        failing_stores: AtomicUsize,
+        store_calls: AtomicUsize,
+    }
+
+    impl FakeSource {
+        fn push(&self, events: impl IntoIterator<Item = Event>) {
+            self.events.lock().unwrap().extend(events);
+            self.arrived.notify_all();
+        }
+        fn stored(&self, partition: i32) -> Option<i64> {
+            self.stored.lock().unwrap().get(&partition).copied()
+        }
+    }
+
+    impl FrameSource for FakeSource {
+        type Frame<'a> = OwnedMessage;
+
+        fn poll(&self, timeout: Duration) -> Option<KafkaResult<OwnedMessage>> {
+            let events = self.events.lock().unwrap();
+            let (mut events, _) = self.arrived.wait_timeout_while(events, timeout, |e| e.is_empty()).unwrap();
+            match events.pop_front()? {
+                Event::Frame(m) => Some(Ok(m)),
+                Event::Revoke(parts) => {
+                    drop(events);
+                    source::on_revoke(self, TOPIC, &self.tracker, &parts);
+                    self.assigned.lock().unwrap().retain(|p| !parts.contains(p));
+                    None
+                }
+                Event::Assign(parts) => {
+                    self.assigned.lock().unwrap().extend(parts);
+                    None
+                }
+            }
+        }
+        fn set_paused(&self, _paused: bool) -> KafkaResult<()> {
+            Ok(())
+        }
+        fn store_offset(&self, _topic: &str, partition: i32, next: i64) -> KafkaResult<()> {
+            self.store_calls.fetch_add(1, SeqCst);
+            if self.failing_stores.load(SeqCst) > 0 {
+                self.failing_stores.fetch_sub(1, SeqCst);
+                return Err(KafkaError::StoreOffset(RDKafkaErrorCode::Fail));
+            }
+            if !self.assigned.lock().unwrap().contains(&partition) {
+                return Err(KafkaError::StoreOffset(RDKafkaErrorCode::State));
+            }
+            self.stored.lock().unwrap().insert(partition, next);
+            Ok(())
+        }
+        fn commit_now(&self) -> KafkaResult<()> {
+            *self.committed.lock().unwrap() = self.stored.lock().unwrap().clone();
+            Ok(())
+        }
+        fn leave(&self) {}
+    }
+
+    /// Acknowledges at once, or holds acknowledgements for the test to release; can fail the
+    /// delivery of one frame for good.
+    struct FakeSink {
+        tracker: Arc<OffsetTracker>,
+        metrics: Arc<Metrics>,
+        hold: AtomicBool,
+        held: Mutex<Vec<Ack>>,
+        fail_offset: Option<i64>,
+        failure: Mutex<Option<String>>,
+        predicted: Mutex<Vec<(i64, usize)>>,
+        dead: Mutex<Vec<(i64, String)>>,
+    }
+
+    impl FakeSink {
+        fn send(&self, ack: Ack) {
+            if Some(ack.offset) == self.fail_offset {
+                *self.failure.lock().unwrap() = Some(format!("delivery failed for frame {}", ack.offset));
+            } else if self.hold.load(SeqCst) {
+                self.held.lock().unwrap().push(ack);
+            } else {
+                crate::sink::acknowledged(&self.tracker, &self.metrics, &ack);
+            }
+        }
+        /// Acknowledges the held results, in the order given by offset.
+        fn release(&self, offsets: &[i64]) {
+            let mut held = self.held.lock().unwrap();
+            for o in offsets {
+                let i = held.iter().position(|a| a.offset == *o).expect("held");
+                crate::sink::acknowledged(&self.tracker, &self.metrics, &held.remove(i));
+            }
+        }
+    }
+
+    impl ResultSink for FakeSink {
+        fn predict(&self, _key: Option<&[u8]>, p: &Prediction, _truth: Option<&str>, ack: Ack) -> Result<()> {
+            self.predicted.lock().unwrap().push((p.offset, p.class));
+            self.send(ack);
+            Ok(())
+        }
+        fn dead_letter(
+            &self,
+            _key: Option<&[u8]>,
+            _value: &[u8],
+            _headers: Option<OwnedHeaders>,
+            reason: &str,
+            ack: Ack,
+        ) -> Result<()> {
+            self.dead.lock().unwrap().push((ack.offset, reason.to_string()));
+            self.send(Ack { dead_letter: true, ..ack });
+            Ok(())
+        }
+        fn flush(&self, _timeout: Duration) -> Result<()> {
+            let offsets: Vec<i64> = self.held.lock().unwrap().iter().map(|a| a.offset).collect();
+            self.release(&offsets);
+            Ok(())
+        }
+        fn failure(&self) -> Option<String> {
+            self.failure.lock().unwrap().clone()
+        }
+    }
+
+    /// Classifies a 1x1 gray frame as its pixel value (mod 16); fails on batches holding the
+    /// poison pixel, on every batch while `broken`, and answers one frame short while `short`.
+    struct Pixel {
+        broken: bool,
+        short: bool,
+    }
+
+    impl Backend for Pixel {
+        fn graph_input(&self) -> Vec<i64> {
+            vec![-1, 1, 1, 1]
+        }
+        fn classes(&self) -> usize {
+            16
+        }
+        fn max_batch(&self) -> Option<usize> {
+            None
+        }
+        fn infer(&mut self, input: &[f32], _shape: [usize; 4]) -> Result<Vec<f32>> {
+            if self.broken || input.contains(&(POISON as f32)) {
+                return Err(Error::Inference("the model cannot take this".into()));
+            }
+            let n = if self.short { input.len() - 1 } else { input.len() };
+            Ok(input[..n]
+                .iter()
+                .flat_map(|&v| (0..16).map(move |c| if c == v as usize % 16 { 9.0 } else { 0.0 }))
+                .collect())
+        }
+    }
+
+    fn frame(partition: i32, offset: i64, pixel: u8) -> Event {
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: HEADER_FORMAT, value: Some("raw") })
+            .insert(Header { key: HEADER_SHAPE, value: Some("1x1x1") });
+        let ts = Timestamp::CreateTime(now_ms());
+        Event::Frame(OwnedMessage::new(Some(vec![pixel]), None, TOPIC.into(), ts, partition, offset, Some(headers)))
+    }
+
+    fn frames(partition: i32, offsets: std::ops::Range<i64>) -> Vec<Event> {
+        offsets.map(|o| frame(partition, o, (o % 10) as u8)).collect()
+    }
+
+    struct Harness {
+        source: Arc<FakeSource>,
+        sink: Arc<FakeSink>,
+        tracker: Arc<OffsetTracker>,
+        stop: Arc<AtomicBool>,
+        worker: JoinHandle<Result<Snapshot>>,
+    }
+
+    fn start(backend: Pixel, hold: bool, fail_offset: Option<i64>, events: Vec<Event>) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pixel.onnx");
+        std::fs::write(dir.path().join("pixel.toml"), "layout='nchw'\ncolor='gray'\nscale=1.0\n").unwrap();
+        let model = Model::with_backend(&path, Box::new(backend), 1).unwrap();
+        let (tracker, metrics) = (Arc::new(OffsetTracker::new()), Arc::new(Metrics::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let source = Arc::new(FakeSource {
+            events: Mutex::new(VecDeque::new()),
+            arrived: Condvar::new(),
+            tracker: tracker.clone(),
+            assigned: Mutex::new([0, 1].into()),
+            stored: Default::default(),
+            committed: Default::default(),
+            failing_stores: AtomicUsize::new(0),
+            store_calls: AtomicUsize::new(0),
+        });
+        source.push(events);
+        let sink = Arc::new(FakeSink {
+            tracker: tracker.clone(),
+            metrics: metrics.clone(),
+            hold: AtomicBool::new(hold),
+            held: Default::default(),
+            fail_offset,
+            failure: Default::default(),
+            predicted: Default::default(),
+            dead: Default::default(),
+        });
+        let config =
+            WorkerConfig { batch_size: 4, status_interval_s: 0, worker_id: Some("fake".into()), ..Default::default() };
+        let worker = {
+            let (source, sink, tracker, stop) = (source.clone(), sink.clone(), tracker.clone(), stop.clone());
+            std::thread::spawn(move || run_pipeline(&config, model, source.as_ref(), sink, tracker, stop, metrics))
+        };
+        Harness { source, sink, tracker, stop, worker }
+    }
+
+    /// Polls a condition (the worker runs on its own threads) until it holds, or fails.
+    fn wait_until(what: &str, check: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    impl Harness {
+        fn finish(self) -> (Result<Snapshot>, HashMap<i32, i64>) {
+            self.stop.store(true, SeqCst);
+            self.source.arrived.notify_all();
+            let outcome = self.worker.join().unwrap();
+            let committed = self.source.committed.lock().unwrap().clone();
+            (outcome, committed)
+        }
+        /// Waits for the worker to end by itself (an error), however long a stall would last.
+        fn ended(self) -> (Result<Snapshot>, HashMap<i32, i64>) {
+            wait_until("the worker to stop by itself", || self.worker.is_finished());
+            self.finish()
+        }
+        fn held(&self) -> usize {
+            self.sink.held.lock().unwrap().len()
+        }
+    }
+
+    #[test]
+    fn acknowledgements_out_of_order_store_only_below_the_oldest_unacknowledged_frame() {
+        let h = start(Pixel { broken: false, short: false }, true, None, frames(0, 0..8));
+        wait_until("8 results sent", || h.held() == 8);
+        h.sink.release(&[7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(h.tracker.in_flight(), 1);
+        assert!(h.tracker.committable().is_empty(), "frame 0 is not acknowledged: nothing is safe");
+        assert_eq!(h.source.stored(0), None);
+        h.sink.release(&[0]);
+        wait_until("offset 8 stored", || h.source.stored(0) == Some(8));
+        let (outcome, committed) = h.finish();
+        assert_eq!(outcome.unwrap().predicted, 8);
+        assert_eq!(committed[&0], 8);
+    }
+
+    #[test]
+    fn a_revoke_with_frames_in_flight_forgets_them_and_the_partition_can_come_back() {
+        let h = start(Pixel { broken: false, short: false }, true, None, frames(0, 0..4));
+        wait_until("4 results sent", || h.held() == 4);
+        h.source.push([Event::Revoke(vec![0])]);
+        wait_until("the revoked frames forgotten", || h.tracker.in_flight() == 0);
+        h.sink.release(&[2, 0, 1, 3]); // late acknowledgements of a partition no longer owned
+        assert_eq!(h.tracker.in_flight(), 0);
+        assert_eq!(h.source.stored(0), None, "nothing was stored for a partition it no longer owns");
+        // The partition comes back, read again from the last commit.
+        h.sink.hold.store(false, SeqCst);
+        h.source.push(std::iter::once(Event::Assign(vec![0])).chain(frames(0, 0..4)));
+        wait_until("offset 4 stored", || h.source.stored(0) == Some(4));
+        let (outcome, committed) = h.finish();
+        outcome.unwrap();
+        assert_eq!(committed[&0], 4);
+    }
+
+    #[test]
+    fn a_failed_delivery_stops_the_worker_and_nothing_past_it_is_stored() {
+        let h = start(Pixel { broken: false, short: false }, false, Some(2), frames(0, 0..6));
+        let (outcome, committed) = h.ended();
+        let err = outcome.unwrap_err().to_string();
+        assert!(err.contains("delivery failed for frame 2"), "{err}");
+        assert_eq!(committed.get(&0), Some(&2), "frames 0 and 1 are safe; 2 must be read again");
+    }
+
+    #[test]
+    fn a_broken_model_stops_the_worker_without_storing_its_frames() {
+        let h = start(Pixel { broken: true, short: false }, false, None, frames(0, 0..4));
+        let (outcome, committed) = h.ended();
+        assert!(outcome.unwrap_err().to_string().contains("the model cannot take this"));
+        assert_eq!(committed.get(&0), None, "the frames are read again after a restart");
+    }
+
+    #[test]
+    fn a_poison_frame_is_dead_lettered_and_the_stream_goes_on() {
+        let events = vec![frame(0, 0, 1), frame(0, 1, POISON), frame(0, 2, 2), frame(0, 3, 3)];
+        let h = start(Pixel { broken: false, short: false }, false, None, events);
+        wait_until("offset 4 stored", || h.source.stored(0) == Some(4));
+        let dead = h.sink.dead.lock().unwrap().clone();
+        let mut predicted = h.sink.predicted.lock().unwrap().clone();
+        let (outcome, _) = h.finish();
+        let last = outcome.unwrap();
+        assert_eq!((last.predicted, last.dead_lettered), (3, 1));
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].0, 1);
+        assert!(dead[0].1.contains("the model failed on this frame"), "{dead:?}");
+        predicted.sort();
+        assert_eq!(predicted, vec![(0, 1), (2, 2), (3, 3)]);
+    }
+
+    #[test]
+    fn a_short_model_answer_stops_the_worker_instead_of_stalling_it() {
+        let h = start(Pixel { broken: false, short: true }, false, None, frames(0, 0..4));
+        let (outcome, committed) = h.ended();
+        let err = outcome.unwrap_err().to_string();
+        assert!(err.contains("scores for a batch of"), "{err}");
+        assert_eq!(committed.get(&0), None);
+    }
+
+    #[test]
+    fn a_failed_offset_store_is_tried_again() {
+        let h = start(Pixel { broken: false, short: false }, false, None, Vec::new());
+        h.source.failing_stores.store(3, SeqCst);
+        h.source.push(frames(1, 10..14));
+        wait_until("offset 14 stored", || h.source.stored(1) == Some(14));
+        assert!(h.source.store_calls.load(SeqCst) >= 4, "three failed stores, then one that worked");
+        let (outcome, committed) = h.finish();
+        outcome.unwrap();
+        assert_eq!(committed[&1], 14);
     }
 }

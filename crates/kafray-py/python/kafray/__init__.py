@@ -31,10 +31,18 @@ def _point_at_onnxruntime() -> None:
 
 _point_at_onnxruntime()
 
-from ._native import Classifier, EmbeddedBroker, __version__, find_model, raw_limit, write_mnist_shards  # noqa: E402
+from ._native import (  # noqa: E402
+    WORKER_CONFIG_FIELDS,
+    Classifier,
+    EmbeddedBroker,
+    __version__,
+    find_model,
+    raw_limit,
+    write_mnist_shards,
+)
 from ._native import Worker as _NativeWorker  # noqa: E402
 
-__all__ = ["Worker", "Classifier", "EmbeddedBroker", "find_model", "raw_limit", "write_mnist_shards", "__version__"]
+__all__ = ["Worker", "WORKER_CONFIG_FIELDS", "Classifier", "EmbeddedBroker", "find_model", "raw_limit", "write_mnist_shards", "__version__"]
 
 
 class Worker:

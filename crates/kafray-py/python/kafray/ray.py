@@ -82,7 +82,9 @@ class KafrayWorkerActor:
         if self.restarts:
             time.sleep(RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S)) - 1])
         kafka = {"group.instance.id": instance_id, **config.get("kafka", {})}
-        self.worker = kafray.Worker(**{**config, "kafka": kafka}).start()
+        # Predictions name the actor (or the given prefix and the actor's number).
+        worker_id = f"{config['worker_id']}-{instance_id.rsplit('-', 1)[1]}" if config.get("worker_id") else instance_id
+        self.worker = kafray.Worker(**{**config, "kafka": kafka, "worker_id": worker_id}).start()
 
     def spec(self) -> dict:
         """What this deployment's actors are made of, so `scale` can add more of the same."""
@@ -345,15 +347,39 @@ def classify_files(paths: list[str], *, nodes: int | None = None, model: str = "
 
 # ---- CLI ----
 
+def _add_worker_flags(up: argparse.ArgumentParser) -> None:
+    """One flag per field of the worker's configuration (`kafray._native.WORKER_CONFIG_FIELDS`),
+    each with that field as its `dest`; a test checks that none is missing. Unset flags are left
+    to the worker's own layers (its KAFRAY_<FIELD> variables, then the defaults)."""
+    w = up.add_argument_group("worker settings (as `kafray worker`; default: the worker's)")
+    w.add_argument("--brokers", "-b", default=os.environ.get("KAFRAY_BROKERS"), help="bootstrap servers")
+    w.add_argument("--input-topic", "--input", "-i", dest="input_topic", help="where frames arrive (frames)")
+    w.add_argument("--output-topic", "--output", "-o", dest="output_topic", help="where predictions go (predictions)")
+    w.add_argument("--dead-letter-topic", dest="dead_letter_topic", help="where bad frames go (<input>.dlq)")
+    w.add_argument("--group", "-g", help="consumer group (default: --name)")
+    w.add_argument("--model", "-m", default="mnist", help="model path or name; the path must exist on every node")
+    w.add_argument("--batch-size", dest="batch_size", type=int, help="largest micro-batch (10)")
+    w.add_argument("--max-wait-ms", dest="max_wait_ms", type=int, help="optional fill wait for a partial batch (0)")
+    w.add_argument("--latency-target-ms", dest="latency_target_ms", type=int,
+                   help="optional latency objective in each worker: the batch limit follows it (AIMD)")
+    w.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: --num-cpus)")
+    w.add_argument("--top-k", dest="top_k", type=int, help="classes listed per prediction (5)")
+    w.add_argument("--max-in-flight", dest="max_in_flight", type=int,
+                   help="frames between poll and acknowledgement per worker (1000)")
+    w.add_argument("--status-interval", dest="status_interval_s", type=int,
+                   help="seconds between each worker's status lines in its log (5)")
+    w.add_argument("--worker-id", dest="worker_id",
+                   help="prefix of the workers' names in predictions (default: the actor's name)")
+    w.add_argument("--create-topics", dest="create_topics", type=int, metavar="P",
+                   help="create missing input/output topics with P partitions (else a missing one fails the start)")
+    w.add_argument("-X", dest="kafka", action="append", metavar="KEY=VALUE", help="librdkafka property (repeatable)")
+
+
 def _worker_config(args) -> dict:
-    config = {k: v for k, v in dict(
-        brokers=args.brokers, input_topic=args.input, output_topic=args.output, group=args.group or args.name,
-        model=args.model, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
-        latency_target_ms=args.latency_target_ms, threads=args.threads,
-        top_k=args.top_k, create_topics=args.create_topics,
-    ).items() if v is not None}
-    if args.X:
-        config["kafka"] = dict(kv.split("=", 1) for kv in args.X)
+    config = {f: getattr(args, f) for f in kafray.WORKER_CONFIG_FIELDS if getattr(args, f, None) is not None}
+    config["group"] = args.group or args.name
+    if args.kafka:
+        config["kafka"] = dict(kv.split("=", 1) for kv in args.kafka)
     return config
 
 
@@ -370,7 +396,7 @@ def _print_stats(s: dict, as_json: bool) -> None:
             print(f"  {w['actor']}: {w['error']}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kafray-ray", description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", default="auto",
@@ -385,20 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per worker (Ray resource)")
     up.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
                     help=f"restarts of a worker whose process dies, with backoff (default {MAX_RESTARTS}; -1: no end)")
-    up.add_argument("--brokers", "-b", default=os.environ.get("KAFRAY_BROKERS", "127.0.0.1:9092"))
-    up.add_argument("--input", "-i", default="frames")
-    up.add_argument("--output", "-o", default="predictions")
-    up.add_argument("--group", "-g", help="consumer group (default: --name)")
-    up.add_argument("--model", "-m", default="mnist", help="model path or name; the path must exist on every node")
-    up.add_argument("--batch-size", type=int)
-    up.add_argument("--max-wait-ms", type=int, help="optional fill wait for a partial batch (default 0: none)")
-    up.add_argument("--latency-target-ms", type=int,
-                    help="optional latency objective in each worker: the batch limit follows it (AIMD)")
-    up.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: --num-cpus)")
-    up.add_argument("--top-k", type=int)
-    up.add_argument("--create-topics", type=int, metavar="P",
-                    help="create missing input/output topics with P partitions (else a missing one fails the start)")
-    up.add_argument("-X", action="append", metavar="KEY=VALUE", help="librdkafka property (repeatable)")
+    _add_worker_flags(up)
     up.add_argument("--detach", action="store_true", help="start and return; the actors outlive this command")
     up.add_argument("--interval", type=float, default=5.0, help="seconds between stats lines")
     up.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -416,11 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     bt.add_argument("--nodes", type=int, help="use the first N nodes (default: all)")
     bt.add_argument("--out", default="bench/results/batch")
     bt.add_argument("--model", default="mnist")
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     try:
         if args.cmd == "up":
-            for kv in args.X or []:
+            for kv in args.kafka or []:
                 if "=" not in kv:
                     p.error(f"-X {kv!r}: expected KEY=VALUE, e.g. -X fetch.wait.max.ms=50")
             d = Deployment.start(args.workers, name=args.name, num_cpus=args.num_cpus, num_gpus=args.num_gpus,

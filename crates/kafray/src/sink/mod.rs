@@ -43,20 +43,7 @@ impl ProducerContext for SinkContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, ack: Box<Ack>) {
         match result {
-            Ok(_) => {
-                self.tracker.done(ack.partition, ack.offset);
-                if ack.dead_letter {
-                    self.metrics.dead_lettered.fetch_add(1, Relaxed);
-                } else {
-                    self.metrics.predicted.fetch_add(1, Relaxed);
-                    if let Some(ts) = ack.ts_produce_ms {
-                        self.metrics.record_latency(now_ms() - ts);
-                    }
-                    if let Some(timing) = &ack.timing {
-                        self.metrics.frame_done(timing);
-                    }
-                }
-            }
+            Ok(_) => acknowledged(&self.tracker, &self.metrics, &ack),
             Err((e, msg)) => {
                 // The frame stays in flight: its offset is never stored, so it is read again after a restart.
                 self.metrics.delivery_failures.fetch_add(1, Relaxed);
@@ -67,6 +54,43 @@ impl ProducerContext for SinkContext {
             }
         }
     }
+}
+
+/// A result is durable: its frame is done, and counted.
+pub fn acknowledged(tracker: &OffsetTracker, metrics: &Metrics, ack: &Ack) {
+    tracker.done(ack.partition, ack.offset);
+    if ack.dead_letter {
+        metrics.dead_lettered.fetch_add(1, Relaxed);
+    } else {
+        metrics.predicted.fetch_add(1, Relaxed);
+        if let Some(ts) = ack.ts_produce_ms {
+            metrics.record_latency(now_ms() - ts);
+        }
+        if let Some(timing) = &ack.timing {
+            metrics.frame_done(timing);
+        }
+    }
+}
+
+/// What the worker needs of its output. Sending queues a result; its acknowledgement comes
+/// later, through [`acknowledged`], and only then may the frame's offset be stored. The Kafka
+/// producer is the real one; a test can put a fake in its place.
+pub trait ResultSink: Send + Sync {
+    /// Queues one prediction, keyed like its frame.
+    fn predict(&self, key: Option<&[u8]>, prediction: &Prediction, truth: Option<&str>, ack: Ack) -> Result<()>;
+    /// Queues a rejected frame unchanged, with the reason.
+    fn dead_letter(
+        &self,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: Option<OwnedHeaders>,
+        reason: &str,
+        ack: Ack,
+    ) -> Result<()>;
+    /// Waits until every queued result is acknowledged (or failed).
+    fn flush(&self, timeout: Duration) -> Result<()>;
+    /// The first delivery that failed for good, if any: the worker stops on it.
+    fn failure(&self) -> Option<String>;
 }
 
 pub struct Sink {
@@ -102,17 +126,44 @@ impl Sink {
         })
     }
 
-    /// Publishes one prediction, keyed like its frame.
-    pub fn predict(&self, key: Option<&[u8]>, prediction: &Prediction, truth: Option<&str>, ack: Ack) -> Result<()> {
+    fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: Option<OwnedHeaders>,
+        ack: Ack,
+    ) -> Result<()> {
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new(ack)).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        send_waiting(&self.producer, record, self.queue_wait_limit, || {
+            if let Some(failure) = self.failure() {
+                Some(Error::External(failure))
+            } else if self.stop.load(Relaxed) {
+                Some(Error::Stopped)
+            } else {
+                None
+            }
+        })
+    }
+}
+
+impl ResultSink for Sink {
+    fn predict(&self, key: Option<&[u8]>, prediction: &Prediction, truth: Option<&str>, ack: Ack) -> Result<()> {
         let payload = serde_json::to_vec(prediction).expect("a prediction always serialises");
         let headers =
             truth.map(|t| OwnedHeaders::new().insert(Header { key: crate::frame::HEADER_TRUTH, value: Some(t) }));
         self.send(&self.output_topic, key, &payload, headers, ack)
     }
 
-    /// Publishes a rejected frame unchanged, with the reason in `kafray.error`. A frame too large
-    /// to publish with the added headers goes without its value, so it cannot block its partition.
-    pub fn dead_letter(
+    /// The reason goes in `kafray.error`. A frame too large to publish with the added headers
+    /// goes without its value, so it cannot block its partition.
+    fn dead_letter(
         &self,
         key: Option<&[u8]>,
         value: &[u8],
@@ -147,38 +198,11 @@ impl Sink {
         }
     }
 
-    fn send(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        headers: Option<OwnedHeaders>,
-        ack: Ack,
-    ) -> Result<()> {
-        let mut record = BaseRecord::with_opaque_to(topic, Box::new(ack)).payload(payload);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        if let Some(h) = headers {
-            record = record.headers(h);
-        }
-        send_waiting(&self.producer, record, self.queue_wait_limit, || {
-            if let Some(failure) = self.failure() {
-                Some(Error::External(failure))
-            } else if self.stop.load(Relaxed) {
-                Some(Error::Stopped)
-            } else {
-                None
-            }
-        })
-    }
-
-    /// Waits until every queued record is acknowledged (or fails).
-    pub fn flush(&self, timeout: Duration) -> Result<()> {
+    fn flush(&self, timeout: Duration) -> Result<()> {
         self.producer.flush(timeout).kafka_context(|| "flush results".into())
     }
 
-    pub fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<String> {
         self.producer.context().failure.lock().unwrap().clone()
     }
 }

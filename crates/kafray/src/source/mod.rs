@@ -5,13 +5,15 @@ use crate::error::{KafkaContext as _, Result};
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Keeps the offset tracker and the metrics in step with the group.
 pub struct SourceContext {
@@ -37,13 +39,9 @@ impl ConsumerContext for SourceContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let elements = tpl.elements();
             let parts: Vec<i32> = elements.iter().map(|e| e.partition()).collect();
-            tracing::info!(partitions = ?parts, "partitions revoked");
-            // Store what is already safe, so the commit on revocation carries it (fewer duplicates).
             if let Some(topic) = elements.first().map(|e| e.topic().to_string()) {
-                store_safe(consumer, &topic, &self.tracker);
+                on_revoke(consumer, &topic, &self.tracker, &parts);
             }
-            // Results still in flight for these partitions may be produced again by the next owner.
-            self.tracker.forget(&parts);
         }
     }
 
@@ -66,6 +64,70 @@ impl ConsumerContext for SourceContext {
 }
 
 pub type Source = BaseConsumer<SourceContext>;
+
+/// What the worker needs of its input. The Kafka consumer is the real one; a test can run the
+/// whole path from poll to stored offset against a fake (as Vector and Arroyo test theirs).
+pub trait FrameSource {
+    type Frame<'a>: Message
+    where
+        Self: 'a;
+    /// The next frame, an error the consumer reports instead, or nothing within `timeout`.
+    /// Rebalances happen inside a poll (and call [`on_revoke`] for what is taken away).
+    fn poll(&self, timeout: Duration) -> Option<KafkaResult<Self::Frame<'_>>>;
+    /// Pauses (`true`) or resumes every partition owned now.
+    fn set_paused(&self, paused: bool) -> KafkaResult<()>;
+    /// Stores `next` (the next offset to read) for the partition's next commit.
+    fn store_offset(&self, topic: &str, partition: i32, next: i64) -> KafkaResult<()>;
+    /// Commits what is stored, now (at shutdown).
+    fn commit_now(&self) -> KafkaResult<()>;
+    /// Leaves the group.
+    fn leave(&self);
+}
+
+impl FrameSource for Source {
+    type Frame<'a> = BorrowedMessage<'a>;
+
+    fn poll(&self, timeout: Duration) -> Option<KafkaResult<BorrowedMessage<'_>>> {
+        BaseConsumer::poll(self, timeout)
+    }
+
+    fn set_paused(&self, paused: bool) -> KafkaResult<()> {
+        let assignment = self.assignment()?;
+        if paused {
+            self.pause(&assignment)
+        } else {
+            self.resume(&assignment)
+        }
+    }
+
+    fn store_offset(&self, topic: &str, partition: i32, next: i64) -> KafkaResult<()> {
+        let mut tpl = TopicPartitionList::new();
+        // The list form stores exactly the offset given: the next frame to read.
+        tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
+        self.store_offsets(&tpl)
+    }
+
+    fn commit_now(&self) -> KafkaResult<()> {
+        match self.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last commit.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn leave(&self) {
+        self.unsubscribe();
+    }
+}
+
+/// Partitions were taken away: store what is already safe, so the commit on revocation carries
+/// it (fewer duplicates), and forget their frames in flight: their results may be produced
+/// again by the next owner.
+pub fn on_revoke<S: FrameSource + ?Sized>(source: &S, topic: &str, tracker: &OffsetTracker, partitions: &[i32]) {
+    tracing::info!(?partitions, "partitions revoked");
+    store_safe(source, topic, tracker);
+    tracker.forget(partitions);
+}
 
 /// Creates the consumer and subscribes it to `topic`.
 pub fn subscribe(
@@ -110,7 +172,7 @@ pub fn subscribe(
 
 /// Stores (for the next auto-commit) the offsets that became safe, and confirms to the tracker
 /// those that were stored; the others are offered again on the next call.
-pub fn store_safe(consumer: &Source, topic: &str, tracker: &OffsetTracker) {
+pub fn store_safe<S: FrameSource + ?Sized>(source: &S, topic: &str, tracker: &OffsetTracker) {
     let offsets = tracker.committable();
     if offsets.is_empty() {
         return;
@@ -118,10 +180,7 @@ pub fn store_safe(consumer: &Source, topic: &str, tracker: &OffsetTracker) {
     // One partition per call, so one partition's failure does not hide the others' success.
     let mut stored = Vec::with_capacity(offsets.len());
     for &(partition, next) in &offsets {
-        let mut tpl = TopicPartitionList::new();
-        // The list form stores exactly the offset given: the next frame to read.
-        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(next));
-        match consumer.store_offsets(&tpl) {
+        match source.store_offset(topic, partition, next) {
             Ok(()) => stored.push((partition, next)),
             // The partition was revoked meanwhile; its next owner re-reads from the last commit.
             Err(KafkaError::StoreOffset(RDKafkaErrorCode::State | RDKafkaErrorCode::UnknownPartition)) => {
