@@ -53,7 +53,7 @@ TOPIC, OUT, DLQ = "frames", "predictions", "frames.dlq"
 GROUP = "soak"
 # A value that, with its key and kafray's headers, fits the producer's 1,000,000-byte
 # message.max.bytes, and whose dead letter (reason headers added) does not.
-AT_LIMIT = 999_800
+AT_LIMIT = 999_900
 
 
 def png_declaring(width: int, height: int) -> bytes:

@@ -2,12 +2,12 @@
 //! end-to-end pipeline throughput (Kafka in, decode, batch, infer, Kafka out, offsets), per
 //! model and batch size, measured in one run; written as CSV.
 use clap::Args;
-use kafray::broker::{EmbeddedBroker, Storage};
 use kafray::frame::{self, FrameHeaders};
 use kafray::metrics::Metrics;
 use kafray::model::Model;
-use kafray::publish::{self, OutFrame, Publisher};
 use kafray::WorkerConfig;
+use kafray_tools::broker::{EmbeddedBroker, Storage};
+use kafray_tools::publish::{self, OutFrame, Publisher};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,7 +74,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for name in &args.models {
         let frames = bench_frames(name, &args)?;
-        let mut model = Model::load(name, args.threads, 5)?;
+        let mut model = Model::load(kafray_tools::layout::find_model(name)?, args.threads, 5)?;
         // Decode + preprocess once: the raw measurement is inference alone.
         let t = Instant::now();
         let mut tensors = vec![0.0f32; frames.len() * model.input_len()];
@@ -131,7 +131,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 fn bench_frames(model: &str, args: &BenchArgs) -> anyhow::Result<Vec<OutFrame>> {
     if model == "mnist" {
-        let digits = kafray::mnist::load(
+        let digits = kafray_tools::mnist::load(
             "assets/mnist/t10k-images-idx3-ubyte.gz".as_ref(),
             "assets/mnist/t10k-labels-idx1-ubyte.gz".as_ref(),
         )?;
@@ -200,7 +200,7 @@ fn pipeline_throughput(
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let (metrics, stop) = (metrics.clone(), stop.clone());
-        let loaded = Model::load(model, threads, 5)?;
+        let loaded = Model::load(kafray_tools::layout::find_model(model)?, threads, 5)?;
         std::thread::spawn(move || kafray::worker::run_with_model(&config, loaded, stop, metrics))
     };
     let n = frames.len() as u64;

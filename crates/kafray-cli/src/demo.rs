@@ -1,11 +1,11 @@
 //! `kafray demo`: the whole pipeline on one machine, with nothing set up by hand.
 use crate::{BatchArgs, KafkaArgs};
 use clap::Args;
-use kafray::broker::{EmbeddedBroker, Storage};
-use kafray::eval::{self, EvalOptions};
 use kafray::metrics::Metrics;
-use kafray::publish::{self, Publisher};
 use kafray::WorkerConfig;
+use kafray_tools::broker::{EmbeddedBroker, Storage};
+use kafray_tools::eval::{self, EvalOptions};
+use kafray_tools::publish::{self, Publisher};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,7 +54,7 @@ pub struct DemoArgs {
 const DEFAULT_RATE: f64 = 1000.0;
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let digits = kafray::mnist::load(&args.images, &args.labels)
+    let digits = kafray_tools::mnist::load(&args.images, &args.labels)
         .map_err(|e| anyhow::anyhow!("{e}\n  (run from the repository root, or pass --images/--labels)"))?;
     let n = args.limit.min(digits.len());
     let say = |s: String| {
@@ -90,7 +90,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // Created before the workers join, so its idempotent session (a producer id from the broker)
     // is set up by the first frame, rather than holding the first frames while it is.
     let mut publisher = Publisher::new(&brokers, &frames, &props)?;
-    let model = kafray::model::find_model("mnist")?;
+    let model = kafray_tools::layout::find_model("mnist")?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     let mut worker_metrics = Vec::new();

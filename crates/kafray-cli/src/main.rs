@@ -5,9 +5,9 @@ mod produce;
 
 use clap::{Args, Parser, Subcommand};
 use kafray::config::{parse_property, WorkerConfig};
-use kafray::eval::{self, EvalOptions};
 use kafray::metrics::Metrics;
 use kafray::ErrorKind;
+use kafray_tools::eval::{self, EvalOptions};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -156,8 +156,10 @@ struct WorkerArgs {
 impl WorkerArgs {
     fn to_config(&self) -> kafray::Result<WorkerConfig> {
         let properties: Vec<_> = self.properties.iter().map(|p| parse_property(p)).collect::<Result<_, _>>()?;
-        let c = WorkerConfig::layered(self.config.as_deref(), self, &properties)?;
+        let mut c = WorkerConfig::layered(self.config.as_deref(), self, &properties)?;
         c.validate()?;
+        // The engine takes a path: a built-in name (mnist, ...) is found in the checkout here.
+        c.model = kafray_tools::layout::find_model(&c.model)?.display().to_string();
         Ok(c)
     }
 }
@@ -187,6 +189,8 @@ struct EvalArgs {
 }
 
 fn main() -> ExitCode {
+    // The engine loads ONNX Runtime from ORT_DYLIB_PATH, else from the checkout's .venv.
+    kafray_tools::layout::use_venv_runtime();
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Worker(_) => "info",
@@ -204,6 +208,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(kafray::Error::RuntimeLoad { .. }) = e.downcast_ref::<kafray::Error>() {
+                eprintln!(
+                    "  in a checkout: `bash scripts/setup.sh` installs onnxruntime into .venv, where kafray finds it"
+                );
+            }
             match e.downcast_ref::<kafray::Error>().map(kafray::Error::kind) {
                 Some(ErrorKind::User) => ExitCode::from(2),
                 Some(ErrorKind::Internal) => ExitCode::from(70),
@@ -274,7 +283,7 @@ mod tests {
             "--group",
             "g",
             "--model",
-            "m",
+            "mnist",
             "--batch-size",
             "3",
             "--max-wait-ms",

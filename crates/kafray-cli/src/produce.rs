@@ -3,7 +3,7 @@ use crate::KafkaArgs;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use kafray::publish::{self, OutFrame, Publisher};
+use kafray_tools::publish::{self, OutFrame, Publisher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -122,7 +122,7 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     }
     let Plan { frames, rate, total, duration } = match args.source {
         Source::Mnist { images, labels, sources, repeat } => {
-            let digits = kafray::mnist::load(&images, &labels)
+            let digits = kafray_tools::mnist::load(&images, &labels)
                 .with_context(|| "load MNIST (run from the repository root, or pass --images/--labels)")?;
             Plan::repeated(publish::mnist_frames(&digits, sources).collect(), repeat, args.rate)
         }

@@ -178,7 +178,7 @@ fn kcat_round_trip() {
     let broker = broker();
     let b = broker.bootstrap();
     let png = std::fs::read(shared_assets().join("images/coffee.png")).unwrap();
-    let jpeg = kafray::publish::to_jpeg(&png, 256, 92).unwrap();
+    let jpeg = kafray_tools::publish::to_jpeg(&png, 256, 92).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("coffee.jpg");
     std::fs::write(&file, &jpeg).unwrap();
@@ -336,7 +336,8 @@ fn backpressure_bounds_frames_in_flight_and_loses_nothing() {
 /// alone, with no window to wait for; a backlog fills every batch up to the limit.
 #[test]
 fn batches_are_single_frames_at_light_load_and_full_under_a_backlog() {
-    let broker = kafray::broker::EmbeddedBroker::start_with(kafray::broker::Storage::Memory).expect("start the broker");
+    let broker = kafray_tools::broker::EmbeddedBroker::start_with(kafray_tools::broker::Storage::Memory)
+        .expect("start the broker");
     let b = broker.bootstrap();
     let n = 3000;
     run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "2", "--limit", &n.to_string(), "-q"]));
@@ -462,4 +463,82 @@ fn sigterm_mid_stream_then_a_restart_loses_nothing() {
     eprintln!("sigterm: {} distinct, {} duplicates", report["distinct_frames"], report["duplicates"]);
     assert_eq!(report["distinct_frames"], n, "{report:#}");
     assert!(report["duplicates"].as_u64().unwrap() <= in_flight, "duplicates beyond what was in flight: {report:#}");
+}
+
+/// A model that fails deterministically on some frames: the real MNIST CNN, wrapped to refuse any
+/// image whose first pixel is 255 (as a model with a data-dependent fault would). With the real
+/// broker: those frames are dead-lettered with the model's error, every digit is predicted, and
+/// the worker neither stalls nor stops.
+#[test]
+fn frames_the_model_rejects_are_dead_lettered_and_the_stream_goes_on() {
+    use kafray::model::{Backend, Model, OnnxBackend};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    struct Refusing(OnnxBackend);
+    impl Backend for Refusing {
+        fn graph_input(&self) -> Vec<i64> {
+            self.0.graph_input()
+        }
+        fn classes(&self) -> usize {
+            self.0.classes()
+        }
+        fn max_batch(&self) -> Option<usize> {
+            self.0.max_batch()
+        }
+        fn infer(&mut self, input: &[f32], shape: [usize; 4]) -> kafray::Result<Vec<f32>> {
+            if input.chunks(784).any(|image| image[0] == 255.0) {
+                return Err(kafray::Error::Inference("cannot take an image whose first pixel is 255".into()));
+            }
+            self.0.infer(input, shape)
+        }
+    }
+
+    kafray_tools::layout::use_venv_runtime();
+    let broker = broker();
+    let b = broker.bootstrap();
+    run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "2", "--limit", "300", "-q"]));
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
+    for i in 0..3 {
+        let mut poison = vec![0u8; 784];
+        poison[0] = 255;
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "kafray.format", value: Some("raw") })
+            .insert(Header { key: "kafray.shape", value: Some("28x28x1") });
+        let key = format!("poison-{i}");
+        producer.send(BaseRecord::to("frames").key(&key).payload(&poison).headers(headers)).unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--limit", "300", "-q"]));
+
+    let path = kafray_tools::layout::find_model("mnist").unwrap();
+    let model = Model::with_backend(&path, Box::new(Refusing(OnnxBackend::load(&path, 1).unwrap())), 5).unwrap();
+    let config = kafray::WorkerConfig {
+        brokers: b.clone(),
+        model: path.display().to_string(),
+        create_topics: Some(2),
+        batch_size: 16,
+        status_interval_s: 0,
+        worker_id: Some("w-refusing".into()),
+        ..Default::default()
+    };
+    let (stop, metrics) = (Arc::new(AtomicBool::new(false)), Arc::new(kafray::metrics::Metrics::new()));
+    let worker = {
+        let (stop, metrics) = (stop.clone(), metrics.clone());
+        std::thread::spawn(move || kafray::worker::run_with_model(&config, model, stop, metrics))
+    };
+    let report = eval(&b, "predictions", 600, 90);
+    let dead = read_topic(&b, "frames.dlq", 3, Duration::from_secs(30));
+    stop.store(true, Ordering::Relaxed);
+    let last = worker.join().unwrap().expect("the worker ends cleanly");
+    assert_eq!(report["distinct_frames"], 600, "every digit predicted: {report:#}");
+    assert_eq!((last.predicted, last.dead_lettered), (600, 3), "{last:?}");
+    assert_eq!(dead.len(), 3);
+    for d in &dead {
+        assert!(d.key.as_deref().is_some_and(|k| k.starts_with("poison-")), "{d:?}");
+        let error = d.header("kafray.error").unwrap();
+        assert!(error.contains("the model failed on this frame") && error.contains("first pixel is 255"), "{error}");
+        assert_eq!(d.value.len(), 784, "the frame itself is kept");
+    }
 }

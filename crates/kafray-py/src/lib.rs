@@ -1,11 +1,11 @@
 //! `kafray._native`: the Rust engine seen from Python. A [`Worker`] runs one consumer-group member
 //! on native threads (the GIL is released while it waits); a [`Classifier`] classifies files for
 //! the batch study. The Python package (`python/kafray`) wraps both.
-use kafray::broker::Storage;
-use kafray::files::{self, FileResult};
 use kafray::metrics::{Metrics, Snapshot};
 use kafray::model::Model;
 use kafray::{Error, ErrorKind, WorkerConfig};
+use kafray_tools::broker::Storage;
+use kafray_tools::files::{self, FileResult};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -75,8 +75,10 @@ impl Worker {
     fn new(config_json: &str) -> PyResult<Self> {
         let given: serde_json::Value = serde_json::from_str(config_json)
             .map_err(|e| PyValueError::new_err(format!("invalid worker configuration: {e}")))?;
-        let config = WorkerConfig::layered(None, &given, &[]).map_err(to_py)?;
+        let mut config = WorkerConfig::layered(None, &given, &[]).map_err(to_py)?;
         config.validate().map_err(to_py)?;
+        // The engine takes a path: a built-in name (mnist, ...) is found in the checkout here.
+        config.model = kafray_tools::layout::find_model(&config.model).map_err(to_py)?.display().to_string();
         let worker_id = config.worker_id();
         let config = WorkerConfig { worker_id: Some(worker_id.clone()), ..config };
         Ok(Worker {
@@ -155,7 +157,9 @@ impl Worker {
         &self.worker_id
     }
 
-    /// Counters since start: consumed, predicted, dead_lettered, batches, mean_batch, lag,
+    /// Counters since start: consumed, predicted, dead_lettered, dead_letter_fallbacks (dead
+    /// letters without their value), delivery_failures, consume_errors, assigned_partitions,
+    /// rebalances (assignment changes), batches, mean_batch, lag,
     /// latency_p50_ms / latency_p99_ms (produce timestamp -> acknowledged), running, error, and
     /// stages_us: µs each thread spent per stage (poll, decode, handoff; idle, infer, produce),
     /// batch_limit: the batching policy's limit now, and frame_us: µs summed over acknowledged
@@ -242,7 +246,8 @@ impl Classifier {
         if batch_size == 0 || threads == 0 {
             return Err(PyValueError::new_err("batch_size and threads must be at least 1"));
         }
-        let model = py.detach(|| Model::load(model, threads, 1)).map_err(to_py)?;
+        let path = kafray_tools::layout::find_model(model).map_err(to_py)?;
+        let model = py.detach(|| Model::load(&path, threads, 1)).map_err(to_py)?;
         Ok(Classifier { model: Mutex::new(model), batch_size })
     }
 
@@ -277,7 +282,7 @@ fn write_mnist_shards(
     per_file: usize,
 ) -> PyResult<Vec<String>> {
     py.detach(|| {
-        let digits = kafray::mnist::load(&images, &labels)?;
+        let digits = kafray_tools::mnist::load(&images, &labels)?;
         files::write_mnist_shards(&digits, &out_dir, files, per_file)
     })
     .map(|paths| paths.into_iter().map(|p| p.display().to_string()).collect())
@@ -306,14 +311,14 @@ fn raw_limit<'py>(
         .detach(|| {
             let frames = match (&mnist, &photos) {
                 (Some((images, labels)), None) => {
-                    let digits = kafray::mnist::load(images, labels)?;
-                    kafray::publish::mnist_frames(&digits, 8).collect()
+                    let digits = kafray_tools::mnist::load(images, labels)?;
+                    kafray_tools::publish::mnist_frames(&digits, 8).collect()
                 }
-                (None, Some(dir)) => kafray::publish::photo_frames(dir, Some(size))?,
+                (None, Some(dir)) => kafray_tools::publish::photo_frames(dir, Some(size))?,
                 _ => return Err(Error::Config("give exactly one of mnist=(images, labels) or photos=".into())),
             };
             let min_time = Duration::from_secs_f64(seconds.max(0.0));
-            kafray::limit::measure(model, &frames, batch_size, threads, parallel, min_time)
+            kafray_tools::limit::measure(model, &frames, batch_size, threads, parallel, min_time)
         })
         .map_err(to_py)?;
     let d = PyDict::new(py);
@@ -330,7 +335,7 @@ fn raw_limit<'py>(
 /// Resolves a model name (`mnist`, `mobilenet_v2`, ...) or path to the absolute path of its file.
 #[pyfunction]
 fn find_model(name: &str) -> PyResult<String> {
-    let path = kafray::model::find_model(name).map_err(to_py)?;
+    let path = kafray_tools::layout::find_model(name).map_err(to_py)?;
     let path = path.canonicalize().unwrap_or(path);
     Ok(path.display().to_string())
 }
@@ -339,7 +344,7 @@ fn find_model(name: &str) -> PyResult<String> {
 /// and demos; killed when stopped or garbage-collected.
 #[pyclass(module = "kafray._native")]
 struct EmbeddedBroker {
-    inner: Mutex<Option<kafray::broker::EmbeddedBroker>>,
+    inner: Mutex<Option<kafray_tools::broker::EmbeddedBroker>>,
     bootstrap: String,
 }
 
@@ -356,7 +361,7 @@ impl EmbeddedBroker {
                 return Err(PyValueError::new_err(format!("storage {other:?}: expected \"memory\" or \"sqlite\"")))
             }
         };
-        let broker = py.detach(|| kafray::broker::EmbeddedBroker::start_with(storage)).map_err(to_py)?;
+        let broker = py.detach(|| kafray_tools::broker::EmbeddedBroker::start_with(storage)).map_err(to_py)?;
         Ok(EmbeddedBroker { bootstrap: broker.bootstrap(), inner: Mutex::new(Some(broker)) })
     }
 

@@ -120,3 +120,27 @@ def test_a_worker_that_cannot_start_fails_the_deployment_and_leaves_nothing(ray_
     with pytest.raises(ray.exceptions.RayError, match="bad.onnx"):
         start(deployments, ray_cluster, broker, 2, model=str(bad))
     assert not [n for n in ray.util.list_named_actors() if "-worker-" in n]
+
+
+def test_an_actor_that_keeps_dying_stays_dead_and_says_why(ray_cluster, broker, deployments):
+    """The restart budget: with max_restarts=1, a second death is final, and stats() names it
+    instead of Ray restarting the actor forever."""
+    d = start(deployments, ray_cluster, broker, 1, max_restarts=1)
+    actor = d.actors[0]
+    first = ray.get(actor.ready.remote())
+    os.kill(first["pid"], signal.SIGKILL)
+
+    def restarted():
+        try:
+            return ray.get(actor.ready.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return None
+
+    second = wait_for(lambda: (r := restarted()) and r["pid"] != first["pid"] and r, 90, "the one restart")
+    os.kill(second["pid"], signal.SIGKILL)
+    stats = wait_for(lambda: (s := d.stats())["failed"] and s, 60, "the deployment to report the dead actor")
+    (name, cause), = stats["failed"].items()
+    assert name.endswith("-worker-000") and "died" in cause.lower(), stats["failed"]
+    assert stats["running"] == 0, stats
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actor.ready.remote(), timeout=30)

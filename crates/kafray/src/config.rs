@@ -22,7 +22,8 @@ pub struct WorkerConfig {
     pub dead_letter_topic: Option<String>,
     /// Consumer group; workers of one group share the input partitions.
     pub group: String,
-    /// Model: a path to an `.onnx` file or a built-in name (`mnist`, `mobilenet_v2`, `efficientnet_lite0`).
+    /// Model: a path to an `.onnx` file. The CLI and the Python package also take the built-in
+    /// names (`mnist`, `mobilenet_v2`, `efficientnet_lite0`) and resolve them to a path first.
     pub model: String,
     /// Largest micro-batch. The model, once free, takes every frame that is ready up to this,
     /// so batches are small at light load and grow under load by themselves.

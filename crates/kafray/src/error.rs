@@ -23,8 +23,7 @@ pub enum Error {
 
     #[error(
         "ONNX Runtime could not be loaded from {path}: {reason}\n  \
-         fix: run `bash scripts/setup.sh` (installs onnxruntime into .venv), \
-         or set ORT_DYLIB_PATH to a libonnxruntime.so (onnxruntime >= 1.31: kafray asks for its C API version 31)"
+         fix: set ORT_DYLIB_PATH to a libonnxruntime.so (onnxruntime >= 1.31: kafray asks for its C API version 31)"
     )]
     RuntimeLoad { path: String, reason: String },
 

@@ -5,18 +5,12 @@
 //! [`worker`] ties them together; [`config`] is its configuration.
 pub mod admin;
 pub mod batch;
-pub mod broker;
 pub mod config;
 pub mod error;
-pub mod eval;
-pub mod files;
 pub mod frame;
-pub mod limit;
 pub mod metrics;
-pub mod mnist;
 pub mod model;
 pub mod offsets;
-pub mod publish;
 pub mod sink;
 pub mod source;
 pub mod worker;

@@ -153,7 +153,15 @@ pub fn run_pipeline<S: FrameSource>(
         Err(Error::Stopped) => Ok(()),
         other => other,
     };
-    let flushed = sink.flush(DRAIN_TIMEOUT);
+    let mut flushed = sink.flush(DRAIN_TIMEOUT);
+    // Predictions refused while draining: dead-letter them too, and wait for those.
+    if flushed.is_ok() && outcome.is_ok() {
+        if let Err(e) = intake.dead_letter_refused() {
+            flushed = Err(e);
+        } else {
+            flushed = sink.flush(DRAIN_TIMEOUT);
+        }
+    }
     source::store_safe(source, &config.input_topic, &tracker);
     if let Err(e) = source.commit_now() {
         tracing::warn!("final commit failed (the group re-reads from the last commit): {e}");
@@ -220,6 +228,7 @@ impl<S: FrameSource> Intake<'_, S> {
             if let Some(failure) = self.sink.failure() {
                 return Err(Error::External(failure));
             }
+            self.dead_letter_refused()?;
             if self.config.status_interval_s > 0 && status.at.elapsed() >= status_every {
                 status.print(self.metrics.snapshot(), self.metrics.take_window_latency(), self.tracker.in_flight());
             }
@@ -285,6 +294,18 @@ impl<S: FrameSource> Intake<'_, S> {
                 }
                 None => {}
             }
+        }
+        Ok(())
+    }
+
+    /// Dead-letters the frames whose predictions the broker refused for what they are. Their
+    /// values are gone by now (the frame stays in the input topic at the offset named in the
+    /// dead letter's headers), so these count as dead-letter fallbacks.
+    fn dead_letter_refused(&self) -> Result<()> {
+        for (ack, reason) in self.sink.take_refused() {
+            self.metrics.dead_letter_fallbacks.fetch_add(1, Relaxed);
+            let reason = format!("{reason} (the frame's value is left out: it stays in the input topic)");
+            self.sink.dead_letter(None, &[], None, &reason, Ack { dead_letter: true, timing: None, ..ack })?;
         }
         Ok(())
     }
@@ -592,13 +613,17 @@ mod tests {
         held: Mutex<Vec<Ack>>,
         fail_offset: Option<i64>,
         failure: Mutex<Option<String>>,
+        refuse_offset: Option<i64>,
+        refused: Mutex<Vec<(Ack, String)>>,
         predicted: Mutex<Vec<(i64, usize)>>,
         dead: Mutex<Vec<(i64, String)>>,
     }
 
     impl FakeSink {
         fn send(&self, ack: Ack) {
-            if Some(ack.offset) == self.fail_offset {
+            if Some(ack.offset) == self.refuse_offset && !ack.dead_letter {
+                self.refused.lock().unwrap().push((ack, "the broker refused its prediction: too large".into()));
+            } else if Some(ack.offset) == self.fail_offset {
                 *self.failure.lock().unwrap() = Some(format!("delivery failed for frame {}", ack.offset));
             } else if self.hold.load(SeqCst) {
                 self.held.lock().unwrap().push(ack);
@@ -641,6 +666,9 @@ mod tests {
         }
         fn failure(&self) -> Option<String> {
             self.failure.lock().unwrap().clone()
+        }
+        fn take_refused(&self) -> Vec<(Ack, String)> {
+            std::mem::take(&mut *self.refused.lock().unwrap())
         }
     }
 
@@ -694,6 +722,16 @@ mod tests {
     }
 
     fn start(backend: Pixel, hold: bool, fail_offset: Option<i64>, events: Vec<Event>) -> Harness {
+        start_refusing(backend, hold, fail_offset, None, events)
+    }
+
+    fn start_refusing(
+        backend: Pixel,
+        hold: bool,
+        fail_offset: Option<i64>,
+        refuse_offset: Option<i64>,
+        events: Vec<Event>,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pixel.onnx");
         std::fs::write(dir.path().join("pixel.toml"), "layout='nchw'\ncolor='gray'\nscale=1.0\n").unwrap();
@@ -718,6 +756,8 @@ mod tests {
             held: Default::default(),
             fail_offset,
             failure: Default::default(),
+            refuse_offset,
+            refused: Default::default(),
             predicted: Default::default(),
             dead: Default::default(),
         });
@@ -831,6 +871,20 @@ mod tests {
         let err = outcome.unwrap_err().to_string();
         assert!(err.contains("scores for a batch of"), "{err}");
         assert_eq!(committed.get(&0), None);
+    }
+
+    #[test]
+    fn a_prediction_the_broker_refuses_dead_letters_its_frame_and_the_stream_goes_on() {
+        let h = start_refusing(Pixel { broken: false, short: false }, false, None, Some(1), frames(0, 0..4));
+        wait_until("offset 4 stored", || h.source.stored(0) == Some(4));
+        let dead = h.sink.dead.lock().unwrap().clone();
+        let (outcome, committed) = h.finish();
+        let last = outcome.unwrap();
+        assert_eq!((last.predicted, last.dead_lettered, last.dead_letter_fallbacks), (3, 1, 1));
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].0, 1);
+        assert!(dead[0].1.contains("refused its prediction") && dead[0].1.contains("left out"), "{dead:?}");
+        assert_eq!(committed[&0], 4);
     }
 
     #[test]

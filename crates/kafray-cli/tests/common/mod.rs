@@ -1,6 +1,6 @@
 //! Shared fixtures: a real broker (Tansu) per test, the real `kafray` binary, real models.
 #![allow(dead_code)]
-use kafray::broker::EmbeddedBroker;
+use kafray_tools::broker::EmbeddedBroker;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;

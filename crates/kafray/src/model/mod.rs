@@ -4,8 +4,8 @@ mod onnx;
 pub mod preprocess;
 pub mod spec;
 
-pub use onnx::{runtime_library, OnnxBackend};
-pub use spec::{find_model, ModelSpec};
+pub use onnx::{runtime_library, use_runtime_library, OnnxBackend};
+pub use spec::ModelSpec;
 
 use crate::error::Result;
 use crate::frame::{Pixels, Rejection};
@@ -52,11 +52,15 @@ pub struct Model {
 pub type FrameRejection = String;
 
 impl Model {
-    /// Loads a model by path or alias (see [`find_model`]) on ONNX Runtime.
-    pub fn load(name: &str, threads: usize, top_k: usize) -> Result<Self> {
-        let path = find_model(name)?;
-        let backend = OnnxBackend::load(&path, threads)?;
-        Self::with_backend(&path, Box::new(backend), top_k)
+    /// Loads an `.onnx` file on ONNX Runtime (a built-in name is resolved to a path by the
+    /// caller: `kafray_tools::layout::find_model`).
+    pub fn load(path: impl AsRef<Path>, threads: usize, top_k: usize) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            return Err(crate::Error::model(path, "no such file"));
+        }
+        let backend = OnnxBackend::load(path, threads)?;
+        Self::with_backend(path, Box::new(backend), top_k)
     }
 
     pub fn with_backend(path: &Path, backend: Box<dyn Backend>, top_k: usize) -> Result<Self> {

@@ -1,5 +1,5 @@
-//! ONNX Runtime backend, loaded at run time (`load-dynamic`) from the `libonnxruntime.so`
-//! of the PyPI `onnxruntime` wheel that `scripts/setup.sh` installs.
+//! ONNX Runtime backend, loaded at run time (`load-dynamic`) from a `libonnxruntime.so`
+//! (onnxruntime >= 1.31), such as the one of the PyPI `onnxruntime` wheel.
 use super::Backend;
 use crate::error::{Error, Result};
 use ort::session::{builder::GraphOptimizationLevel, Session};
@@ -9,37 +9,21 @@ use std::sync::OnceLock;
 
 static ENVIRONMENT: OnceLock<std::result::Result<ort::environment::Environment, Error>> = OnceLock::new();
 
-/// Where `libonnxruntime.so` is: `$ORT_DYLIB_PATH`, else the project's `.venv`
-/// (next to the working directory or the executable), else the system loader path.
+static RUNTIME_LIBRARY: OnceLock<PathBuf> = OnceLock::new();
+
+/// Where `libonnxruntime.so` is: `$ORT_DYLIB_PATH`, else the one given to
+/// [`use_runtime_library`], else the system loader's path.
 pub fn runtime_library() -> PathBuf {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
-        return PathBuf::from(p);
-    }
-    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().skip(1).take(4).map(Path::to_path_buf));
-    }
-    for root in roots {
-        let lib = root.join(".venv/lib");
-        let Ok(entries) = std::fs::read_dir(&lib) else { continue };
-        for py in entries.flatten() {
-            let capi = py.path().join("site-packages/onnxruntime/capi");
-            if let Ok(files) = std::fs::read_dir(&capi) {
-                let mut found: Vec<PathBuf> = files
-                    .flatten()
-                    .map(|f| f.path())
-                    .filter(|p| {
-                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so"))
-                    })
-                    .collect();
-                found.sort();
-                if let Some(p) = found.pop() {
-                    return p;
-                }
-            }
-        }
-    }
-    PathBuf::from("libonnxruntime.so")
+    std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .or_else(|| RUNTIME_LIBRARY.get().cloned())
+        .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
+}
+
+/// The `libonnxruntime.so` to load when `ORT_DYLIB_PATH` is not set (a tool that found one
+/// says so here; the first call wins, and only before the first model loads).
+pub fn use_runtime_library(path: PathBuf) {
+    let _ = RUNTIME_LIBRARY.set(path);
 }
 
 fn environment() -> Result<&'static ort::environment::Environment> {

@@ -34,6 +34,9 @@ pub struct SinkContext {
     metrics: Arc<Metrics>,
     /// The first delivery that failed for good; the worker stops on it without storing past it.
     failure: Mutex<Option<String>>,
+    /// Predictions the broker refused for what they are (too large for the topic, invalid):
+    /// they would be refused again after every restart, so their frames are dead-lettered.
+    refused: Mutex<Vec<(Ack, String)>>,
 }
 
 impl ClientContext for SinkContext {}
@@ -44,6 +47,11 @@ impl ProducerContext for SinkContext {
     fn delivery(&self, result: &DeliveryResult<'_>, ack: Box<Ack>) {
         match result {
             Ok(_) => acknowledged(&self.tracker, &self.metrics, &ack),
+            Err((KafkaError::MessageProduction(code), msg)) if !ack.dead_letter && refuses_the_record(*code) => {
+                let reason = format!("the broker refused its prediction on {}: {code}", msg.topic());
+                tracing::warn!(partition = ack.partition, offset = ack.offset, "{reason}; dead-lettering the frame");
+                self.refused.lock().unwrap().push((*ack, reason));
+            }
             Err((e, msg)) => {
                 // The frame stays in flight: its offset is never stored, so it is read again after a restart.
                 self.metrics.delivery_failures.fetch_add(1, Relaxed);
@@ -54,6 +62,14 @@ impl ProducerContext for SinkContext {
             }
         }
     }
+}
+
+/// A broker error that is about this record, not about the broker: sending it again fails again.
+fn refuses_the_record(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::InvalidMessage
+    )
 }
 
 /// A result is durable: its frame is done, and counted.
@@ -91,6 +107,9 @@ pub trait ResultSink: Send + Sync {
     fn flush(&self, timeout: Duration) -> Result<()>;
     /// The first delivery that failed for good, if any: the worker stops on it.
     fn failure(&self) -> Option<String>;
+    /// Predictions the broker refused for what they are, since the last call: their frames
+    /// are still in flight, and the worker dead-letters them.
+    fn take_refused(&self) -> Vec<(Ack, String)>;
 }
 
 pub struct Sink {
@@ -113,7 +132,7 @@ impl Sink {
         metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
     ) -> Result<Self> {
-        let context = SinkContext { tracker, metrics, failure: Mutex::new(None) };
+        let context = SinkContext { tracker, metrics, failure: Mutex::new(None), refused: Mutex::new(Vec::new()) };
         let producer = producer_config(brokers, extra)
             .create_with_context(context)
             .kafka_context(|| format!("producer for {brokers}"))?;
@@ -205,12 +224,16 @@ impl ResultSink for Sink {
     fn failure(&self) -> Option<String> {
         self.producer.context().failure.lock().unwrap().clone()
     }
+
+    fn take_refused(&self) -> Vec<(Ack, String)> {
+        std::mem::take(&mut *self.producer.context().refused.lock().unwrap())
+    }
 }
 
 /// Producer settings shared by the sink and the frame publisher: idempotent, a 5 ms linger (0
 /// was measured worse: one-record requests swamp the broker, see bench/RESULTS.md),
 /// then the user's pass-through properties (consumer-only ones dropped: librdkafka would warn).
-pub(crate) fn producer_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
+pub fn producer_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -226,7 +249,7 @@ pub(crate) fn producer_config(brokers: &str, extra: &[(String, String)]) -> Clie
 /// Between tries it asks `give_up`, whose error ends the wait (a stop request, a delivery that
 /// failed for good), and it waits at most `limit`: a queue that stays full that long means the
 /// broker takes nothing, which the caller must hear about rather than hang.
-pub(crate) fn send_waiting<C: ProducerContext>(
+pub fn send_waiting<C: ProducerContext>(
     producer: &ThreadedProducer<C>,
     mut record: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque>,
     limit: Duration,
@@ -257,7 +280,7 @@ pub(crate) fn send_waiting<C: ProducerContext>(
 
 /// How long a record may wait for room in the producer queue: librdkafka's `message.timeout.ms`
 /// (the time a queued record may take to be delivered) as set in `extra`, else its default.
-pub(crate) fn queue_wait_limit(extra: &[(String, String)]) -> Duration {
+pub fn queue_wait_limit(extra: &[(String, String)]) -> Duration {
     let ms = extra
         .iter()
         .rev()

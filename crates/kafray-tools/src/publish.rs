@@ -1,7 +1,7 @@
 //! Publishing frames (the producer side of the contract): from MNIST, image folders, or a
 //! synthetic camera fleet.
-use crate::error::{Error, KafkaContext as _, Result};
-use crate::frame::{PixelFormat, Shape, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
+use kafray::error::{Error, KafkaContext as _, Result};
+use kafray::frame::{PixelFormat, Shape, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
@@ -57,17 +57,17 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(brokers: &str, topic: &str, extra: &[(String, String)]) -> Result<Self> {
-        let producer = crate::sink::producer_config(brokers, extra)
+        let producer = kafray::sink::producer_config(brokers, extra)
             .create_with_context(PublishContext::default())
             .kafka_context(|| format!("producer for {brokers}"))?;
-        let queue_wait_limit = crate::sink::queue_wait_limit(extra);
+        let queue_wait_limit = kafray::sink::queue_wait_limit(extra);
         Ok(Publisher { producer, topic: topic.into(), seqs: Default::default(), spread: None, queue_wait_limit })
     }
 
     /// Sends frame i to partition i mod (the topic's partitions) rather than by key, so every
     /// partition gets the same share however few sources there are. Order per source is lost.
     pub fn round_robin(mut self, brokers: &str, extra: &[(String, String)]) -> Result<Self> {
-        let partitions = crate::admin::partition_count(brokers, &self.topic, extra)?.ok_or_else(|| {
+        let partitions = kafray::admin::partition_count(brokers, &self.topic, extra)?.ok_or_else(|| {
             Error::Config(format!("topic {} does not exist: create it (--partitions N) to spread over it", self.topic))
         })?;
         self.spread = Some((partitions as i32, 0));
@@ -93,13 +93,13 @@ impl Publisher {
             .key(frame.source.as_bytes())
             .payload(frame.value.as_slice())
             .headers(headers)
-            .timestamp(crate::sink::now_ms());
+            .timestamp(kafray::sink::now_ms());
         if let Some((partitions, next)) = &mut self.spread {
             record = record.partition(*next);
             *next = (*next + 1) % *partitions;
         }
         let ctx = self.producer.context();
-        crate::sink::send_waiting(&self.producer, record, self.queue_wait_limit, || {
+        kafray::sink::send_waiting(&self.producer, record, self.queue_wait_limit, || {
             ctx.first_error.lock().unwrap().as_ref().map(|e| Error::External(format!("a frame was not delivered: {e}")))
         })
     }

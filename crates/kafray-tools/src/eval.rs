@@ -1,7 +1,7 @@
 //! Reading the predictions topic back: counts, duplicates, accuracy, throughput, latency.
-use crate::error::{KafkaContext as _, Result};
-use crate::frame::HEADER_TRUTH;
-use crate::sink::Prediction;
+use kafray::error::{KafkaContext as _, Result};
+use kafray::frame::HEADER_TRUTH;
+use kafray::sink::Prediction;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
@@ -134,7 +134,7 @@ pub fn read_predictions(opts: &EvalOptions) -> Result<(Vec<ReadPrediction>, usiz
 /// classified, for timelines and percentiles of one's own.
 pub fn write_records(path: &std::path::Path, predictions: &[ReadPrediction]) -> Result<()> {
     use std::io::Write as _;
-    let io = |e| crate::Error::io(format!("write {}", path.display()), e);
+    let io = |e| kafray::Error::io(format!("write {}", path.display()), e);
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
     writeln!(out, "partition,offset,worker,batch_size,ts_produce_ms,ts_done_ms,latency_ms").map_err(io)?;
     let mut seen = std::collections::HashSet::new();

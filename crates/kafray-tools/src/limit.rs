@@ -2,10 +2,10 @@
 //! Each of `parallel` threads loads its own copy of the model and repeats decode -> preprocess ->
 //! infer over the same frames a producer would send, so a pipeline's throughput can be read as a
 //! fraction of the most these cores can do.
-use crate::error::{Error, Result};
-use crate::frame::{self, FrameHeaders};
-use crate::model::Model;
 use crate::publish::OutFrame;
+use kafray::error::{Error, Result};
+use kafray::frame::{self, FrameHeaders};
+use kafray::model::Model;
 use serde::Serialize;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -35,7 +35,8 @@ pub fn measure(
         return Err(Error::Config("the raw limit needs frames, a batch size and at least one thread".into()));
     }
     // Models load before the clock starts: a worker loads its model once too.
-    let models = (0..parallel).map(|_| Model::load(model, threads, 1)).collect::<Result<Vec<_>>>()?;
+    let path = crate::layout::find_model(model)?;
+    let models = (0..parallel).map(|_| Model::load(&path, threads, 1)).collect::<Result<Vec<_>>>()?;
     let frames: Arc<Vec<(Vec<u8>, FrameHeaders)>> = Arc::new(
         frames
             .iter()
@@ -115,10 +116,11 @@ fn run_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{PixelFormat, Shape};
+    use kafray::frame::{PixelFormat, Shape};
 
     #[test]
     fn measures_decode_and_inference_over_threads() {
+        crate::layout::use_venv_runtime();
         let frames: Vec<OutFrame> = (0..8u8)
             .map(|i| OutFrame {
                 source: "t".into(),

@@ -1,5 +1,5 @@
 //! The MNIST IDX format (gzip or not): images as 28x28 u8 pixels, labels as u8.
-use crate::error::{Error, Result};
+use kafray::error::{Error, Result};
 use std::io::Read;
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! An embedded Kafka-protocol broker for the demo, benchmarks and tests: Tansu (crates.io
 //! `nisshi`, Apache-2.0) on loopback with storage in a temporary folder. kafray itself only
 //! speaks the Kafka protocol; nothing depends on this broker.
-use crate::error::{Error, Result};
+use kafray::error::{Error, Result};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

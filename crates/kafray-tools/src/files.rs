@@ -1,9 +1,9 @@
 //! Classifying files instead of a stream: the paper's batch study. A file is an MNIST IDX
 //! shard (many digits, with the labels file beside it when there is one) or one PNG/JPEG image.
-use crate::error::{Error, Result};
-use crate::frame::{self, FrameHeaders, Pixels, Shape};
 use crate::mnist::{self, Digits};
-use crate::model::Model;
+use kafray::error::{Error, Result};
+use kafray::frame::{self, FrameHeaders, Pixels, Shape};
+use kafray::model::Model;
 use std::path::{Path, PathBuf};
 
 /// What one file held and what the model made of it.
