@@ -306,3 +306,54 @@ fn is_consumer_only(key: &str) -> bool {
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::producer::DefaultProducerContext;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A real librdkafka producer with room for one record, pointed at a closed loopback port:
+    /// its queue is full after one send and stays full.
+    fn full_producer() -> ThreadedProducer<DefaultProducerContext> {
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("queue.buffering.max.messages", "1")
+            .set("message.timeout.ms", "600000")
+            .create()
+            .unwrap();
+        p.send(BaseRecord::<[u8], [u8]>::to("t").payload(&b"first"[..])).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_full_queue_gives_up_on_stop_or_failure_at_once() {
+        let producer = full_producer();
+        let asked = AtomicUsize::new(0);
+        let started = std::time::Instant::now();
+        let outcome = send_waiting(
+            &producer,
+            BaseRecord::to("t").payload(&b"second"[..]),
+            Duration::from_secs(3600),
+            || (asked.fetch_add(1, Relaxed) == 3).then_some(Error::Stopped),
+        );
+        assert!(matches!(outcome, Err(Error::Stopped)), "{outcome:?}");
+        assert_eq!(asked.load(Relaxed), 4, "asked between tries, and given up when told");
+        assert!(started.elapsed() < Duration::from_secs(60), "gave up long before the 1 h limit");
+    }
+
+    #[test]
+    fn a_full_queue_is_waited_on_at_most_the_limit() {
+        let producer = full_producer();
+        let outcome = send_waiting(&producer, BaseRecord::to("t").payload(&b"second"[..]), Duration::ZERO, || None);
+        let err = outcome.unwrap_err().to_string();
+        assert!(err.contains("stayed full") && err.contains("the broker takes nothing"), "{err}");
+    }
+
+    #[test]
+    fn the_queue_wait_follows_message_timeout() {
+        assert_eq!(queue_wait_limit(&[]), Duration::from_secs(300));
+        let set = [("message.timeout.ms".to_string(), "5000".to_string())];
+        assert_eq!(queue_wait_limit(&set), Duration::from_secs(5));
+    }
+}
