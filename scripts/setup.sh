@@ -4,7 +4,8 @@
 #    (kafray loads it at run time; ORT_DYLIB_PATH overrides);
 #  - the local Kafka-protocol broker for the demo and tests: Tansu (crates.io `nisshi`),
 #    built with cargo into ~/.cargo/bin (about 20 minutes on 2 cores, the first time only);
-#  - kcat, for the test that any Kafka client can use kafray's formats.
+#  - kcat, for the test that any Kafka client can use kafray's formats, and prometheus (Debian's),
+#    for the test that a real Prometheus server scrapes a worker.
 # With --python (the test command passes it) also:
 #  - Ray, PySpark, matplotlib, maturin and pytest in .venv (about 1 GB, once), and numpy and
 #    Pillow for the Python peer of the benchmarks (bench/peer.py);
@@ -53,15 +54,26 @@ if ! command -v nisshi >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/nisshi" ]; th
     --no-default-features --features dynostore,libsql
 fi
 
-if ! command -v kcat >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat >/dev/null
-  elif command -v sudo >/dev/null 2>&1; then
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat >/dev/null
-  else
-    echo "setup: kcat is missing and cannot be installed without root; the kcat test will fail (apt-get install kcat)" >&2
+# Debian packages: kcat (any Kafka client can use kafray's formats) and prometheus (a real server
+# scrapes a worker in a test).
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    command -v "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ "${#missing[@]}" = 0 ] && return 0
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+      sudo=sudo
+    else
+      echo "setup: ${missing[*]} missing and cannot be installed without root; their tests will fail (apt-get install ${missing[*]})" >&2
+      return 0
+    fi
   fi
-fi
+  $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+apt_install kcat prometheus
 if [ "$with_python" = 1 ]; then
   want="ray==$RAY_VERSION pyspark==$PYSPARK_VERSION matplotlib==$MATPLOTLIB_VERSION maturin==$MATURIN_VERSION pytest==$PYTEST_VERSION numpy==$NUMPY_VERSION pillow==$PILLOW_VERSION"
   if ! .venv/bin/python - $want <<'PY' 2>/dev/null
@@ -79,4 +91,4 @@ PY
   VIRTUAL_ENV="$PWD/.venv" .venv/bin/maturin develop --release -q -m crates/kafray-py/Cargo.toml
 fi
 
-echo "setup: ok (onnxruntime $ORT_VERSION in .venv, broker $(command -v nisshi || echo "$HOME/.cargo/bin/nisshi"), kcat $(command -v kcat || echo missing))"
+echo "setup: ok (onnxruntime $ORT_VERSION in .venv, broker $(command -v nisshi || echo "$HOME/.cargo/bin/nisshi"), kcat $(command -v kcat || echo missing), prometheus $(command -v prometheus || echo missing))"

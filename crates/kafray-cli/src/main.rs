@@ -141,6 +141,11 @@ struct WorkerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     worker_id: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics; port 0 picks a free one (logged), "" turns
+    /// it off [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_addr: Option<String>,
     /// Create missing input and output topics with this many partitions (else a missing one
     /// fails the start; a missing dead-letter topic is always created, with 1).
     #[arg(long)]
@@ -302,6 +307,8 @@ mod tests {
             "w",
             "--create-topics",
             "2",
+            "--metrics-addr",
+            "127.0.0.1:0",
             "-X",
             "linger.ms=1",
         ])

@@ -47,6 +47,9 @@ pub struct WorkerConfig {
     pub worker_id: Option<String>,
     /// librdkafka properties passed through to the consumer and producer (`-X key=value`).
     pub kafka: Vec<(String, String)>,
+    /// Serve Prometheus metrics at `http://<this>/metrics` (`host:port`; port 0 picks a free
+    /// one, logged). Loopback by default; `""` turns the endpoint off.
+    pub metrics_addr: String,
     /// At start, create the input and output topics with this many partitions (and the
     /// dead-letter topic with one) where they are missing. Without it a missing input or output
     /// topic fails the start; a missing dead-letter topic is always created.
@@ -71,6 +74,7 @@ impl Default for WorkerConfig {
             status_interval_s: 5,
             worker_id: None,
             kafka: Vec::new(),
+            metrics_addr: "127.0.0.1:9464".into(),
             create_topics: None,
         }
     }

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod exporter;
 pub mod frame;
 pub mod metrics;
 pub mod model;

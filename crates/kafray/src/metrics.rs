@@ -1,4 +1,6 @@
 //! Live counters of one worker, read by the status line and by embedders.
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
@@ -10,8 +12,18 @@ pub struct Metrics {
     pub batches: AtomicU64,
     pub batched_frames: AtomicU64,
     pub delivery_failures: AtomicU64,
+    /// Dead letters by [`DeadLetterReason`] (indexed by it).
+    pub dead_lettered_by: [AtomicU64; DeadLetterReason::ALL.len()],
     /// Dead letters published without the frame's value, which was too large to republish.
     pub dead_letter_fallbacks: AtomicU64,
+    /// Times polling paused because `max_in_flight` frames were in flight.
+    pub backpressure_pauses: AtomicU64,
+    /// Frames polled and not yet acknowledged.
+    pub in_flight: AtomicUsize,
+    /// Frames behind the log end per assigned partition (librdkafka statistics).
+    pub partition_lag: Mutex<Vec<(i32, i64)>>,
+    /// Distributions for the Prometheus endpoint.
+    pub histograms: Histograms,
     /// Errors the consumer reported instead of a frame (logged; see the worker's log).
     pub consume_errors: AtomicU64,
     /// Input partitions this worker currently owns.
@@ -28,6 +40,68 @@ pub struct Metrics {
     pub frame_times: FrameTimers,
     /// Produce timestamp -> acknowledged, ms: since start, and since the last status line.
     latency: Mutex<Option<Latency>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").field("snapshot", &self.snapshot()).finish_non_exhaustive()
+    }
+}
+
+/// Why a frame went to the dead-letter topic, as a class (the reason text says more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// It did not decode, or did not fit the model's input.
+    Undecodable = 0,
+    /// The model failed on it alone.
+    ModelFailed = 1,
+    /// Its prediction is larger than the producer may send.
+    ResultTooLarge = 2,
+    /// The broker refused its prediction.
+    ResultRefused = 3,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 4] =
+        [Self::Undecodable, Self::ModelFailed, Self::ResultTooLarge, Self::ResultRefused];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Undecodable => "undecodable",
+            Self::ModelFailed => "model_failed",
+            Self::ResultTooLarge => "result_too_large",
+            Self::ResultRefused => "result_refused",
+        }
+    }
+}
+
+/// The `stage` label of a stage histogram.
+pub type StageLabel = [(&'static str, &'static str); 1];
+
+/// Histograms as Prometheus has them (cumulative buckets), in seconds or frames.
+#[derive(Debug)]
+pub struct Histograms {
+    /// Record timestamp -> the prediction acknowledged.
+    pub latency_seconds: Histogram,
+    /// Each part of a prediction's path (fetch, decode, queue, infer, ack).
+    pub stage_seconds: Family<StageLabel, Histogram, fn() -> Histogram>,
+    /// Frames per batch given to the model.
+    pub batch_size: Histogram,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 0.5 ms .. about 65 s, doubling.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        Histograms {
+            latency_seconds: seconds_histogram(),
+            stage_seconds: Family::new_with_constructor(seconds_histogram),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+        }
+    }
 }
 
 struct Latency {
@@ -181,7 +255,18 @@ impl Metrics {
         f.decode_us.fetch_add(t.decode_us, Relaxed);
         f.queue_us.fetch_add(t.queue_us, Relaxed);
         f.infer_us.fetch_add(t.infer_us, Relaxed);
-        f.ack_us.fetch_add(t.inferred_at.elapsed().as_micros() as u64, Relaxed);
+        let ack_us = t.inferred_at.elapsed().as_micros() as u64;
+        f.ack_us.fetch_add(ack_us, Relaxed);
+        let stages = [
+            ("fetch", t.fetch_us),
+            ("decode", t.decode_us),
+            ("queue", t.queue_us),
+            ("infer", t.infer_us),
+            ("ack", ack_us),
+        ];
+        for (stage, us) in stages {
+            self.histograms.stage_seconds.get_or_create(&[("stage", stage)]).observe(us as f64 / 1e6);
+        }
     }
 
     pub fn record_latency(&self, ms: i64) {
@@ -190,6 +275,7 @@ impl Metrics {
             let h = hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds");
             Latency { total: h.clone(), window: h }
         });
+        self.histograms.latency_seconds.observe(ms.max(0) as f64 / 1000.0);
         let ms = ms.max(1) as u64;
         l.total.saturating_record(ms);
         l.window.saturating_record(ms);

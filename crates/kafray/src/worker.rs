@@ -8,7 +8,7 @@ use crate::batch::{BatchPolicy, BatchQueue, FrameMeta, Next};
 use crate::config::WorkerConfig;
 use crate::error::{Error, Result};
 use crate::frame::{self, FrameHeaders, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
-use crate::metrics::{FrameTiming, Metrics, Snapshot, StageTimers};
+use crate::metrics::{DeadLetterReason, FrameTiming, Metrics, Snapshot, StageTimers};
 use crate::model::{Model, ModelSpec};
 use crate::offsets::OffsetTracker;
 use crate::sink::{now_ms, Ack, Prediction, ResultSink, Sink, TopEntry};
@@ -69,7 +69,33 @@ pub fn run_with_model(
         &config.kafka,
     )?;
     let tracker = Arc::new(OffsetTracker::new());
-    let stats_ms = if config.status_interval_s > 0 { config.status_interval_s * 1000 } else { 0 };
+    // The endpoint is a window on the worker, not part of its work: a port already taken (a
+    // second worker on the host) is a warning, and the stream goes on.
+    let _metrics_server = (!config.metrics_addr.is_empty())
+        .then(|| {
+            let labels = vec![("worker".to_string(), config.worker_id())];
+            match crate::exporter::MetricsServer::start(
+                &config.metrics_addr,
+                crate::exporter::registry(metrics.clone(), labels),
+            ) {
+                Ok(server) => {
+                    tracing::info!("metrics at http://{}/metrics", server.addr);
+                    Some(server)
+                }
+                Err(e) => {
+                    tracing::warn!("no metrics endpoint: {e}");
+                    None
+                }
+            }
+        })
+        .flatten();
+    // librdkafka's statistics carry the lag: often enough for the status line and for scrapes.
+    let stats_ms = match (config.status_interval_s, config.metrics_addr.is_empty()) {
+        (0, true) => 0,
+        (0, false) => 5000,
+        (s, true) => s * 1000,
+        (s, false) => (s * 1000).min(5000),
+    };
     let consumer = source::subscribe(
         &config.brokers,
         &config.group,
@@ -249,6 +275,7 @@ impl<S: FrameSource> Intake<'_, S> {
             // consumer does not flip between pause and resume (each resume restarts fetching).
             let resume_at = self.config.max_in_flight / 2;
             let in_flight = self.tracker.in_flight();
+            self.metrics.in_flight.store(in_flight, Relaxed);
             let hold = if self.paused { in_flight > resume_at } else { in_flight >= self.config.max_in_flight };
             self.set_paused(hold);
             let waited = Instant::now();
@@ -305,7 +332,8 @@ impl<S: FrameSource> Intake<'_, S> {
         for (ack, reason) in self.sink.take_refused() {
             self.metrics.dead_letter_fallbacks.fetch_add(1, Relaxed);
             let reason = format!("{reason} (the frame's value is left out: it stays in the input topic)");
-            self.sink.dead_letter(None, &[], None, &reason, Ack { dead_letter: true, timing: None, ..ack })?;
+            let ack = Ack { timing: None, ..ack };
+            self.sink.dead_letter(None, &[], None, &reason, DeadLetterReason::ResultRefused, ack)?;
         }
         Ok(())
     }
@@ -315,6 +343,9 @@ impl<S: FrameSource> Intake<'_, S> {
     fn set_paused(&mut self, hold: bool) {
         if !hold && !self.paused {
             return;
+        }
+        if hold && !self.paused {
+            self.metrics.backpressure_pauses.fetch_add(1, Relaxed);
         }
         if let Err(e) = self.source.set_paused(hold) {
             tracing::warn!("consumer {}: {e}", if hold { "pause" } else { "resume" });
@@ -354,8 +385,9 @@ impl<S: FrameSource> Intake<'_, S> {
             }
             Err(rejection) => {
                 tracing::debug!(partition, offset, "dead letter: {rejection}");
-                let ack = Ack { partition, offset, ts_produce_ms, dead_letter: true, timing: None };
-                self.sink.dead_letter(msg.key(), value, msg.headers().map(owned_headers), &rejection.0, ack)?;
+                let ack = Ack { partition, offset, ts_produce_ms, dead_letter: None, timing: None };
+                let headers = msg.headers().map(owned_headers);
+                self.sink.dead_letter(msg.key(), value, headers, &rejection.0, DeadLetterReason::Undecodable, ack)?;
             }
         }
         Ok(())
@@ -410,6 +442,7 @@ fn infer_loop(
         let size = batch.len();
         metrics.batches.fetch_add(1, Relaxed);
         metrics.batched_frames.fetch_add(size as u64, Relaxed);
+        metrics.histograms.batch_size.observe(size as f64);
         // A frame on which the model fails (while it classifies others) is dead-lettered; a
         // failure of the model itself stops the worker without storing these frames' offsets,
         // so they are read again.
@@ -422,7 +455,7 @@ fn infer_loop(
                 partition: meta.partition,
                 offset: meta.offset,
                 ts_produce_ms: meta.ts_produce_ms,
-                dead_letter: false,
+                dead_letter: None,
                 timing: None,
             };
             let result = match result {
@@ -434,7 +467,8 @@ fn infer_loop(
                         "the model failed on this frame alone: {reason}"
                     );
                     let reason = format!("the model failed on this frame: {reason}");
-                    sink.dead_letter(meta.key.as_deref(), &meta.value, meta.headers.clone(), &reason, ack)?;
+                    let (key, headers) = (meta.key.as_deref(), meta.headers.clone());
+                    sink.dead_letter(key, &meta.value, headers, &reason, DeadLetterReason::ModelFailed, ack)?;
                     continue;
                 }
             };
@@ -475,7 +509,8 @@ fn infer_loop(
                 }) => {
                     let reason = "its prediction is larger than the producer's message.max.bytes (a very long key?)";
                     tracing::warn!(partition = meta.partition, offset = meta.offset, "dead letter: {reason}");
-                    sink.dead_letter(meta.key.as_deref(), &meta.value, meta.headers.clone(), reason, ack)?;
+                    let (key, headers) = (meta.key.as_deref(), meta.headers.clone());
+                    sink.dead_letter(key, &meta.value, headers, reason, DeadLetterReason::ResultTooLarge, ack)?;
                 }
                 other => other?,
             }
@@ -621,7 +656,7 @@ mod tests {
 
     impl FakeSink {
         fn send(&self, ack: Ack) {
-            if Some(ack.offset) == self.refuse_offset && !ack.dead_letter {
+            if Some(ack.offset) == self.refuse_offset && ack.dead_letter.is_none() {
                 self.refused.lock().unwrap().push((ack, "the broker refused its prediction: too large".into()));
             } else if Some(ack.offset) == self.fail_offset {
                 *self.failure.lock().unwrap() = Some(format!("delivery failed for frame {}", ack.offset));
@@ -653,10 +688,11 @@ mod tests {
             _value: &[u8],
             _headers: Option<OwnedHeaders>,
             reason: &str,
+            class: DeadLetterReason,
             ack: Ack,
         ) -> Result<()> {
             self.dead.lock().unwrap().push((ack.offset, reason.to_string()));
-            self.send(Ack { dead_letter: true, ..ack });
+            self.send(Ack { dead_letter: Some(class), ..ack });
             Ok(())
         }
         fn flush(&self, _timeout: Duration) -> Result<()> {

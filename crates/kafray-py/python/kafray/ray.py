@@ -179,6 +179,8 @@ class Deployment:
         config.setdefault("threads", max(1, int(num_cpus)))
         config["model"] = kafray.find_model(config.get("model", "mnist"))
         config.setdefault("status_interval_s", 5)
+        # Several actors share a node: each takes a free port (logged) rather than fight for one.
+        config.setdefault("metrics_addr", "127.0.0.1:0")
         d = cls(name, config, num_cpus, num_gpus, detached, max_restarts)
         existing = [n for n in ray.util.list_named_actors() if n.startswith(f"{name}-worker-")]
         if existing:
@@ -370,6 +372,8 @@ def _add_worker_flags(up: argparse.ArgumentParser) -> None:
                    help="seconds between each worker's status lines in its log (5)")
     w.add_argument("--worker-id", dest="worker_id",
                    help="prefix of the workers' names in predictions (default: the actor's name)")
+    w.add_argument("--metrics-addr", dest="metrics_addr", metavar="ADDR",
+                   help="each worker's Prometheus endpoint (default on Ray: a free loopback port, logged)")
     w.add_argument("--create-topics", dest="create_topics", type=int, metavar="P",
                    help="create missing input/output topics with P partitions (else a missing one fails the start)")
     w.add_argument("-X", dest="kafka", action="append", metavar="KEY=VALUE", help="librdkafka property (repeatable)")

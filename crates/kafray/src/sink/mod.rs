@@ -6,7 +6,7 @@ pub use prediction::{Prediction, TopEntry};
 
 use crate::error::{Error, KafkaContext as _, Result};
 use crate::frame::HEADER_ERROR;
-use crate::metrics::{FrameTiming, Metrics};
+use crate::metrics::{DeadLetterReason, FrameTiming, Metrics};
 use crate::offsets::OffsetTracker;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -24,7 +24,8 @@ pub struct Ack {
     pub partition: i32,
     pub offset: i64,
     pub ts_produce_ms: Option<i64>,
-    pub dead_letter: bool,
+    /// Set for a dead letter: why, as a class for the metrics.
+    pub dead_letter: Option<DeadLetterReason>,
     /// A prediction's path so far, completed by the ack (see [`crate::metrics::FrameTimes`]).
     pub timing: Option<FrameTiming>,
 }
@@ -47,7 +48,9 @@ impl ProducerContext for SinkContext {
     fn delivery(&self, result: &DeliveryResult<'_>, ack: Box<Ack>) {
         match result {
             Ok(_) => acknowledged(&self.tracker, &self.metrics, &ack),
-            Err((KafkaError::MessageProduction(code), msg)) if !ack.dead_letter && refuses_the_record(*code) => {
+            Err((KafkaError::MessageProduction(code), msg))
+                if ack.dead_letter.is_none() && refuses_the_record(*code) =>
+            {
                 let reason = format!("the broker refused its prediction on {}: {code}", msg.topic());
                 tracing::warn!(partition = ack.partition, offset = ack.offset, "{reason}; dead-lettering the frame");
                 self.refused.lock().unwrap().push((*ack, reason));
@@ -75,8 +78,9 @@ fn refuses_the_record(code: RDKafkaErrorCode) -> bool {
 /// A result is durable: its frame is done, and counted.
 pub fn acknowledged(tracker: &OffsetTracker, metrics: &Metrics, ack: &Ack) {
     tracker.done(ack.partition, ack.offset);
-    if ack.dead_letter {
+    if let Some(reason) = ack.dead_letter {
         metrics.dead_lettered.fetch_add(1, Relaxed);
+        metrics.dead_lettered_by[reason as usize].fetch_add(1, Relaxed);
     } else {
         metrics.predicted.fetch_add(1, Relaxed);
         if let Some(ts) = ack.ts_produce_ms {
@@ -94,13 +98,14 @@ pub fn acknowledged(tracker: &OffsetTracker, metrics: &Metrics, ack: &Ack) {
 pub trait ResultSink: Send + Sync {
     /// Queues one prediction, keyed like its frame.
     fn predict(&self, key: Option<&[u8]>, prediction: &Prediction, truth: Option<&str>, ack: Ack) -> Result<()>;
-    /// Queues a rejected frame unchanged, with the reason.
+    /// Queues a rejected frame unchanged, with the reason (and its class, for the metrics).
     fn dead_letter(
         &self,
         key: Option<&[u8]>,
         value: &[u8],
         headers: Option<OwnedHeaders>,
         reason: &str,
+        class: DeadLetterReason,
         ack: Ack,
     ) -> Result<()>;
     /// Waits until every queued result is acknowledged (or failed).
@@ -188,9 +193,10 @@ impl ResultSink for Sink {
         value: &[u8],
         headers: Option<OwnedHeaders>,
         reason: &str,
+        class: DeadLetterReason,
         ack: Ack,
     ) -> Result<()> {
-        let ack = Ack { dead_letter: true, ..ack };
+        let ack = Ack { dead_letter: Some(class), ..ack };
         let (partition, offset) = (ack.partition.to_string(), ack.offset.to_string());
         let with_reason = |reason: &str| {
             headers
@@ -331,12 +337,10 @@ mod tests {
         let producer = full_producer();
         let asked = AtomicUsize::new(0);
         let started = std::time::Instant::now();
-        let outcome = send_waiting(
-            &producer,
-            BaseRecord::to("t").payload(&b"second"[..]),
-            Duration::from_secs(3600),
-            || (asked.fetch_add(1, Relaxed) == 3).then_some(Error::Stopped),
-        );
+        let outcome =
+            send_waiting(&producer, BaseRecord::to("t").payload(&b"second"[..]), Duration::from_secs(3600), || {
+                (asked.fetch_add(1, Relaxed) == 3).then_some(Error::Stopped)
+            });
         assert!(matches!(outcome, Err(Error::Stopped)), "{outcome:?}");
         assert_eq!(asked.load(Relaxed), 4, "asked between tries, and given up when told");
         assert!(started.elapsed() < Duration::from_secs(60), "gave up long before the 1 h limit");

@@ -23,14 +23,15 @@ pub struct SourceContext {
 
 impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
-        let lag: i64 = stats
+        let lags: Vec<(i32, i64)> = stats
             .topics
             .values()
             .flat_map(|t| t.partitions.values())
             .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-            .map(|p| p.consumer_lag)
-            .sum();
-        self.metrics.lag.store(lag, Relaxed);
+            .map(|p| (p.partition, p.consumer_lag))
+            .collect();
+        self.metrics.lag.store(lags.iter().map(|(_, lag)| lag).sum(), Relaxed);
+        *self.metrics.partition_lag.lock().unwrap() = lags;
     }
 }
 
