@@ -182,11 +182,12 @@ pub fn run_pipeline<S: FrameSource>(
     let mut flushed = sink.flush(DRAIN_TIMEOUT);
     // Predictions refused while draining: dead-letter them too, and wait for those.
     if flushed.is_ok() && outcome.is_ok() {
-        if let Err(e) = intake.dead_letter_refused() {
-            flushed = Err(e);
-        } else {
-            flushed = sink.flush(DRAIN_TIMEOUT);
-        }
+        flushed = match intake.dead_letter_refused() {
+            Ok(()) => sink.flush(DRAIN_TIMEOUT),
+            // Given up for the stop: those frames stay unacknowledged and are read again.
+            Err(Error::Stopped) => Ok(()),
+            Err(e) => Err(e),
+        };
     }
     source::store_safe(source, &config.input_topic, &tracker);
     if let Err(e) = source.commit_now() {
