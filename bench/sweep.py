@@ -81,7 +81,9 @@ class KafrayWorker:
         self.worker = kafray.Worker(
             brokers=brokers, input_topic=input_topic, output_topic=output_topic, group=group, model=self.model,
             batch_size=batch_size, max_wait_ms=max_wait_ms, max_in_flight=max_in_flight, threads=self.threads,
-            status_interval_s=0, **policy).start()
+            # No status line and no /metrics endpoint: the peer has neither, and the cells
+            # measure the data path.
+            status_interval_s=0, metrics_addr="", **policy).start()
 
     def stats(self) -> dict:
         if self.worker is None:

@@ -194,6 +194,7 @@ fn pipeline_throughput(
         status_interval_s: 0,
         max_in_flight: 2000.max(batch * 4),
         kafka: kafka.to_vec(),
+        metrics_addr: String::new(),
         ..WorkerConfig::default()
     };
     let metrics = Arc::new(Metrics::new());

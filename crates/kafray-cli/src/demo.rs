@@ -106,6 +106,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             status_interval_s: 0,
             worker_id: Some(format!("demo-worker-{i}")),
             kafka: props.clone(),
+            // Several workers in one process: the report is the demo's output, not /metrics.
+            metrics_addr: String::new(),
             ..defaults.clone()
         };
         config.validate()?;
