@@ -558,7 +558,7 @@ impl StatusLine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Backend;
+    use crate::model::testing::{pixel_model, Pixel, POISON};
     use rdkafka::error::KafkaResult;
     use rdkafka::message::{OwnedMessage, Timestamp};
     use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -567,8 +567,6 @@ mod tests {
     use std::thread::JoinHandle;
 
     const TOPIC: &str = "frames";
-    /// A poison pixel: the model fails on any batch that holds it.
-    const POISON: u8 = 13;
 
     enum Event {
         Frame(OwnedMessage),
@@ -709,35 +707,6 @@ mod tests {
         }
     }
 
-    /// Classifies a 1x1 gray frame as its pixel value (mod 16); fails on batches holding the
-    /// poison pixel, on every batch while `broken`, and answers one frame short while `short`.
-    struct Pixel {
-        broken: bool,
-        short: bool,
-    }
-
-    impl Backend for Pixel {
-        fn graph_input(&self) -> Vec<i64> {
-            vec![-1, 1, 1, 1]
-        }
-        fn classes(&self) -> usize {
-            16
-        }
-        fn max_batch(&self) -> Option<usize> {
-            None
-        }
-        fn infer(&mut self, input: &[f32], _shape: [usize; 4]) -> Result<Vec<f32>> {
-            if self.broken || input.contains(&(POISON as f32)) {
-                return Err(Error::Inference("the model cannot take this".into()));
-            }
-            let n = if self.short { input.len() - 1 } else { input.len() };
-            Ok(input[..n]
-                .iter()
-                .flat_map(|&v| (0..16).map(move |c| if c == v as usize % 16 { 9.0 } else { 0.0 }))
-                .collect())
-        }
-    }
-
     fn frame(partition: i32, offset: i64, pixel: u8) -> Event {
         let headers = OwnedHeaders::new()
             .insert(Header { key: HEADER_FORMAT, value: Some("raw") })
@@ -769,10 +738,7 @@ mod tests {
         refuse_offset: Option<i64>,
         events: Vec<Event>,
     ) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("pixel.onnx");
-        std::fs::write(dir.path().join("pixel.toml"), "layout='nchw'\ncolor='gray'\nscale=1.0\n").unwrap();
-        let model = Model::with_backend(&path, Box::new(backend), 1).unwrap();
+        let model = pixel_model(backend);
         let (tracker, metrics) = (Arc::new(OffsetTracker::new()), Arc::new(Metrics::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let source = Arc::new(FakeSource {
@@ -836,7 +802,7 @@ mod tests {
 
     #[test]
     fn acknowledgements_out_of_order_store_only_below_the_oldest_unacknowledged_frame() {
-        let h = start(Pixel { broken: false, short: false }, true, None, frames(0, 0..8));
+        let h = start(Pixel::default(), true, None, frames(0, 0..8));
         wait_until("8 results sent", || h.held() == 8);
         h.sink.release(&[7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(h.tracker.in_flight(), 1);
@@ -851,7 +817,7 @@ mod tests {
 
     #[test]
     fn a_revoke_with_frames_in_flight_forgets_them_and_the_partition_can_come_back() {
-        let h = start(Pixel { broken: false, short: false }, true, None, frames(0, 0..4));
+        let h = start(Pixel::default(), true, None, frames(0, 0..4));
         wait_until("4 results sent", || h.held() == 4);
         h.source.push([Event::Revoke(vec![0])]);
         wait_until("the revoked frames forgotten", || h.tracker.in_flight() == 0);
@@ -869,7 +835,7 @@ mod tests {
 
     #[test]
     fn a_failed_delivery_stops_the_worker_and_nothing_past_it_is_stored() {
-        let h = start(Pixel { broken: false, short: false }, false, Some(2), frames(0, 0..6));
+        let h = start(Pixel::default(), false, Some(2), frames(0, 0..6));
         let (outcome, committed) = h.ended();
         let err = outcome.unwrap_err().to_string();
         assert!(err.contains("delivery failed for frame 2"), "{err}");
@@ -878,16 +844,17 @@ mod tests {
 
     #[test]
     fn a_broken_model_stops_the_worker_without_storing_its_frames() {
-        let h = start(Pixel { broken: true, short: false }, false, None, frames(0, 0..4));
+        let h =
+            start(Pixel { broken: Arc::new(AtomicBool::new(true)), ..Pixel::default() }, false, None, frames(0, 0..4));
         let (outcome, committed) = h.ended();
-        assert!(outcome.unwrap_err().to_string().contains("the model cannot take this"));
+        assert!(outcome.unwrap_err().to_string().contains("the device is gone"));
         assert_eq!(committed.get(&0), None, "the frames are read again after a restart");
     }
 
     #[test]
     fn a_poison_frame_is_dead_lettered_and_the_stream_goes_on() {
-        let events = vec![frame(0, 0, 1), frame(0, 1, POISON), frame(0, 2, 2), frame(0, 3, 3)];
-        let h = start(Pixel { broken: false, short: false }, false, None, events);
+        let events = vec![frame(0, 0, 1), frame(0, 1, POISON as u8), frame(0, 2, 2), frame(0, 3, 3)];
+        let h = start(Pixel::default(), false, None, events);
         wait_until("offset 4 stored", || h.source.stored(0) == Some(4));
         let dead = h.sink.dead.lock().unwrap().clone();
         let mut predicted = h.sink.predicted.lock().unwrap().clone();
@@ -903,7 +870,7 @@ mod tests {
 
     #[test]
     fn a_short_model_answer_stops_the_worker_instead_of_stalling_it() {
-        let h = start(Pixel { broken: false, short: true }, false, None, frames(0, 0..4));
+        let h = start(Pixel { short: true, ..Pixel::default() }, false, None, frames(0, 0..4));
         let (outcome, committed) = h.ended();
         let err = outcome.unwrap_err().to_string();
         assert!(err.contains("scores for a batch of"), "{err}");
@@ -912,7 +879,7 @@ mod tests {
 
     #[test]
     fn a_prediction_the_broker_refuses_dead_letters_its_frame_and_the_stream_goes_on() {
-        let h = start_refusing(Pixel { broken: false, short: false }, false, None, Some(1), frames(0, 0..4));
+        let h = start_refusing(Pixel::default(), false, None, Some(1), frames(0, 0..4));
         wait_until("offset 4 stored", || h.source.stored(0) == Some(4));
         let dead = h.sink.dead.lock().unwrap().clone();
         let (outcome, committed) = h.finish();
@@ -926,7 +893,7 @@ mod tests {
 
     #[test]
     fn a_failed_offset_store_is_tried_again() {
-        let h = start(Pixel { broken: false, short: false }, false, None, Vec::new());
+        let h = start(Pixel::default(), false, None, Vec::new());
         h.source.failing_stores.store(3, SeqCst);
         h.source.push(frames(1, 10..14));
         wait_until("offset 14 stored", || h.source.stored(1) == Some(14));

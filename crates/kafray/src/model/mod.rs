@@ -216,65 +216,8 @@ mod tests {
         }
     }
 
-    /// Answers one image fewer than it was given.
-    struct Short;
-    impl Backend for Short {
-        fn graph_input(&self) -> Vec<i64> {
-            vec![-1, 1, 1, 1]
-        }
-        fn classes(&self) -> usize {
-            4
-        }
-        fn max_batch(&self) -> Option<usize> {
-            None
-        }
-        fn infer(&mut self, input: &[f32], _shape: [usize; 4]) -> Result<Vec<f32>> {
-            Ok(vec![1.0; (input.len() - 1) * 4])
-        }
-    }
-
-    /// Fails on any batch holding a 13 (a poison frame), on every batch while `broken`, and on
-    /// the next `transient` calls whatever they hold.
-    struct Picky {
-        broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
-        transient: usize,
-        calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    }
-    impl Backend for Picky {
-        fn graph_input(&self) -> Vec<i64> {
-            vec![-1, 1, 1, 1]
-        }
-        fn classes(&self) -> usize {
-            16
-        }
-        fn max_batch(&self) -> Option<usize> {
-            None
-        }
-        fn infer(&mut self, input: &[f32], _shape: [usize; 4]) -> Result<Vec<f32>> {
-            use std::sync::atomic::Ordering::SeqCst;
-            self.calls.fetch_add(1, SeqCst);
-            if self.transient > 0 {
-                self.transient -= 1;
-                return Err(crate::Error::Inference("transient".into()));
-            }
-            if self.broken.load(SeqCst) {
-                return Err(crate::Error::Inference("the device is gone".into()));
-            }
-            if input.contains(&13.0) {
-                return Err(crate::Error::Inference("cannot digest 13".into()));
-            }
-            Ok(input.iter().flat_map(|&v| (0..16).map(move |c| if c == v as usize { 10.0 } else { 0.0 })).collect())
-        }
-    }
-
-    fn picky(transient: usize) -> (Model, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("picky.onnx");
-        std::fs::write(dir.path().join("picky.toml"), "layout='nchw'\ncolor='gray'\nscale=1.0\n").unwrap();
-        let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let backend = Picky { broken: broken.clone(), transient, calls: Default::default() };
-        (Model::with_backend(&path, Box::new(backend), 1).unwrap(), broken)
-    }
+    use std::sync::atomic::Ordering::SeqCst;
+    use testing::{pixel_model, Pixel, POISON};
 
     fn classes(out: &[Result<Classification, FrameRejection>]) -> Vec<Option<usize>> {
         out.iter().map(|r| r.as_ref().ok().map(Classification::class)).collect()
@@ -282,45 +225,44 @@ mod tests {
 
     #[test]
     fn a_poison_frame_is_isolated_and_the_rest_classified() {
-        let (mut m, _) = picky(0);
-        let out = m.classify_isolating(&[1.0, 2.0, 13.0, 3.0, 4.0, 13.0, 5.0]).unwrap();
+        let mut m = pixel_model(Pixel::default());
+        let out = m.classify_isolating(&[1.0, 2.0, POISON, 3.0, 4.0, POISON, 5.0]).unwrap();
         assert_eq!(classes(&out), vec![Some(1), Some(2), None, Some(3), Some(4), None, Some(5)]);
-        assert!(out[2].as_ref().unwrap_err().contains("cannot digest 13"), "{:?}", out[2]);
+        assert!(out[2].as_ref().unwrap_err().contains("cannot take pixel 13"), "{:?}", out[2]);
         // A single-frame batch that fails while the canary (digit 1 or 2 above) passes: poison too.
-        let out = m.classify_isolating(&[13.0]).unwrap();
+        let out = m.classify_isolating(&[POISON]).unwrap();
         assert_eq!(classes(&out), vec![None]);
     }
 
     #[test]
     fn a_broken_model_is_an_error_not_a_poison_frame() {
-        let (mut m, broken) = picky(0);
+        let backend = Pixel::default();
+        let broken = backend.broken.clone();
+        let mut m = pixel_model(backend);
         assert_eq!(classes(&m.classify_isolating(&[7.0]).unwrap()), vec![Some(7)]);
-        broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        broken.store(true, SeqCst);
         let err = m.classify_isolating(&[1.0, 2.0, 3.0]).unwrap_err().to_string();
         assert!(err.contains("the device is gone"), "{err}");
         // Without a canary, a batch of which no frame can be classified is the model's fault too.
-        let (mut fresh, broken) = picky(0);
-        broken.store(true, std::sync::atomic::Ordering::SeqCst);
-        assert!(fresh.classify_isolating(&[1.0, 2.0]).is_err());
-        let (mut fresh, _) = picky(0);
-        assert!(fresh.classify_isolating(&[13.0]).is_err(), "one frame, no canary: cannot tell, so it is retried");
+        let backend = Pixel::default();
+        backend.broken.store(true, SeqCst);
+        assert!(pixel_model(backend).classify_isolating(&[1.0, 2.0]).is_err());
+        let mut fresh = pixel_model(Pixel::default());
+        assert!(fresh.classify_isolating(&[POISON]).is_err(), "one frame, no canary: cannot tell, so it is retried");
     }
 
     #[test]
     fn a_transient_failure_is_retried_whole() {
-        let (mut m, _) = picky(1);
+        let mut m = pixel_model(Pixel { transient: 1, ..Pixel::default() });
         let out = m.classify_isolating(&[1.0, 2.0, 3.0]).unwrap();
         assert_eq!(classes(&out), vec![Some(1), Some(2), Some(3)]);
     }
 
     #[test]
     fn a_short_answer_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("short.onnx");
-        std::fs::write(dir.path().join("short.toml"), "layout='nchw'\ncolor='gray'\nscale=1.0\n").unwrap();
-        let mut m = Model::with_backend(&path, Box::new(Short), 1).unwrap();
+        let mut m = pixel_model(Pixel { short: true, ..Pixel::default() });
         let err = m.classify(&[1.0, 2.0, 3.0]).unwrap_err().to_string();
-        assert!(err.contains("returned 8 scores for a batch of 3 x 4 classes"), "{err}");
+        assert!(err.contains("returned 32 scores for a batch of 3 x 16 classes"), "{err}");
     }
 
     #[test]
@@ -333,5 +275,64 @@ mod tests {
         assert_eq!(out.iter().map(Classification::class).collect::<Vec<_>>(), vec![3, 1, 2]);
         assert_eq!(out[0].top.len(), 2);
         assert!(out[0].score() > 0.99 && out[0].top[1].1 < 0.01);
+    }
+}
+
+/// A backend for tests of the model and the worker: no ONNX Runtime, a 1x1 gray input.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Backend, Model};
+    use crate::error::{Error, Result};
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::Arc;
+
+    /// The pixel value that the model cannot take (a poison frame).
+    pub(crate) const POISON: f32 = 13.0;
+
+    /// Classifies an image as its pixel value (mod 16). It fails on any batch holding
+    /// [`POISON`], on every batch while `broken`, and on its next `transient` calls whatever
+    /// they hold; while `short`, it answers one image fewer than it was given.
+    #[derive(Default)]
+    pub(crate) struct Pixel {
+        pub broken: Arc<AtomicBool>,
+        pub transient: usize,
+        pub short: bool,
+    }
+
+    impl Backend for Pixel {
+        fn graph_input(&self) -> Vec<i64> {
+            vec![-1, 1, 1, 1]
+        }
+        fn classes(&self) -> usize {
+            16
+        }
+        fn max_batch(&self) -> Option<usize> {
+            None
+        }
+        fn infer(&mut self, input: &[f32], _shape: [usize; 4]) -> Result<Vec<f32>> {
+            if self.transient > 0 {
+                self.transient -= 1;
+                return Err(Error::Inference("transient".into()));
+            }
+            if self.broken.load(SeqCst) {
+                return Err(Error::Inference("the device is gone".into()));
+            }
+            if input.contains(&POISON) {
+                return Err(Error::Inference("cannot take pixel 13".into()));
+            }
+            let n = if self.short { input.len() - 1 } else { input.len() };
+            Ok(input[..n]
+                .iter()
+                .flat_map(|&v| (0..16).map(move |c| if c == v as usize % 16 { 9.0 } else { 0.0 }))
+                .collect())
+        }
+    }
+
+    /// A [`Model`] over the backend, with its spec written beside a stand-in graph path.
+    pub(crate) fn pixel_model(backend: Pixel) -> Model {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pixel.onnx");
+        std::fs::write(dir.path().join("pixel.toml"), "layout='nchw'\ncolor='gray'\nscale=1.0\n").unwrap();
+        Model::with_backend(&path, Box::new(backend), 1).unwrap()
     }
 }
