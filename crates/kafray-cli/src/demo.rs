@@ -167,10 +167,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let (read, unparseable, timed_out) = read?;
     let report = eval::report(&read, unparseable, timed_out);
+    // A worker whose results could not be delivered starts again by itself and reads those
+    // frames again: the report says so, since some may then be predicted twice.
+    let restarts: u64 = worker_metrics.iter().map(|m| m.restarts.load(Ordering::Relaxed)).sum();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut json = serde_json::to_value(&report)?;
+        json["worker_restarts"] = restarts.into();
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         println!("{report}");
+        if restarts > 0 {
+            println!("workers started again {restarts} time(s) after undelivered results (see the log above)");
+        }
     }
     Ok(if report.distinct_frames == n { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -158,7 +158,8 @@ impl Worker {
     }
 
     /// Counters since start: consumed, predicted, dead_lettered, dead_letter_fallbacks (dead
-    /// letters without their value), delivery_failures, consume_errors, assigned_partitions,
+    /// letters without their value), delivery_failures, restarts (after undelivered results),
+    /// consume_errors, assigned_partitions,
     /// rebalances (assignment changes), batches, mean_batch, lag,
     /// latency_p50_ms / latency_p99_ms (produce timestamp -> acknowledged), running, error, and
     /// stages_us: µs each thread spent per stage (poll, decode, handoff; idle, infer, produce),
@@ -183,6 +184,7 @@ impl Worker {
         d.set_item("batched_frames", s.batched_frames)?;
         d.set_item("mean_batch", s.mean_batch())?;
         d.set_item("delivery_failures", s.delivery_failures)?;
+        d.set_item("restarts", s.restarts)?;
         d.set_item("dead_letter_fallbacks", s.dead_letter_fallbacks)?;
         d.set_item("consume_errors", s.consume_errors)?;
         d.set_item("assigned_partitions", self.metrics.assigned_partitions.load(Relaxed))?;

@@ -133,6 +133,16 @@ impl EmbeddedBroker {
         self.spawn()
     }
 
+    /// Kills the broker (SIGKILL), for an outage that lasts until [`Self::start_again`].
+    pub fn crash(&mut self) {
+        self.kill();
+    }
+
+    /// Starts a crashed broker on the same port and storage.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.spawn()
+    }
+
     /// Keeps the storage folder after drop (for post-mortems).
     pub fn keep_dir(&mut self) {
         self.keep_dir = true;

@@ -47,6 +47,12 @@ pub enum Error {
     #[error("{0}")]
     External(String),
 
+    /// Results were not delivered (the producer failed for good, as an idempotent producer does
+    /// after a broker answers out of sequence). Nothing past them was stored, so a worker with a
+    /// new producer reads those frames again: [`crate::worker`] restarts itself on this.
+    #[error("results not delivered: {0}")]
+    Delivery(String),
+
     #[error("internal error (a bug in kafray): {0}")]
     Internal(String),
 
@@ -65,6 +71,7 @@ impl Error {
             | Error::Kafka { .. }
             | Error::Io { .. }
             | Error::External(_)
+            | Error::Delivery(_)
             | Error::Stopped => ErrorKind::External,
             Error::Internal(_) => ErrorKind::Internal,
         }

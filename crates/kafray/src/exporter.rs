@@ -59,6 +59,12 @@ impl Collector for Live {
         )?;
         counter(
             e,
+            "kafray_restarts",
+            "Times the worker started again: after undelivered results, or (on Ray) its actor's restarts.",
+            m.restarts.load(Relaxed),
+        )?;
+        counter(
+            e,
             "kafray_delivery_failures",
             "Results whose delivery failed for good.",
             m.delivery_failures.load(Relaxed),

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub dead_letter_fallbacks: AtomicU64,
     /// Times polling paused because `max_in_flight` frames were in flight.
     pub backpressure_pauses: AtomicU64,
+    /// Times the worker started again after its results could not be delivered (see
+    /// [`crate::Error::Delivery`]); under Ray, plus the times Ray restarted its actor.
+    pub restarts: AtomicU64,
     /// Frames polled and not yet acknowledged.
     pub in_flight: AtomicUsize,
     /// Frames behind the log end per assigned partition (librdkafka statistics).
@@ -232,6 +235,7 @@ pub struct Snapshot {
     pub batched_frames: u64,
     pub delivery_failures: u64,
     pub dead_letter_fallbacks: u64,
+    pub restarts: u64,
     pub consume_errors: u64,
     pub rebalances: u64,
     pub lag: i64,
@@ -307,6 +311,7 @@ impl Metrics {
             batched_frames: self.batched_frames.load(Relaxed),
             delivery_failures: self.delivery_failures.load(Relaxed),
             dead_letter_fallbacks: self.dead_letter_fallbacks.load(Relaxed),
+            restarts: self.restarts.load(Relaxed),
             consume_errors: self.consume_errors.load(Relaxed),
             rebalances: self.rebalances.load(Relaxed),
             lag: self.lag.load(Relaxed),

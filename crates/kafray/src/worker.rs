@@ -32,6 +32,9 @@ const MISSING_TOPIC_GRACE: Duration = Duration::from_secs(30);
 /// How often safe offsets are stored for the next auto-commit (every second): often enough that
 /// a commit carries what was acknowledged, without a store call per polled frame.
 const STORE_EVERY: Duration = Duration::from_millis(10);
+/// Restarts after undelivered results, in a row without a prediction between them, before the
+/// worker gives up (waiting 1, 2, 4 s): enough to ride out one broker fault, not to loop on one.
+const RESTARTS_IN_A_ROW: u32 = 3;
 
 /// Loads the model named in `config` and runs until `stop` is set.
 pub fn run(config: &WorkerConfig, stop: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Result<Snapshot> {
@@ -68,7 +71,6 @@ pub fn run_with_model(
         &dead_letter_topic,
         &config.kafka,
     )?;
-    let tracker = Arc::new(OffsetTracker::new());
     // The endpoint is a window on the worker, not part of its work: a port already taken (a
     // second worker on the host) is a warning, and the stream goes on.
     let _metrics_server = (!config.metrics_addr.is_empty())
@@ -89,6 +91,48 @@ pub fn run_with_model(
             }
         })
         .flatten();
+    let (path, mut model, mut restarts) = (model.path.clone(), Some(model), 0);
+    loop {
+        let model = match model.take() {
+            Some(m) => m,
+            None => Model::load(&path, config.threads, config.top_k)?,
+        };
+        let predicted_before = metrics.predicted.load(Relaxed);
+        match run_connected(config, model, stop.clone(), metrics.clone()) {
+            // Undelivered results were not stored past, so new clients read those frames again.
+            Err(e @ Error::Delivery(_)) if !stop.load(Relaxed) => {
+                if metrics.predicted.load(Relaxed) > predicted_before {
+                    restarts = 0;
+                }
+                if restarts == RESTARTS_IN_A_ROW {
+                    return Err(e);
+                }
+                let backoff = Duration::from_secs(1 << restarts);
+                restarts += 1;
+                metrics.restarts.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    "{e}; starting again in {} s with new clients ({restarts} of {RESTARTS_IN_A_ROW})",
+                    backoff.as_secs()
+                );
+                let waited = Instant::now();
+                while waited.elapsed() < backoff && !stop.load(Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One life of the worker's Kafka clients: a consumer in the group and a producer.
+fn run_connected(
+    config: &WorkerConfig,
+    model: Model,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) -> Result<Snapshot> {
+    let dead_letter_topic = config.dead_letter_topic();
+    let tracker = Arc::new(OffsetTracker::new());
     // librdkafka's statistics carry the lag: often enough for the status line and for scrapes.
     let stats_ms = match (config.status_interval_s, config.metrics_addr.is_empty()) {
         (0, true) => 0,
@@ -202,7 +246,7 @@ pub fn run_pipeline<S: FrameSource>(
     );
     outcome?;
     if let Some(failure) = sink.failure() {
-        return Err(Error::External(failure));
+        return Err(Error::Delivery(failure));
     }
     flushed?;
     Ok(last)
@@ -253,7 +297,7 @@ impl<S: FrameSource> Intake<'_, S> {
                 stored = Instant::now();
             }
             if let Some(failure) = self.sink.failure() {
-                return Err(Error::External(failure));
+                return Err(Error::Delivery(failure));
             }
             self.dead_letter_refused()?;
             if self.config.status_interval_s > 0 && status.at.elapsed() >= status_every {

@@ -96,7 +96,7 @@ class KafrayWorkerActor:
 
     def stats(self) -> dict:
         s = self.worker.stats()
-        s["restarts"] = self.restarts
+        s["restarts"] += self.restarts  # the worker's own restarts, and Ray's of this actor
         s["pid"] = os.getpid()
         s["node_id"] = ray.get_runtime_context().get_node_id()
         return s

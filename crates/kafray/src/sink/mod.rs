@@ -167,12 +167,20 @@ impl Sink {
         }
         send_waiting(&self.producer, record, self.queue_wait_limit, || {
             if let Some(failure) = self.failure() {
-                Some(Error::External(failure))
+                Some(Error::Delivery(failure))
             } else if self.stop.load(Relaxed) {
                 Some(Error::Stopped)
             } else {
                 None
             }
+        })
+        .map_err(|e| match e {
+            // librdkafka refused to queue it, and not for what it is: the producer failed (a
+            // fatal idempotence error), so no later result can be delivered either.
+            Error::Kafka { context, source: KafkaError::MessageProduction(code) } if !refuses_the_record(code) => {
+                Error::Delivery(format!("{context}: {code}"))
+            }
+            e => e,
         })
     }
 }
