@@ -159,6 +159,8 @@ impl Worker {
 
     /// Counters since start: consumed, predicted, dead_lettered, dead_letter_fallbacks (dead
     /// letters without their value), delivery_failures, restarts (after undelivered results),
+    /// joined (the group gave it an assignment), metrics_endpoint (`host:port` or None),
+    /// latency_ms_counts ((ms, count) per latency histogram bucket, to merge over workers),
     /// consume_errors, assigned_partitions,
     /// rebalances (assignment changes), batches, mean_batch, lag,
     /// latency_p50_ms / latency_p99_ms (produce timestamp -> acknowledged), running, error, and
@@ -185,6 +187,9 @@ impl Worker {
         d.set_item("mean_batch", s.mean_batch())?;
         d.set_item("delivery_failures", s.delivery_failures)?;
         d.set_item("restarts", s.restarts)?;
+        d.set_item("joined", self.metrics.joined.load(Relaxed))?;
+        d.set_item("latency_ms_counts", self.metrics.latency_counts())?;
+        d.set_item("metrics_endpoint", self.metrics.endpoint.lock().unwrap().clone())?;
         d.set_item("dead_letter_fallbacks", s.dead_letter_fallbacks)?;
         d.set_item("consume_errors", s.consume_errors)?;
         d.set_item("assigned_partitions", self.metrics.assigned_partitions.load(Relaxed))?;

@@ -30,6 +30,14 @@ def produce_mnist(brokers: str, limit: int, rate: int | None = None, partitions:
     return subprocess.Popen(args, cwd=REPO)
 
 
+def produce_photos(brokers: str, limit: int, partitions: int = 4) -> subprocess.Popen:
+    """`limit` camera frames (224x224 JPEG) cycling over the shared photos, spread over the partitions."""
+    photos = REPO.parent / "shared" / "assets" / "images"
+    return subprocess.Popen([str(KAFRAY_BIN), "produce", "camera", str(photos), "--brokers", brokers, "--fps", "10000",
+                             "--size", "224", "--limit", str(limit), "--partitions", str(partitions),
+                             "--round-robin", "-q"], cwd=REPO)
+
+
 def wait_for(check, timeout: float, what: str, interval: float = 0.5):
     """Polls `check` until it returns something truthy (returned), or fails the test."""
     deadline = time.monotonic() + timeout

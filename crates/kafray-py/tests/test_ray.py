@@ -6,7 +6,7 @@ import time
 import pytest
 import ray
 
-from conftest import evaluate, produce_mnist, wait_for
+from conftest import evaluate, produce_mnist, produce_photos, wait_for
 from kafray import ray as kray
 
 
@@ -144,3 +144,112 @@ def test_an_actor_that_keeps_dying_stays_dead_and_says_why(ray_cluster, broker, 
     assert stats["running"] == 0, stats
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(actor.ready.remote(), timeout=30)
+
+
+def controller_history(d) -> list[dict]:
+    return ray.get(d.controller().get_history.remote(), timeout=30)
+
+
+def scrape(endpoint: str) -> dict:
+    """name{labels} -> value, parsed by Prometheus' own text parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_a_backlog_scales_the_deployment_up_quiet_scales_it_down_and_nothing_is_lost(ray_cluster, broker,
+                                                                                      deployments):
+    """KEDA's rule on a real backlog of photos: MobileNetV2 on one core takes about 10 ms a frame,
+    so one worker needs tens of seconds for the backlog, and the autoscaler acts well before."""
+    n = 1500
+    assert produce_photos(broker, n).wait(120) == 0
+    autoscale = dict(min_workers=1, max_workers=3, lag_threshold=100, upscale_delay_s=1.0, downscale_delay_s=4.0)
+    d = kray.Deployment.start(1, name=f"auto-{os.getpid()}", address=ray_cluster, brokers=broker, create_topics=4,
+                              model="mobilenet_v2", status_interval_s=1, autoscale=autoscale)
+    deployments.append(d)
+    wait_for(lambda: any(r["workers"] == 3 for r in controller_history(d)), 90, "the backlog to scale to 3")
+    try:
+        wait_for(lambda: (h := controller_history(d)) and h[-1]["workers"] == 1, 120, "quiet to scale back to 1")
+    except BaseException:
+        print("controller history, last 10:", *controller_history(d)[-10:], sep="\n")
+        raise
+    report = evaluate(broker, n)
+    assert report["distinct_frames"] == n, f"frames lost across the rescales: {report}"
+    assert report["unparseable"] == 0 and len(report["per_worker"]) >= 2, report
+
+    history = controller_history(d)
+    ups = [r for r in history if r.get("action") == "up"]
+    assert ups and max(r["desired"] for r in ups) == 3, ups
+    assert all(r["objective"] in ("lag_threshold", "max") for r in ups), ups
+    assert any(r.get("action") == "down" and r["desired"] == 1 for r in history), history[-5:]
+    status = d.stats()["controller"]
+    assert status["policy"]["lag_threshold"] == 100 and status["last"]["workers"] == 1, status
+    metrics = scrape(status["metrics_endpoint"])
+    decisions = {dict(labels)["direction"]: 0 for (name, labels) in metrics if name == "kafray_autoscale_decisions_total"}
+    for (name, labels), value in metrics.items():
+        if name == "kafray_autoscale_decisions_total":
+            decisions[dict(labels)["direction"]] += value
+    assert decisions == {"up": len(ups), "down": sum(r.get("action") == "down" for r in history)}, metrics
+    assert metrics[("kafray_autoscale_desired_workers", (("deployment", d.name),))] == 1, metrics
+
+
+def test_a_rolling_update_under_a_paced_stream_loses_nothing_and_never_empties_the_group(
+        ray_cluster, broker, deployments, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import threading
+
+    # The same network under a new name: its predictions say which model made them.
+    v2 = tmp_path / "mnist_cnn_v2.onnx"
+    shutil.copy(kafray_find("mnist"), v2)
+    v2.with_suffix(".toml").write_text('layout = "nchw"\nheight = 28\nwidth = 28\ncolor = "gray"\n'
+                                       'scale = 1.0\nmean = [0.0]\nstd = [1.0]\n')
+    n = 6000
+    producer = produce_mnist(broker, n, rate=400)
+    d = start(deployments, ray_cluster, broker, 2)
+    wait_for(lambda: d.stats()["predicted"] > 400, 60, "the first predictions")
+
+    members, done = [], threading.Event()
+
+    def watch():  # workers of the deployment that are in the group, sampled through the update
+        while not done.is_set():
+            members.append(sum(1 for w in d.workers() if w.get("running") and w.get("joined")))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    out = subprocess.run([sys.executable, "-m", "kafray.ray", "update", "--address", ray_cluster, "--name", d.name,
+                          "--model", str(v2)], capture_output=True, text=True, timeout=300)
+    done.set()
+    watcher.join()
+    assert out.returncode == 0, out.stderr
+    assert "replaced one by one" in out.stdout and "mnist_cnn_v2" in out.stdout, out.stdout
+    assert members and min(members) >= 2, f"the group shrank below 2 during the update: {members}"
+    assert producer.wait(60) == 0
+    report = evaluate(broker, n)
+    assert report["distinct_frames"] == n, f"frames lost in the update: {report}"
+    assert set(report["per_model"]) == {"mnist_cnn", "mnist_cnn_v2"}, report["per_model"]
+    assert report["accuracy"] >= 0.98, report
+    d.workers()  # refreshes d.actors from the names Ray knows
+    specs = [ray.get(a.spec.remote()) for a in d.actors.values()]
+    assert len(specs) == 2 and all(s["config"]["model"] == str(v2) for s in specs), specs
+
+
+def kafray_find(name: str) -> str:
+    import kafray
+
+    return kafray.find_model(name)
+
+
+def test_cluster_percentiles_come_from_the_merged_histograms():
+    """99 fast predictions on one worker, 1 slow one on another: the cluster's p99 is the fast
+    one (the worst worker's p99 would say 1000 ms), and the p50 is no mean of the two p50s."""
+    fast, slow = [(10, 99)], [(1000, 1)]
+    assert kray.merged_quantiles([fast, slow], (0.5, 0.99, 1.0)) == [10, 10, 1000]
+    assert kray.merged_quantiles([[(5, 3)], [(7, 1)]], (0.5,)) == [5]
+    assert kray.merged_quantiles([[], []], (0.5, 0.99)) == [0, 0]

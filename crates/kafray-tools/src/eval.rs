@@ -43,6 +43,8 @@ pub struct EvalReport {
     pub latency_ms_max: Option<i64>,
     pub mean_batch_size: f64,
     pub per_worker: BTreeMap<String, usize>,
+    /// Predictions per model name: a rolling update shows the old and the new.
+    pub per_model: BTreeMap<String, usize>,
     pub timed_out: bool,
 }
 
@@ -158,10 +160,11 @@ pub fn write_records(path: &std::path::Path, predictions: &[ReadPrediction]) -> 
 pub fn report(predictions: &[ReadPrediction], unparseable: usize, timed_out: bool) -> EvalReport {
     // The first prediction of each frame counts for accuracy and latency.
     let mut first: HashMap<(i32, i64), &ReadPrediction> = HashMap::new();
-    let mut per_worker = BTreeMap::new();
+    let (mut per_worker, mut per_model) = (BTreeMap::new(), BTreeMap::new());
     for r in predictions {
         first.entry((r.prediction.partition, r.prediction.offset)).or_insert(r);
         *per_worker.entry(r.prediction.worker.clone()).or_insert(0) += 1;
+        *per_model.entry(r.prediction.model.clone()).or_insert(0) += 1;
     }
     let labelled: Vec<_> = first.values().filter(|r| r.truth.is_some()).collect();
     let correct = labelled
@@ -202,6 +205,7 @@ pub fn report(predictions: &[ReadPrediction], unparseable: usize, timed_out: boo
         latency_ms_max: latencies.last().copied(),
         mean_batch_size: mean_batch,
         per_worker,
+        per_model,
         timed_out,
     }
 }
@@ -232,6 +236,10 @@ impl std::fmt::Display for EvalReport {
         writeln!(f, "mean batch size  {:.1}", self.mean_batch_size)?;
         let workers: Vec<String> = self.per_worker.iter().map(|(w, n)| format!("{w}: {n}")).collect();
         write!(f, "per worker       {}", workers.join(", "))?;
+        if self.per_model.len() > 1 {
+            let models: Vec<String> = self.per_model.iter().map(|(m, n)| format!("{m}: {n}")).collect();
+            write!(f, "\nper model        {}", models.join(", "))?;
+        }
         if self.unparseable > 0 {
             write!(f, "\nunparseable      {}", self.unparseable)?;
         }

@@ -31,6 +31,10 @@ pub struct Metrics {
     pub consume_errors: AtomicU64,
     /// Input partitions this worker currently owns.
     pub assigned_partitions: AtomicUsize,
+    /// The group has given this worker an assignment (maybe empty): it is a member now.
+    pub joined: std::sync::atomic::AtomicBool,
+    /// Where the Prometheus endpoint listens, once it does (`host:port`).
+    pub endpoint: Mutex<Option<String>>,
     /// Rebalances that assigned partitions to this worker or took some away.
     pub rebalances: AtomicU64,
     /// Frames behind the log end over assigned partitions (from librdkafka statistics), -1 unknown.
@@ -290,6 +294,15 @@ impl Metrics {
     }
 
     /// Latency p50 and p99 (ms) since the previous call; `None` when nothing was acknowledged.
+    /// Every latency recorded since start as (ms, count) pairs, one per histogram bucket: the
+    /// workers' histograms merge exactly by adding counts (a cluster's percentiles from them).
+    pub fn latency_counts(&self) -> Vec<(u64, u64)> {
+        match &*self.latency.lock().unwrap() {
+            Some(l) => l.total.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect(),
+            None => Vec::new(),
+        }
+    }
+
     pub fn take_window_latency(&self) -> Option<(u64, u64)> {
         let mut guard = self.latency.lock().unwrap();
         let w = &mut guard.as_mut()?.window;

@@ -82,6 +82,7 @@ pub fn run_with_model(
             ) {
                 Ok(server) => {
                     tracing::info!("metrics at http://{}/metrics", server.addr);
+                    *metrics.endpoint.lock().unwrap() = Some(server.addr.to_string());
                     Some(server)
                 }
                 Err(e) => {
@@ -146,7 +147,7 @@ fn run_connected(
         &config.input_topic,
         &config.kafka,
         stats_ms,
-        SourceContext { tracker: tracker.clone(), metrics: metrics.clone() },
+        SourceContext::new(tracker.clone(), metrics.clone()),
     )?;
     let sink = Arc::new(Sink::new(
         &config.brokers,

@@ -11,6 +11,8 @@ CLI (``kafray-ray`` or ``python -m kafray.ray``)::
     kafray-ray up --workers 4 --brokers kafka:9092 --name cams --detach
     kafray-ray stats --name cams
     kafray-ray scale --name cams 8
+    kafray-ray update --name cams --model models/mnist_v2.onnx   # rolling, never without a worker
+    kafray-ray up --autoscale 1:8 --lag-threshold 5000 --name cams --detach
     kafray-ray down --name cams
     kafray-ray batch --files 1000 --per-file 10
 
@@ -25,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -36,10 +40,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import kafray
 from kafray import batch
+from kafray.autoscale import DOWNSCALE_DELAY_S, UPSCALE_DELAY_S, LagAutoscaler, parse_bounds
 
 NAMESPACE = "kafray"
 # An actor that cannot be placed waits forever in Ray; we wait this long, then say why.
 READY_TIMEOUT_S = 120.0
+# How often the controller reads the workers' stats (lag, rate) and refreshes service discovery.
+CONTROL_INTERVAL_S = 2.0
 
 
 class ClusterTooSmall(RuntimeError):
@@ -82,6 +89,10 @@ class KafrayWorkerActor:
         if self.restarts:
             time.sleep(RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S)) - 1])
         kafka = {"group.instance.id": instance_id, **config.get("kafka", {})}
+        if "metrics_addr" not in config:
+            # On the node's address (a Prometheus on another host scrapes it), on a free port:
+            # several actors share a node. The controller lists each in its service discovery.
+            config = {**config, "metrics_addr": f"{ray.util.get_node_ip_address()}:0"}
         # Predictions name the actor (or the given prefix and the actor's number).
         worker_id = f"{config['worker_id']}-{instance_id.rsplit('-', 1)[1]}" if config.get("worker_id") else instance_id
         self.worker = kafray.Worker(**{**config, "kafka": kafka, "worker_id": worker_id}).start()
@@ -94,7 +105,7 @@ class KafrayWorkerActor:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "worker_id": self.worker.worker_id}
 
-    def stats(self) -> dict:
+    def stats(self, with_controller: bool = True) -> dict:
         s = self.worker.stats()
         s["restarts"] += self.restarts  # the worker's own restarts, and Ray's of this actor
         s["pid"] = os.getpid()
@@ -138,6 +149,26 @@ def check_resources(count: int, num_cpus: float, num_gpus: float) -> None:
             )
 
 
+def merged_quantiles(counts: list[list[tuple[int, int]]], quantiles: tuple[float, ...]) -> list[int]:
+    """Quantiles of several workers' latency histograms ((ms, count) per bucket) added together,
+    as one histogram of every prediction would give them (0 where there is none)."""
+    merged: dict[int, int] = {}
+    for worker in counts:
+        for value, count in worker:
+            merged[value] = merged.get(value, 0) + count
+    total = sum(merged.values())
+    out = []
+    for q in quantiles:
+        rank, seen, found = max(1, math.ceil(q * total)), 0, 0
+        for value in sorted(merged):
+            seen += merged[value]
+            if seen >= rank:
+                found = value
+                break
+        out.append(found if total else 0)
+    return out
+
+
 def _actor_name(deployment: str, index: int) -> str:
     return f"{deployment}-worker-{index:03d}"
 
@@ -155,6 +186,7 @@ class Deployment:
         self.detached = detached
         self.actors: dict[int, Any] = {}
         self._last: tuple[float, int] | None = None
+        self._controller = None
 
     @classmethod
     def start(
@@ -167,10 +199,14 @@ class Deployment:
         address: str | None = "auto",
         detached: bool = False,
         max_restarts: int = MAX_RESTARTS,
+        autoscale: dict | None = None,
         **config,
     ) -> "Deployment":
-        """Starts `workers` actors; `config` is :class:`kafray.Worker`'s (brokers, model, ...).
-        Ray restarts an actor whose process dies up to `max_restarts` times (-1: without end).
+        """Starts `workers` actors and the deployment's controller; `config` is
+        :class:`kafray.Worker`'s (brokers, model, ...). Ray restarts an actor whose process dies up
+        to `max_restarts` times (-1: without end). `autoscale`: the arguments of
+        :class:`kafray.autoscale.LagAutoscaler` (min_workers, max_workers, lag_threshold, ...), to
+        size the deployment to its lag from then on.
 
         The model is resolved to an absolute path here, so every node must see that path (a shared
         folder, or the same checkout on each machine)."""
@@ -179,14 +215,20 @@ class Deployment:
         config.setdefault("threads", max(1, int(num_cpus)))
         config["model"] = kafray.find_model(config.get("model", "mnist"))
         config.setdefault("status_interval_s", 5)
-        # Several actors share a node: each takes a free port (logged) rather than fight for one.
-        config.setdefault("metrics_addr", "127.0.0.1:0")
         d = cls(name, config, num_cpus, num_gpus, detached, max_restarts)
         existing = [n for n in ray.util.list_named_actors() if n.startswith(f"{name}-worker-")]
         if existing:
             raise ValueError(f"a deployment named {name!r} is running ({len(existing)} actors): "
                              f"use `kafray-ray down --name {name}` or another --name")
+        if autoscale is not None:
+            LagAutoscaler(**autoscale)  # a bad setting fails before any actor starts
         d.scale(workers)
+        try:
+            # Held: Ray ends a non-detached actor once no handle to it is left.
+            d._controller = d.start_controller(autoscale)
+        except BaseException:
+            d.stop()
+            raise
         return d
 
     @classmethod
@@ -204,7 +246,24 @@ class Deployment:
         d.max_restarts = spec.get("max_restarts", MAX_RESTARTS)
         return d
 
-    def _spawn(self, index: int):
+    def _refresh(self) -> None:
+        """The actors as Ray knows them by name: the controller may have scaled or updated."""
+        found = {int(n.rsplit("-", 1)[1]): n for n in ray.util.list_named_actors()
+                 if n.startswith(f"{self.name}-worker-")}
+        for i in set(self.actors) - set(found):
+            self.actors.pop(i)
+        for i, actor_name in found.items():
+            if i not in self.actors:
+                self.actors[i] = ray.get_actor(actor_name)
+
+    def controller(self):
+        """The deployment's controller actor (autoscaler, rolling updates, service discovery), or None."""
+        try:
+            return ray.get_actor(f"{self.name}-controller")
+        except ValueError:
+            return None
+
+    def _spawn(self, index: int, config: dict | None = None):
         options = dict(
             name=_actor_name(self.name, index),
             num_cpus=self.num_cpus,
@@ -215,7 +274,7 @@ class Deployment:
         if self.detached:
             options["lifetime"] = "detached"
         placement = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": self.max_restarts}
-        return KafrayWorkerActor.options(**options).remote(self.config, placement, options["name"])
+        return KafrayWorkerActor.options(**options).remote(config or self.config, placement, options["name"])
 
     def scale(self, workers: int, timeout: float = READY_TIMEOUT_S) -> None:
         """Grows or shrinks to `workers` actors. New actors join the group, leaving ones finish
@@ -244,6 +303,38 @@ class Deployment:
             leaving = sorted(self.actors)[workers:]
             self._stop_actors([self.actors.pop(i) for i in leaving])
 
+    def update(self, timeout: float = READY_TIMEOUT_S, **changes) -> dict:
+        """Replaces the workers one by one with workers whose configuration has `changes` (a new
+        `model`, say). Each new worker joins the group before an old one leaves, so the group is
+        never empty; each old one finishes its in-flight frames and commits before it goes.
+        Predictions name the model that made them. Stops at the first new worker that fails to
+        start (that one is removed; the workers replaced before it keep the new configuration)."""
+        if "model" in changes:
+            changes["model"] = kafray.find_model(changes["model"])
+        config = {**self.config, **changes}
+        kafray.Worker(**config)  # a bad field fails here, before any worker is touched
+        self._refresh()
+        replaced = []
+        for old in sorted(self.actors):
+            check_resources(1, self.num_cpus, self.num_gpus)
+            index = max(self.actors) + 1
+            actor = self._spawn(index, config)
+            try:
+                ray.get(actor.ready.remote(), timeout=timeout)
+                deadline = time.monotonic() + timeout
+                while not (s := ray.get(actor.stats.remote(), timeout=30))["joined"]:
+                    if s.get("error") or time.monotonic() > deadline:
+                        raise RuntimeError(f"the new worker did not join the group: {s.get('error') or 'timed out'}")
+                    time.sleep(0.2)
+            except BaseException:
+                ray.kill(actor, no_restart=True)
+                raise
+            self.actors[index] = actor
+            self._stop_actors([self.actors.pop(old)])
+            replaced.append({"old": _actor_name(self.name, old), "new": _actor_name(self.name, index)})
+        self.config = config
+        return {"model": config.get("model"), "replaced": replaced}
+
     def _stop_actors(self, actors: list, timeout: float = 60.0) -> list[dict]:
         refs = [a.stop.remote(timeout) for a in actors]
         finals = []
@@ -258,6 +349,7 @@ class Deployment:
 
     def workers(self) -> list[dict]:
         """Each actor's stats, or {"error": ...} while it is down or restarting."""
+        self._refresh()
         refs = {i: a.stats.remote() for i, a in sorted(self.actors.items())}
         out = []
         for i, ref in refs.items():
@@ -269,10 +361,12 @@ class Deployment:
             out.append(s)
         return out
 
-    def stats(self) -> dict:
+    def stats(self, with_controller: bool = True) -> dict:
         """Totals over the actors, and `failed`: the workers that are dead for good (their restart
-        budget spent) or whose engine stopped on an error, each with its cause. Also: predicted, rate (frames/s since the previous call), mean batch,
-        lag (sum over workers), latency p50 (weighted mean of the workers') and p99 (worst)."""
+        budget spent) or whose engine stopped on an error, each with its cause. Also: predicted,
+        rate (frames/s since the previous call), mean batch, lag (sum over workers), latency p50
+        and p99 of all the workers' predictions (their histograms merged), and `controller`: the
+        controller's status (autoscaling policy and last decision, metrics endpoint, targets file)."""
         per = self.workers()
         ok = [s for s in per if "predicted" in s]
         predicted = sum(s["predicted"] for s in ok)
@@ -283,7 +377,7 @@ class Deployment:
         self._last = (now, predicted)
         batches = sum(s["batches"] for s in ok)
         lags = [s["lag"] for s in ok if s["lag"] >= 0]
-        weight = predicted or 1
+        latency = merged_quantiles([s.get("latency_ms_counts", []) for s in ok], (0.5, 0.99))
         return {
             "workers": len(per),
             "running": sum(1 for s in per if s.get("running")),
@@ -295,17 +389,158 @@ class Deployment:
             "mean_batch": sum(s["batched_frames"] for s in ok) / batches if batches else 0.0,
             "batch_limits": [s["batch_limit"] for s in ok],
             "lag": sum(lags) if lags else None,
-            "latency_p50_ms": sum(s["latency_p50_ms"] * s["predicted"] for s in ok) / weight,
-            "latency_p99_ms": max((s["latency_p99_ms"] for s in ok), default=0),
+            "latency_p50_ms": latency[0],
+            "latency_p99_ms": latency[1],
             "restarts": sum(s.get("restarts", 0) for s in ok),
             "failed": {s["actor"]: s["error"] for s in per if s.get("error")},
+            "controller": self._controller_status() if with_controller else None,
             "per_worker": per,
         }
 
+    def _controller_status(self) -> dict | None:
+        controller = self.controller()
+        if controller is None:
+            return None
+        try:
+            return ray.get(controller.status.remote(), timeout=10)
+        except Exception as e:  # restarting: say so rather than fail the stats
+            return {"error": _death_cause(e)}
+
     def stop(self) -> list[dict]:
-        """Stops every actor gracefully (last batch, commit, leave the group); returns final stats."""
+        """Stops the controller, then every actor gracefully (last batch, commit, leave the group);
+        returns the workers' final stats."""
+        controller = self.controller()
+        if controller is not None:
+            try:
+                ray.get(controller.shutdown.remote(), timeout=30)
+            except Exception:  # dead already: nothing to stop
+                pass
+            ray.kill(controller, no_restart=True)
+        self._refresh()
         actors = [self.actors.pop(i) for i in sorted(self.actors)]
         return self._stop_actors(actors)
+
+    def start_controller(self, autoscale: dict | None = None, interval_s: float = CONTROL_INTERVAL_S):
+        """Starts the deployment's controller on the head node: it lists the workers' metrics
+        endpoints for Prometheus, runs rolling updates and, given `autoscale` (the arguments of
+        :class:`kafray.autoscale.LagAutoscaler`), sizes the deployment to its lag."""
+        if autoscale is not None:
+            LagAutoscaler(**autoscale)  # a bad setting fails here, in the caller
+        head = cluster_nodes()[0]["NodeID"]
+        options = dict(name=f"{self.name}-controller", num_cpus=0, max_restarts=-1, max_concurrency=4,
+                       scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=True))
+        if self.detached:
+            options["lifetime"] = "detached"
+        controller = DeploymentController.options(**options).remote(self.name, autoscale, interval_s, self.detached)
+        ray.get(controller.status.remote(), timeout=READY_TIMEOUT_S)
+        return controller
+
+
+@ray.remote
+class DeploymentController:
+    """One per deployment, on the head node. Every CONTROL_INTERVAL_S it reads the workers' stats,
+    writes the Prometheus targets (file_sd) for their /metrics endpoints and its own, and with an
+    autoscale policy, scales the deployment to the policy's decision. Rolling updates run here
+    too, so one place changes the deployment's size at a time."""
+
+    def __init__(self, name: str, autoscale: dict | None, interval_s: float, detached: bool):
+        import prometheus_client as prom
+
+        self.name, self.interval_s = name, interval_s
+        self.deployment = Deployment.attach(name)
+        self.deployment.detached = detached  # workers it adds live as long as the others
+        self.policy = LagAutoscaler(**autoscale) if autoscale else None
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.history: list[dict] = []
+        self.last: dict | None = None
+        self.partitions = 0
+        self.registry = prom.CollectorRegistry()
+        labels = ["deployment"]
+        self.g_workers = prom.Gauge("kafray_deployment_workers", "Workers in the deployment.", labels,
+                                    registry=self.registry)
+        self.g_running = prom.Gauge("kafray_deployment_workers_running", "Workers running now.", labels,
+                                    registry=self.registry)
+        self.g_desired = prom.Gauge("kafray_autoscale_desired_workers",
+                                    "Workers the autoscaler wants now (the target once its delay passed).",
+                                    labels, registry=self.registry)
+        self.g_target = prom.Gauge("kafray_autoscale_target_workers",
+                                   "Workers the autoscaling rule asks for at this moment.", labels,
+                                   registry=self.registry)
+        self.g_lag = prom.Gauge("kafray_autoscale_lag_frames", "Total lag the last decision saw.", labels,
+                                registry=self.registry)
+        self.c_decisions = prom.Counter("kafray_autoscale_decisions", "Scalings, by direction and by the "
+                                        "objective that set the target.", labels + ["direction", "objective"],
+                                        registry=self.registry)
+        self.server, _ = prom.start_http_server(0, addr=ray.util.get_node_ip_address(), registry=self.registry)
+        self.endpoint = f"{ray.util.get_node_ip_address()}:{self.server.server_port}"
+        self.targets_file = os.path.join(ray._private.worker._global_node.get_temp_dir_path(),
+                                         f"kafray_{name}_prom_service_discovery.json")
+        threading.Thread(target=self._loop, name="kafray-controller", daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(self.interval_s):
+            try:
+                with self.lock:
+                    self._tick()
+            except Exception as e:  # a worker restarting, a slow GCS: try again next turn
+                self.last = {**(self.last or {}), "error": _death_cause(e)}
+
+    def _tick(self) -> None:
+        s = self.deployment.stats(with_controller=False)
+        self._write_targets(s["per_worker"])
+        self.partitions = max(self.partitions, sum(w.get("assigned_partitions", 0) for w in s["per_worker"]))
+        self.g_workers.labels(self.name).set(s["workers"])
+        self.g_running.labels(self.name).set(s["running"])
+        record = {"t": time.time(), "workers": s["workers"], "running": s["running"], "lag": s["lag"],
+                  "rate": s["rate"], "predicted": s["predicted"]}
+        if self.policy is not None:
+            d = self.policy.decide(time.monotonic(), s["workers"], s["lag"], s["rate"], self.partitions or None)
+            self.g_desired.labels(self.name).set(d.desired)
+            self.g_target.labels(self.name).set(d.target)
+            if d.lag is not None:
+                self.g_lag.labels(self.name).set(d.lag)
+            record.update(desired=d.desired, target=d.target, action=d.action, objective=d.objective,
+                          reason=d.reason)
+            if d.action != "hold":
+                print(f"kafray-ray controller: {d.action} {d.current} -> {d.desired} workers: {d.reason}",
+                      flush=True)
+                self.c_decisions.labels(self.name, d.action, d.objective).inc()
+                self.deployment.scale(d.desired)
+        self.last = record
+        self.history.append(record)
+
+    def _write_targets(self, per_worker: list[dict]) -> None:
+        """Prometheus file_sd, beside Ray's own prom_metrics_service_discovery.json."""
+        groups = [{"targets": [self.endpoint], "labels": {"kafray_deployment": self.name, "kafray_role": "controller"}}]
+        groups += [{"targets": [w["metrics_endpoint"]],
+                    "labels": {"kafray_deployment": self.name, "kafray_role": "worker", "actor": w["actor"]}}
+                   for w in per_worker if w.get("metrics_endpoint")]
+        tmp = f"{self.targets_file}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(groups, f)
+        os.replace(tmp, self.targets_file)  # Prometheus never reads half a file
+
+    def status(self) -> dict:
+        return {"policy": self.policy.settings() if self.policy else None, "last": self.last,
+                "metrics_endpoint": self.endpoint, "targets_file": self.targets_file}
+
+    def get_history(self) -> list[dict]:
+        return self.history
+
+    def update(self, changes: dict) -> dict:
+        with self.lock:
+            return self.deployment.update(**changes)
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        with self.lock:  # a decision in progress finishes first
+            pass
+        try:
+            os.remove(self.targets_file)
+        except FileNotFoundError:
+            pass
+        self.server.shutdown()
 
 
 # ---- batch mode (the paper's section II): one task per file, round-robin over nodes ----
@@ -387,6 +622,25 @@ def _worker_config(args) -> dict:
     return config
 
 
+def _autoscale(args, p: argparse.ArgumentParser) -> dict | None:
+    """The --autoscale flags as LagAutoscaler's arguments (None without --autoscale)."""
+    if args.autoscale is None:
+        if args.lag_threshold is not None or args.max_lag_seconds is not None:
+            p.error("--lag-threshold and --max-lag-seconds need --autoscale MIN:MAX")
+        return None
+    try:
+        low, high = parse_bounds(args.autoscale)
+        settings = dict(min_workers=low, max_workers=high, lag_threshold=args.lag_threshold,
+                        max_lag_seconds=args.max_lag_seconds, upscale_delay_s=args.upscale_delay_s,
+                        downscale_delay_s=args.downscale_delay_s)
+        LagAutoscaler(**settings)
+    except ValueError as e:
+        p.error(str(e))
+    if args.workers is not None and not low <= args.workers <= high:
+        p.error(f"--workers {args.workers} is outside --autoscale {args.autoscale}")
+    return settings
+
+
 def _print_stats(s: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(s), flush=True)
@@ -395,6 +649,10 @@ def _print_stats(s: dict, as_json: bool) -> None:
     print(f"workers {s['running']}/{s['workers']} on {s['nodes']} node(s) | predicted {s['predicted']} | "
           f"{rate} frames/s | mean batch {s['mean_batch']:.1f} (limits {s['batch_limits']}) | lag {s['lag']} | "
           f"p50 {s['latency_p50_ms']:.0f} ms p99 {s['latency_p99_ms']} ms | restarts {s['restarts']}", flush=True)
+    last = (s.get("controller") or {}).get("last") or {}
+    if "action" in last:
+        print(f"  autoscale: {last['workers']} -> desired {last['desired']} ({last['action']}): {last['reason']}",
+              flush=True)
     for w in s["per_worker"]:
         if w.get("error"):
             print(f"  {w['actor']}: {w['error']}", flush=True)
@@ -410,12 +668,23 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", parents=[common],
                         help="start N workers as Ray actors; print stats until Ctrl-C (or --detach)")
-    up.add_argument("--workers", "-n", type=int, default=2)
+    up.add_argument("--workers", "-n", type=int, help="workers to start with (2; with --autoscale: MIN)")
     up.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per worker (Ray resource)")
     up.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per worker (Ray resource)")
     up.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
                     help=f"restarts of a worker whose process dies, with backoff (default {MAX_RESTARTS}; -1: no end)")
     _add_worker_flags(up)
+    a = up.add_argument_group("autoscaling (KEDA's Kafka rule, Ray Serve's delays)")
+    a.add_argument("--autoscale", metavar="MIN:MAX",
+                   help="size the deployment to its lag, between MIN and MAX workers (never above the partitions)")
+    a.add_argument("--lag-threshold", type=int, metavar="FRAMES",
+                   help="one worker per FRAMES of total lag: desired = ceil(lag / FRAMES)")
+    a.add_argument("--max-lag-seconds", type=float, metavar="S",
+                   help="time-lag objective: lag / the rate the workers sustain stays under S seconds")
+    a.add_argument("--upscale-delay-s", type=float, default=UPSCALE_DELAY_S,
+                   help=f"scale up once asked for this long (default {UPSCALE_DELAY_S:g}, as Ray Serve)")
+    a.add_argument("--downscale-delay-s", type=float, default=DOWNSCALE_DELAY_S,
+                   help=f"scale down once asked for this long (default {DOWNSCALE_DELAY_S:g}, as Ray Serve)")
     up.add_argument("--detach", action="store_true", help="start and return; the actors outlive this command")
     up.add_argument("--interval", type=float, default=5.0, help="seconds between stats lines")
     up.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -426,6 +695,9 @@ def parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scale", parents=[common], help="grow or shrink a detached deployment")
     sc.add_argument("workers", type=int)
     sub.add_parser("down", parents=[common], help="stop a detached deployment gracefully")
+    ud = sub.add_parser("update", parents=[common],
+                        help="rolling update: replace the workers one by one with workers running --model")
+    ud.add_argument("--model", "-m", required=True, help="the new model (path or name)")
 
     bt = sub.add_parser("batch", parents=[common], help="the paper's batch study on Ray: classify MNIST shards, one task per file")
     bt.add_argument("--files", type=int, default=1000)
@@ -444,11 +716,14 @@ def main(argv: list[str] | None = None) -> int:
             for kv in args.kafka or []:
                 if "=" not in kv:
                     p.error(f"-X {kv!r}: expected KEY=VALUE, e.g. -X fetch.wait.max.ms=50")
-            d = Deployment.start(args.workers, name=args.name, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+            autoscale = _autoscale(args, p)
+            workers = args.workers if args.workers is not None else (autoscale or {}).get("min_workers", 2)
+            d = Deployment.start(workers, name=args.name, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                                  address=args.address, detached=args.detach, max_restarts=args.max_restarts,
-                                 **_worker_config(args))
-            print(f"kafray-ray: {args.workers} worker(s) up as {args.name!r} "
-                  f"(group {d.config['group']!r}, model {d.config['model']})", flush=True)
+                                 autoscale=autoscale, **_worker_config(args))
+            print(f"kafray-ray: {workers} worker(s) up as {args.name!r} "
+                  f"(group {d.config['group']!r}, model {d.config['model']})"
+                  + (f", autoscaling {args.autoscale}" if autoscale else ""), flush=True)
             if args.detach:
                 return 0
             stopping = []
@@ -474,6 +749,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "down":
             finals = Deployment.attach(args.name, args.address).stop()
             print(f"kafray-ray: {args.name!r} stopped ({len(finals)} worker(s))")
+        elif args.cmd == "update":
+            d = Deployment.attach(args.name, args.address)
+            model = kafray.find_model(args.model)
+            controller = d.controller()
+            # Through the controller when there is one: it must not scale in the middle of it.
+            done = (ray.get(controller.update.remote({"model": model})) if controller is not None
+                    else d.update(model=model))
+            print(f"kafray-ray: {args.name!r} now runs {done['model']} "
+                  f"({len(done['replaced'])} worker(s) replaced one by one)")
         elif args.cmd == "batch":
             from kafray import study
             return study.main(["--engines", "ray", "--files", str(args.files), "--per-file", str(args.per_file),

@@ -19,15 +19,25 @@ use std::time::Duration;
 pub struct SourceContext {
     pub tracker: Arc<OffsetTracker>,
     pub metrics: Arc<Metrics>,
+    /// Partitions owned now. librdkafka's statistics keep listing a partition after it was
+    /// revoked, with its last lag: counted, that stale lag would never fall to 0.
+    pub owned: std::sync::Mutex<Vec<i32>>,
+}
+
+impl SourceContext {
+    pub fn new(tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>) -> Self {
+        SourceContext { tracker, metrics, owned: Default::default() }
+    }
 }
 
 impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
+        let owned = self.owned.lock().unwrap().clone();
         let lags: Vec<(i32, i64)> = stats
             .topics
             .values()
             .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+            .filter(|p| owned.contains(&p.partition) && p.consumer_lag >= 0)
             .map(|p| (p.partition, p.consumer_lag))
             .collect();
         self.metrics.lag.store(lags.iter().map(|(_, lag)| lag).sum(), Relaxed);
@@ -47,6 +57,9 @@ impl ConsumerContext for SourceContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            self.metrics.joined.store(true, Relaxed);
+        }
         match rebalance {
             Rebalance::Assign(tpl) if tpl.count() > 0 => {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -59,8 +72,10 @@ impl ConsumerContext for SourceContext {
             _ => {}
         }
         // From the consumer itself, so incremental (cooperative) rebalances count right too.
-        let owned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
-        self.metrics.assigned_partitions.store(owned, Relaxed);
+        let owned: Vec<i32> =
+            consumer.assignment().map(|a| a.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
+        self.metrics.assigned_partitions.store(owned.len(), Relaxed);
+        *self.owned.lock().unwrap() = owned;
     }
 }
 
