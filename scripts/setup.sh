@@ -33,6 +33,8 @@ MATURIN_VERSION=1.16.0
 PYTEST_VERSION=9.2.0
 NUMPY_VERSION=2.4.6
 PILLOW_VERSION=13.0.0
+# Grafana's dashboard model (generated from its schemas; Apache-2.0): builds and checks deploy/grafana.
+GRAFANA_SDK_VERSION='1769699998!10.1.0'
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
@@ -75,7 +77,7 @@ apt_install() {
 }
 apt_install kcat prometheus
 if [ "$with_python" = 1 ]; then
-  want="ray==$RAY_VERSION pyspark==$PYSPARK_VERSION matplotlib==$MATPLOTLIB_VERSION maturin==$MATURIN_VERSION pytest==$PYTEST_VERSION numpy==$NUMPY_VERSION pillow==$PILLOW_VERSION"
+  want="ray==$RAY_VERSION pyspark==$PYSPARK_VERSION matplotlib==$MATPLOTLIB_VERSION maturin==$MATURIN_VERSION pytest==$PYTEST_VERSION numpy==$NUMPY_VERSION pillow==$PILLOW_VERSION grafana-foundation-sdk==$GRAFANA_SDK_VERSION"
   if ! .venv/bin/python - $want <<'PY' 2>/dev/null
 import sys
 from importlib.metadata import version
@@ -84,7 +86,7 @@ PY
   then
     .venv/bin/pip install -q --disable-pip-version-check "ray[default]==$RAY_VERSION" "pyspark==$PYSPARK_VERSION" \
       "matplotlib==$MATPLOTLIB_VERSION" "maturin==$MATURIN_VERSION" "pytest==$PYTEST_VERSION" \
-      "numpy==$NUMPY_VERSION" "pillow==$PILLOW_VERSION"
+      "numpy==$NUMPY_VERSION" "pillow==$PILLOW_VERSION" "grafana-foundation-sdk==$GRAFANA_SDK_VERSION"
   fi
   command -v java >/dev/null 2>&1 || echo "setup: java is missing; Spark needs Java 17 or later (apt-get install openjdk-17-jre-headless)" >&2
   # `develop` installs the freshly built extension into .venv, next to the Python sources.

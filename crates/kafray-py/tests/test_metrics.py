@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import threading
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -143,3 +144,105 @@ def test_a_real_prometheus_server_scrapes_a_worker_and_answers_rate_and_p99(brok
     lower = max((le for le, count in buckets if le < upper), default=0.0)
     assert p99 is not None and lower <= p99 <= upper, (p99, lower, upper)
     assert report["latency_ms_p99"] / 1000 <= upper, (report["latency_ms_p99"], upper)
+
+
+def start_prometheus(config: str, tmp_path) -> tuple[subprocess.Popen, str]:
+    if shutil.which("prometheus") is None:
+        pytest.fail("prometheus is missing: run `bash scripts/setup.sh` (it installs Debian's package)")
+    (tmp_path / "prometheus.yml").write_text(config)
+    web = f"127.0.0.1:{free_port()}"
+    server = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                               f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address={web}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ready() -> bool:
+        try:
+            return urllib.request.urlopen(f"http://{web}/-/ready", timeout=5).status == 200
+        except OSError:  # not listening yet
+            return False
+
+    wait_for(ready, 60, "Prometheus to start")
+    return server, web
+
+
+def api(web: str, q: str) -> dict:
+    """The query API's whole answer (status, and data or error)."""
+    try:
+        body = urllib.request.urlopen(f"http://{web}/api/v1/query?" + urllib.parse.urlencode({"query": q}),
+                                      timeout=10).read()
+    except urllib.error.HTTPError as e:  # a bad query: the body says why
+        body = e.read()
+    return json.loads(body)
+
+
+def test_prometheus_finds_a_ray_deployment_through_its_service_discovery_and_the_dashboard_queries_run(
+        ray_cluster, broker, deployments, tmp_path):
+    """The shipped Prometheus config (deploy/prometheus) finds every actor of a Ray deployment
+    through the file its controller writes; cluster-wide numbers come from summed histograms; and
+    every query of the shipped Grafana dashboard runs on that data."""
+    import importlib.util
+
+    from kafray import ray as kray
+
+    spec = importlib.util.spec_from_file_location("dashboard", REPO / "deploy" / "grafana" / "dashboard.py")
+    dashboard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dashboard)
+    config = (REPO / "deploy" / "prometheus" / "prometheus.yml").read_text().replace("scrape_interval: 5s",
+                                                                                     "scrape_interval: 1s")
+    d = kray.Deployment.start(2, name=f"prom-{len(deployments)}", address=ray_cluster, brokers=broker,
+                              create_topics=4, status_interval_s=1)
+    deployments.append(d)
+    server, web = start_prometheus(config, tmp_path)
+
+    def value(q: str) -> float | None:
+        result = api(web, q)["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    try:
+        wait_for(lambda: value(f'count(up{{job="kafray",kafray_deployment="{d.name}"}} == 1)') == 3, 90,
+                 "Prometheus to find the 2 workers and the controller")
+        assert produce_mnist(broker, 3000, rate=600).wait(120) == 0
+        report = evaluate(broker, 3000)
+        wait_for(lambda: value("sum(kafray_frames_predicted_total)") == 3000, 60, "all 3000 predictions in Prometheus")
+        answers = {q: api(web, q) for q in dashboard.queries()}
+        workers = value('count(kafray_assigned_partitions > 0)')
+        stats = d.stats()
+        p99 = value(dashboard.STATS[1][2])
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert report["distinct_frames"] == 3000, report
+    assert workers == 2, workers
+    failed = {q: a.get("error") for q, a in answers.items() if a["status"] != "success"}
+    assert not failed, failed
+    empty = [q for q, a in answers.items() if not a["data"]["result"]]
+    # The autoscaler's series exist only with --autoscale; everything else has data.
+    assert all("autoscale" in q for q in empty), empty
+    # Prometheus' p99 of the merged buckets, and stats()'s of the merged histograms, agree to the
+    # bucket (Prometheus interpolates inside a bucket that doubles).
+    assert p99 is not None and stats["latency_p99_ms"] > 0, (p99, stats)
+    assert p99 / 2 <= stats["latency_p99_ms"] / 1000 <= p99 * 2, (p99, stats["latency_p99_ms"])
+
+
+def test_the_grafana_dashboard_is_current_and_valid_for_grafanas_dashboard_model():
+    """deploy/grafana/kafray.json is what dashboard.py builds, and Grafana's dashboard model
+    (grafana-foundation-sdk) reads it back whole: every panel, query and the datasource variable."""
+    import importlib.util
+
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    spec = importlib.util.spec_from_file_location("dashboard", REPO / "deploy" / "grafana" / "dashboard.py")
+    dashboard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dashboard)
+    shipped = (REPO / "deploy" / "grafana" / "kafray.json").read_text()
+    assert shipped == dashboard.render(), "kafray.json is stale: run .venv/bin/python deploy/grafana/dashboard.py"
+    data = json.loads(shipped)
+    model = Dashboard.from_json(data)
+    assert json.loads(json.dumps(model, cls=JSONEncoder)) == data, "Grafana's model does not read it back whole"
+    titles = {p["title"] for p in data["panels"]}
+    assert {"Throughput", "Latency, produce to acknowledged prediction", "Consumer lag (frames behind the log end)",
+            "Workers", "Batch size", "Dead letters by reason"} <= titles, titles
+    exprs = [t["expr"] for p in data["panels"] for t in p["targets"]]
+    assert sorted(exprs) == sorted(dashboard.queries())
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in data["panels"])
