@@ -26,6 +26,7 @@ flight and loses nothing.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -47,6 +48,8 @@ NAMESPACE = "kafray"
 READY_TIMEOUT_S = 120.0
 # How often the controller reads the workers' stats (lag, rate) and refreshes service discovery.
 CONTROL_INTERVAL_S = 2.0
+# The controller's record of its turns (stats and decisions) keeps the last day at that interval.
+HISTORY_TURNS = 43_200
 
 
 class ClusterTooSmall(RuntimeError):
@@ -187,6 +190,7 @@ class Deployment:
         self.actors: dict[int, Any] = {}
         self._last: tuple[float, int] | None = None
         self._controller = None
+        self._is_controller = False  # the controller's own view: it does the work itself
 
     @classmethod
     def start(
@@ -308,9 +312,13 @@ class Deployment:
         `model`, say). Each new worker joins the group before an old one leaves, so the group is
         never empty; each old one finishes its in-flight frames and commits before it goes.
         Predictions name the model that made them. Stops at the first new worker that fails to
-        start (that one is removed; the workers replaced before it keep the new configuration)."""
+        start (that one is removed; the workers replaced before it keep the new configuration).
+        With a controller (as `start` makes), the controller runs it, between autoscaling turns."""
         if "model" in changes:
             changes["model"] = kafray.find_model(changes["model"])
+        controller = None if self._is_controller else self.controller()
+        if controller is not None:  # there, so that no autoscaling decision runs in the middle of it
+            return ray.get(controller.update.remote(changes))
         config = {**self.config, **changes}
         kafray.Worker(**config)  # a bad field fails here, before any worker is touched
         self._refresh()
@@ -449,10 +457,11 @@ class DeploymentController:
         self.name, self.interval_s = name, interval_s
         self.deployment = Deployment.attach(name)
         self.deployment.detached = detached  # workers it adds live as long as the others
+        self.deployment._is_controller = True
         self.policy = LagAutoscaler(**autoscale) if autoscale else None
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.history: list[dict] = []
+        self.history: collections.deque[dict] = collections.deque(maxlen=HISTORY_TURNS)
         self.last: dict | None = None
         self.partitions = 0
         self.registry = prom.CollectorRegistry()
@@ -526,7 +535,7 @@ class DeploymentController:
                 "metrics_endpoint": self.endpoint, "targets_file": self.targets_file}
 
     def get_history(self) -> list[dict]:
-        return self.history
+        return list(self.history)
 
     def update(self, changes: dict) -> dict:
         with self.lock:
@@ -750,12 +759,7 @@ def main(argv: list[str] | None = None) -> int:
             finals = Deployment.attach(args.name, args.address).stop()
             print(f"kafray-ray: {args.name!r} stopped ({len(finals)} worker(s))")
         elif args.cmd == "update":
-            d = Deployment.attach(args.name, args.address)
-            model = kafray.find_model(args.model)
-            controller = d.controller()
-            # Through the controller when there is one: it must not scale in the middle of it.
-            done = (ray.get(controller.update.remote({"model": model})) if controller is not None
-                    else d.update(model=model))
+            done = Deployment.attach(args.name, args.address).update(model=args.model)
             print(f"kafray-ray: {args.name!r} now runs {done['model']} "
                   f"({len(done['replaced'])} worker(s) replaced one by one)")
         elif args.cmd == "batch":
