@@ -8,7 +8,7 @@ use kafray_tools::broker::Storage;
 use kafray_tools::files::{self, FileResult};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -262,6 +262,20 @@ impl Classifier {
     #[getter]
     fn model_path(&self) -> String {
         self.model.lock().unwrap().path.display().to_string()
+    }
+
+    /// The model's input for one PNG/JPEG file as the worker builds it (resize, crop, colour,
+    /// normalisation): (shape in the model's layout, float32 little-endian bytes).
+    fn input_tensor<'py>(&self, py: Python<'py>, path: PathBuf) -> PyResult<(Vec<usize>, Bound<'py, PyBytes>)> {
+        let bytes = std::fs::read(&path).map_err(|e| PyOSError::new_err(format!("{}: {e}", path.display())))?;
+        let spec = self.model.lock().unwrap().spec.clone();
+        let pixels = kafray::frame::decode(&bytes, &kafray::frame::FrameHeaders::default())
+            .map_err(|r| PyValueError::new_err(format!("{}: {r}", path.display())))?;
+        let mut out = vec![0f32; spec.input_len()];
+        kafray::model::preprocess::preprocess(&spec, &pixels, &mut out)
+            .map_err(|r| PyValueError::new_err(format!("{}: {r}", path.display())))?;
+        let raw: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Ok((spec.input_shape(1).to_vec(), PyBytes::new(py, &raw)))
     }
 
     /// Classifies one file: {"images", "classes", "correct" (None without labels)}.

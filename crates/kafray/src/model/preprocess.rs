@@ -1,7 +1,9 @@
 //! Decoded pixels -> the model's input tensor (one image's slice of it).
-use super::spec::{Color, Layout, ModelSpec};
+use super::spec::{Color, Layout, ModelSpec, Resize};
 use crate::frame::{reject, Pixels, Rejection, Shape};
 use image::imageops::FilterType;
+use image::DynamicImage;
+use std::borrow::Cow;
 
 /// Writes one image into `out` (length `spec.input_len()`), in the model's layout and scaling.
 pub fn preprocess(spec: &ModelSpec, pixels: &Pixels, out: &mut [f32]) -> Result<(), Rejection> {
@@ -15,30 +17,39 @@ pub fn preprocess(spec: &ModelSpec, pixels: &Pixels, out: &mut [f32]) -> Result<
             write_tensor(spec, data, out);
         }
         Pixels::Image(img) => {
-            let (w, h) = (spec.width as u32, spec.height as u32);
-            let resize = img.width() != w || img.height() != h;
+            let img = match spec.resize {
+                Resize::Squash => squash(img, spec.width as u32, spec.height as u32),
+                Resize::Crop => centre_crop(img, spec),
+            };
             let data = match spec.color {
-                Color::Gray => {
-                    let g = img.to_luma8();
-                    if resize {
-                        image::imageops::resize(&g, w, h, FilterType::Triangle).into_raw()
-                    } else {
-                        g.into_raw()
-                    }
-                }
-                Color::Rgb => {
-                    let c = img.to_rgb8();
-                    if resize {
-                        image::imageops::resize(&c, w, h, FilterType::Triangle).into_raw()
-                    } else {
-                        c.into_raw()
-                    }
-                }
+                Color::Gray => img.to_luma8().into_raw(),
+                Color::Rgb => img.to_rgb8().into_raw(),
             };
             write_tensor(spec, &data, out);
         }
     }
     Ok(())
+}
+
+fn squash(img: &DynamicImage, w: u32, h: u32) -> Cow<'_, DynamicImage> {
+    if img.width() == w && img.height() == h {
+        Cow::Borrowed(img)
+    } else {
+        Cow::Owned(img.resize_exact(w, h, FilterType::Triangle))
+    }
+}
+
+/// The shorter side to `resize_to` (the longer in proportion, rounded down as torchvision does),
+/// then the input size from the centre (offsets rounded as torchvision's `center_crop`).
+fn centre_crop<'a>(img: &'a DynamicImage, spec: &ModelSpec) -> Cow<'a, DynamicImage> {
+    let (w, h) = (img.width() as u64, img.height() as u64);
+    let short = spec.resize_to as u64;
+    let (rw, rh) = if w <= h { (short, short * h / w) } else { (short * w / h, short) };
+    let resized = squash(img, rw as u32, rh as u32);
+    let (cw, ch) = (spec.width as u32, spec.height as u32);
+    let left = ((rw as f64 - cw as f64) / 2.0).round() as u32;
+    let top = ((rh as f64 - ch as f64) / 2.0).round() as u32;
+    Cow::Owned(resized.crop_imm(left, top, cw, ch))
 }
 
 /// HWC u8 -> the model's layout, `(x * scale - mean) / std` per channel.
@@ -82,6 +93,8 @@ mod tests {
             std: vec![1.0; color.channels()],
             labels: None,
             output: OutputKind::Logits,
+            resize: Resize::Squash,
+            resize_to: 2,
         }
     }
 
@@ -120,5 +133,21 @@ mod tests {
         let mut out = vec![0.0; 4];
         preprocess(&s, &Pixels::Image(img), &mut out).unwrap();
         assert!(out.iter().all(|v| (*v - 200.0).abs() < 1.0), "{out:?}");
+    }
+
+    /// An 8x4 image whose columns are 0, 10, .., 70: with the shorter side kept at 4, the crop
+    /// takes the 2x2 centre (columns 3-4, rows 1-2); squash would average every column in.
+    #[test]
+    fn crop_takes_the_centre_after_scaling_the_shorter_side() {
+        let mut s = spec(Layout::Nhwc, Color::Gray);
+        s.resize = Resize::Crop;
+        s.resize_to = 4;
+        let img = image::GrayImage::from_fn(8, 4, |x, _| image::Luma([(x * 10) as u8]));
+        let mut out = vec![0.0; 4];
+        preprocess(&s, &Pixels::Image(DynamicImage::ImageLuma8(img.clone())), &mut out).unwrap();
+        assert_eq!(out, vec![30.0, 40.0, 30.0, 40.0]);
+        s.resize = Resize::Squash;
+        preprocess(&s, &Pixels::Image(DynamicImage::ImageLuma8(img)), &mut out).unwrap();
+        assert!(out[0] < 30.0 && out[1] > 40.0, "squash keeps the whole width: {out:?}");
     }
 }

@@ -30,6 +30,18 @@ impl Color {
     }
 }
 
+/// How an image of another size becomes the model's input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Resize {
+    /// Scale each side to the input size; the aspect ratio is not kept.
+    #[default]
+    Squash,
+    /// Scale the shorter side to `resize_to`, then cut the input size from the centre: how
+    /// torchvision evaluates its ImageNet models (resize 256, centre crop 224).
+    Crop,
+}
+
 /// What the model's first output holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -64,6 +76,12 @@ pub struct ModelToml {
     pub labels: Option<PathBuf>,
     /// `logits` (default) or `probabilities`.
     pub output: Option<OutputKind>,
+    /// `squash` (default: each side to the input size) or `crop` (shorter side to `resize_to`,
+    /// then the centre).
+    pub resize: Option<Resize>,
+    /// With `crop`: the shorter side's length before the crop. Default: the input's longer
+    /// side / 0.875 (256 for 224x224, as torchvision's ImageNet evaluation).
+    pub resize_to: Option<usize>,
 }
 
 /// The resolved description of a model's input and output.
@@ -79,6 +97,9 @@ pub struct ModelSpec {
     pub std: Vec<f32>,
     pub labels: Option<Vec<String>>,
     pub output: OutputKind,
+    pub resize: Resize,
+    /// With [`Resize::Crop`]: the shorter side before the centre crop.
+    pub resize_to: usize,
 }
 
 impl ModelSpec {
@@ -120,6 +141,8 @@ fn preset(stem: &str) -> Option<ModelToml> {
             std: Some(vec![1.0]),
             labels: None,
             output: Some(OutputKind::Logits),
+            resize: None,
+            resize_to: None,
         }),
         "mobilenet_v2_imagenet" | "efficientnet_lite0_imagenet" => Some(ModelToml {
             layout: Some(Layout::Nchw),
@@ -131,6 +154,9 @@ fn preset(stem: &str) -> Option<ModelToml> {
             std: Some(IMAGENET_STD.to_vec()),
             labels: Some(PathBuf::from("imagenet_classes.txt")),
             output: Some(OutputKind::Logits),
+            // As they were evaluated: shorter side to 256, the centre 224x224.
+            resize: Some(Resize::Crop),
+            resize_to: None,
         }),
         _ => None,
     }
@@ -225,7 +251,16 @@ pub fn resolve(model_path: &Path, graph_input: &GraphInput) -> Result<ModelSpec>
         }
         None => None,
     };
+    let resize_to = given.resize_to.unwrap_or((height.max(width) as f64 / 0.875).round() as usize);
+    if resize_to < height.max(width) {
+        return Err(Error::model(
+            &toml_path,
+            format!("resize_to {resize_to} is smaller than the input ({height}x{width}); the crop would not fit"),
+        ));
+    }
     Ok(ModelSpec {
+        resize: given.resize.unwrap_or_default(),
+        resize_to,
         name: stem,
         layout,
         height,
@@ -299,5 +334,23 @@ mod tests {
     fn spec_must_agree_with_graph() {
         let err = resolve(Path::new("/x/mnist_cnn.onnx"), &vec![-1, 3, 28, 28]).unwrap_err().to_string();
         assert!(err.contains("channel count"), "{err}");
+    }
+
+    #[test]
+    fn imagenet_presets_crop_as_torchvision_and_a_toml_can_say_so_too() {
+        for name in ["mobilenet_v2_imagenet", "efficientnet_lite0_imagenet"] {
+            assert_eq!(preset(name).unwrap().resize, Some(Resize::Crop), "{name}");
+        }
+        assert_eq!(preset("mnist_cnn").unwrap().resize, None, "digits fill their frame: squash");
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.onnx");
+        std::fs::write(dir.path().join("m.toml"), "resize='crop'\n").unwrap();
+        let spec = resolve(&model, &vec![-1, 3, 224, 224]).unwrap();
+        assert_eq!((spec.resize, spec.resize_to), (Resize::Crop, 256));
+        std::fs::write(dir.path().join("m.toml"), "resize='crop'\nresize_to=200\n").unwrap();
+        let err = resolve(&model, &vec![-1, 3, 224, 224]).unwrap_err().to_string();
+        assert!(err.contains("resize_to 200 is smaller than the input"), "{err}");
+        std::fs::write(dir.path().join("m.toml"), "layout='nchw'\n").unwrap();
+        assert_eq!(resolve(&model, &vec![-1, 3, 224, 224]).unwrap().resize, Resize::Squash);
     }
 }

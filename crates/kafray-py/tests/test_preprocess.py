@@ -1,0 +1,44 @@
+"""`resize = "crop"` builds the tensor torchvision's ImageNet evaluation builds: shorter side to
+256 (bilinear), the centre 224x224, x/255, then (x - mean) / std. The reference is written out here
+with Pillow and numpy, as torchvision's transforms do it on PIL images."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import kafray
+
+PHOTOS = sorted((Path(__file__).resolve().parents[3].parent / "shared" / "assets" / "images").iterdir())
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# One 8-bit level after normalisation: Pillow rounds to 8 bits between its two resize passes,
+# kafray's resize rounds once.
+ONE_LEVEL = 1 / 255 / STD.min()
+
+
+def torchvision_eval(path: Path) -> np.ndarray:
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    size = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)  # Resize(256)
+    img = img.resize(size, Image.BILINEAR)
+    top, left = int(round((size[1] - 224) / 2.0)), int(round((size[0] - 224) / 2.0))  # CenterCrop(224)
+    x = np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0  # ToTensor
+    return ((x - MEAN) / STD).transpose(2, 0, 1)[None]  # Normalize, NCHW
+
+
+@pytest.mark.parametrize("photo", PHOTOS, ids=[p.name for p in PHOTOS])
+def test_crop_gives_torchvisions_evaluation_tensor(photo):
+    classifier = kafray.Classifier("mobilenet_v2")
+    shape, raw = classifier.input_tensor(str(photo))
+    got = np.frombuffer(raw, dtype="<f4").reshape(shape)
+    want = torchvision_eval(photo)
+    assert got.shape == want.shape == (1, 3, 224, 224)
+    diff = np.abs(got - want)
+    assert diff.max() <= ONE_LEVEL + 1e-5, f"{photo.name}: max difference {diff.max():.4f} > one 8-bit level"
+    assert diff.mean() < 0.2 * ONE_LEVEL, f"{photo.name}: mean difference {diff.mean():.4f}"
+
+
+def test_the_photos_are_not_square_so_the_crop_matters():
+    sizes = {Image.open(p).size for p in PHOTOS}
+    assert any(w != h for w, h in sizes), sizes
