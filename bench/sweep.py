@@ -67,9 +67,10 @@ class KafrayWorker:
     """kafray's Rust worker (`kafray.Worker`, GIL released) behind the same actor interface as the
     peer's, so both systems are started, measured and stopped the same way."""
 
-    def __init__(self, model_path: str, threads: int = 1):
+    def __init__(self, model_path: str, threads: int = 1, device: str = "cpu"):
         self.model = model_path
         self.threads = threads
+        self.device = device
         self.worker = None
 
     def ready(self) -> dict:
@@ -81,6 +82,7 @@ class KafrayWorker:
         self.worker = kafray.Worker(
             brokers=brokers, input_topic=input_topic, output_topic=output_topic, group=group, model=self.model,
             batch_size=batch_size, max_wait_ms=max_wait_ms, max_in_flight=max_in_flight, threads=self.threads,
+            device=self.device,
             # No status line and no /metrics endpoint: the peer has neither, and the cells
             # measure the data path.
             status_interval_s=0, metrics_addr="", **policy).start()
@@ -196,10 +198,13 @@ def evaluate(brokers: str, topic: str, frames: int) -> dict:
 class Pool:
     """W actors of one system, reused across batch sizes (the model loads once per actor)."""
 
-    def __init__(self, system: str, workers: int, model: str, threads: int):
+    def __init__(self, system: str, workers: int, model: str, threads: int, device: str = "cpu"):
         path = kafray.find_model(model)
         if system == "kafray":
-            self.actors = [KafrayWorker.options(num_cpus=1).remote(path, threads) for _ in range(workers)]
+            # On a GPU, the workers share it: Ray gives each a fraction and sets CUDA_VISIBLE_DEVICES.
+            gpus = 0 if device == "cpu" else 1.0 / workers
+            self.actors = [KafrayWorker.options(num_cpus=1, num_gpus=gpus).remote(path, threads, device)
+                           for _ in range(workers)]
         else:
             labels = os.path.join(os.path.dirname(path), "imagenet_classes.txt") if model != "mnist" else None
             self.actors = [peer.PeerWorker.options(num_cpus=1).remote(path, labels, threads)
@@ -391,6 +396,8 @@ def plot(out: Path, rows: list[dict], raw: list[dict], meta: dict) -> list[Path]
         plt.close(fig)
         written.append(path)
 
+    if not any(r["kafray_over_peer"] != "" for r in rows):
+        return written  # one system only (--systems): no ratios to draw
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         grid = [[next((float(r["kafray_over_peer"]) for r in rows if r["model"] == model and r["system"] == "kafray"
@@ -432,15 +439,20 @@ def tables(rows: list[dict], raw: list[dict], meta: dict) -> str:
         ratios = [float(k["images_per_s"]) / float(p["images_per_s"]) for k, p in pairs if k and p]
         of_raw = {s: [float(r["of_raw"]) for r in rows if r["model"] == model and r["system"] == s and r["of_raw"]]
                   for s in SYSTEMS}
+        span = lambda v: f"{min(v):.2f}-{max(v):.2f}" if v else "-"  # noqa: E731
+        versus = (f"kafray/peer: geometric mean **{_geomean(ratios):.2f}** (range {span(ratios)}); " if ratios
+                  else "one system only; ")
         lines += [f"**{MODEL_TITLES.get(model, model)}** ({meta_frames(rows, model)} frames per cell). "
-                  f"kafray/peer: geometric mean **{_geomean(ratios):.2f}** (range {min(ratios):.2f}-"
-                  f"{max(ratios):.2f}); of the raw limit: kafray {min(of_raw['kafray']):.2f}-"
-                  f"{max(of_raw['kafray']):.2f}, peer {min(of_raw['peer']):.2f}-{max(of_raw['peer']):.2f}.", "",
+                  f"{versus}of the raw limit: kafray {span(of_raw['kafray'])}, peer {span(of_raw['peer'])}.", "",
                   "| workers | batch | kafray img/s | peer img/s | raw limit | kafray/peer | kafray/raw | peer/raw "
                   "| p50 / p99 ms kafray | p50 / p99 ms peer | mean batch k / p | CPU cores k / p |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for (w, b), (k, p) in zip(keys, pairs):
             if not (k and p):
+                one, system = (k, "kafray") if k else (p, "peer")
+                lines.append(f"| {w} | {b} | {system} only: {float(one['images_per_s']):.0f} img/s, p50 / p99 "
+                             f"{one['latency_ms_p50']} / {one['latency_ms_p99']} ms, mean batch "
+                             f"{float(one['mean_batch']):.1f} |" + " |" * 9)
                 continue
             lines.append(
                 f"| {w} | {b} | {float(k['images_per_s']):.0f} | {float(p['images_per_s']):.0f} | "
@@ -493,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, help="frames per cell (default: the profile's, per model)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per worker, both systems")
     p.add_argument("--max-wait-ms", type=int, default=20, help="a partial batch is sent after this long")
+    p.add_argument("--device", default="cpu",
+                   help="kafray workers' device: cpu, or cuda (the workers share GPU 0; needs "
+                        "`scripts/setup.sh --gpu` and its ORT_DYLIB_PATH). The peer stays on the CPU")
     p.add_argument("--raw-seconds", type=float, help="seconds per raw-limit measurement (short 2, full 3)")
     p.add_argument("--photos", type=Path, default=ROOT.parent / "shared/assets/images")
     p.add_argument("--brokers", help="a Kafka cluster to use (default: a local Tansu broker, in memory)")
@@ -565,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             frames = args.frames or prof["frames"][model]
             for w in workers:
                 for system in systems:
-                    pool = Pool(system, w, model, args.threads)
+                    pool = Pool(system, w, model, args.threads, args.device)
                     try:
                         for b in batches:
                             row = run_cell(pool, system, model, w, b, frames, args, run_id, brokers, partitions)

@@ -11,19 +11,26 @@
 #    Pillow for the Python peer of the benchmarks (bench/peer.py);
 #  - the `kafray` Python package: the PyO3 extension built with maturin and installed into .venv
 #    (rebuilt incrementally on every run, so it always matches the checkout).
+# With --gpu also (for --device cuda; not needed by the tests):
+#  - the `onnxruntime-gpu` wheel's libonnxruntime.so with its CUDA execution provider, in
+#    .venv/ort-gpu; point ORT_DYLIB_PATH at it. It needs the NVIDIA driver, CUDA 12 and cuDNN 9.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_python=0
+with_gpu=0
 for arg in "$@"; do
   case "$arg" in
     --python) with_python=1 ;;
-    *) echo "setup: unknown option $arg (the only one is --python: Ray, Spark and the kafray Python package)" >&2; exit 2 ;;
+    --gpu) with_gpu=1 ;;
+    *) echo "setup: unknown option $arg (--python: Ray, Spark and the kafray Python package; --gpu: ONNX Runtime with CUDA)" >&2; exit 2 ;;
   esac
 done
 
 PYTHON=${PYTHON:-python3}
 ORT_VERSION=1.32.0
+# The newest onnxruntime-gpu on PyPI; kafray needs >= 1.31 (its C API version 31).
+ORT_GPU_VERSION=1.31.1
 CONFLUENT_KAFKA_VERSION=2.16.1
 NISSHI_VERSION=0.8.1
 RAY_VERSION=2.60.0
@@ -91,6 +98,13 @@ PY
   command -v java >/dev/null 2>&1 || echo "setup: java is missing; Spark needs Java 17 or later (apt-get install openjdk-17-jre-headless)" >&2
   # `develop` installs the freshly built extension into .venv, next to the Python sources.
   VIRTUAL_ENV="$PWD/.venv" .venv/bin/maturin develop --release -q -m crates/kafray-py/Cargo.toml
+fi
+
+if [ "$with_gpu" = 1 ]; then
+  if ! ls .venv/ort-gpu/onnxruntime/capi/libonnxruntime.so* >/dev/null 2>&1; then
+    .venv/bin/pip install -q --disable-pip-version-check --target .venv/ort-gpu "onnxruntime-gpu==$ORT_GPU_VERSION"
+  fi
+  echo "setup: for --device cuda: export ORT_DYLIB_PATH=$(ls "$PWD"/.venv/ort-gpu/onnxruntime/capi/libonnxruntime.so* | tail -1)"
 fi
 
 echo "setup: ok (onnxruntime $ORT_VERSION in .venv, broker $(command -v nisshi || echo "$HOME/.cargo/bin/nisshi"), kcat $(command -v kcat || echo missing), prometheus $(command -v prometheus || echo missing))"

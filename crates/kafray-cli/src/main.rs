@@ -125,6 +125,11 @@ struct WorkerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<usize>,
+    /// Where the model runs: cpu, cuda, cuda:N (fails without CUDA), or auto (CUDA where it
+    /// works, else the CPU with a warning) [default: cpu].
+    #[arg(long, value_name = "DEVICE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
     /// Classes listed per prediction [default: 5].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

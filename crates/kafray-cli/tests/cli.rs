@@ -17,6 +17,17 @@ fn bad_worker_settings_name_the_fix() {
     fails_with(&["worker", "--batch-size", "64", "--max-in-flight", "10"], &["raise --max-in-flight"]);
     fails_with(&["worker", "-X", "nonsense"], &["key=value"]);
     fails_with(&["worker", "--output-topic", "frames"], &["read its own results"]);
+    fails_with(&["worker", "--device", "gpu"], &["--device \"gpu\"", "cpu, cuda, cuda:N"]);
+}
+
+/// This machine's ONNX Runtime is the CPU build: asking for CUDA is an error that names the fix,
+/// before any broker is contacted.
+#[test]
+fn cuda_where_the_runtime_has_none_is_a_clear_error() {
+    fails_with(
+        &["worker", "--device", "cuda:1"],
+        &["--device cuda:1", "no CUDA execution provider", "onnxruntime-gpu"],
+    );
 }
 
 #[test]

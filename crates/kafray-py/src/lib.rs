@@ -49,6 +49,8 @@ struct State {
     starting: bool,
     thread: Option<JoinHandle<kafray::Result<Snapshot>>>,
     started: Option<Instant>,
+    /// Where the model runs (`auto` resolved), once loaded.
+    device: Option<String>,
     /// Set once the worker thread has ended: its final counters, or why it failed.
     outcome: Option<Result<Snapshot, String>>,
 }
@@ -102,10 +104,13 @@ impl Worker {
         // The model loads without the GIL and without the state lock: a `stats()` call meanwhile
         // holds the GIL and takes that lock, so holding it here would deadlock.
         let config = self.config.clone();
-        let loaded = py.detach(|| Model::load(&config.model, config.threads, config.top_k));
+        let loaded = py.detach(|| {
+            Model::load_on(&config.model, config.threads, config.top_k, kafray::model::Device::parse(&config.device)?)
+        });
         let mut state = self.state.lock().unwrap();
         state.starting = false;
         let model = loaded.map_err(to_py)?;
+        state.device = Some(model.device.to_string());
         let (stop, metrics) = (self.stop.clone(), self.metrics.clone());
         let thread = std::thread::Builder::new()
             .name("kafray-worker".into())
@@ -159,6 +164,7 @@ impl Worker {
 
     /// Counters since start: consumed, predicted, dead_lettered, dead_letter_fallbacks (dead
     /// letters without their value), delivery_failures, restarts (after undelivered results),
+    /// device (where the model runs, `auto` resolved),
     /// joined (the group gave it an assignment), metrics_endpoint (`host:port` or None),
     /// latency_ms_counts ((ms, count) per latency histogram bucket, to merge over workers),
     /// consume_errors, assigned_partitions,
@@ -176,6 +182,7 @@ impl Worker {
         };
         let d = PyDict::new(py);
         d.set_item("worker_id", &self.worker_id)?;
+        d.set_item("device", &state.device)?;
         d.set_item("running", state.thread.is_some())?;
         d.set_item("error", state.outcome.as_ref().and_then(|o| o.as_ref().err()))?;
         d.set_item("uptime_s", state.started.map_or(0.0, |t| t.elapsed().as_secs_f64()))?;

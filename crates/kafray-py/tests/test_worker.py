@@ -30,6 +30,21 @@ def test_worker_predicts_a_stream_and_stops_cleanly(broker):
     assert not worker.running
 
 
+def test_device_auto_falls_back_to_the_cpu_where_cuda_is_missing_and_cuda_says_why(broker):
+    """This machine's ONNX Runtime has no CUDA: `auto` runs on the CPU (and says so in stats),
+    `cuda` fails at start with the fix."""
+    with pytest.raises(ValueError, match="no CUDA execution provider.*onnxruntime-gpu"):
+        kafray.Worker(brokers=broker, device="cuda", create_topics=2).start()
+    assert produce_mnist(broker, 200, partitions=2).wait(120) == 0
+    worker = kafray.Worker(brokers=broker, device="auto", group="auto", create_topics=2).start()
+    try:
+        report = evaluate(broker, 200)
+    finally:
+        final = worker.stop(timeout=60)
+    assert final["device"] == "cpu" and final["predicted"] == 200, final
+    assert report["distinct_frames"] == 200, report
+
+
 def test_classifier_reads_shards_and_images(tmp_path):
     mnist = REPO / "assets" / "mnist"
     paths = kafray.write_mnist_shards(str(mnist / "t10k-images-idx3-ubyte.gz"),

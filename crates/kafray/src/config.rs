@@ -37,6 +37,10 @@ pub struct WorkerConfig {
     pub latency_target_ms: Option<u64>,
     /// ONNX Runtime intra-op threads per worker.
     pub threads: usize,
+    /// Where the model runs: `cpu`, `cuda` or `cuda:N` (GPU N; fails where ONNX Runtime has
+    /// no CUDA), or `auto` (CUDA where it works, else the CPU with a warning). CUDA needs the
+    /// `onnxruntime-gpu` build of libonnxruntime (`ORT_DYLIB_PATH`).
+    pub device: String,
     /// How many classes each prediction lists in `top`.
     pub top_k: usize,
     /// Frames polled but not yet acknowledged; polling pauses at this bound (backpressure).
@@ -69,6 +73,7 @@ impl Default for WorkerConfig {
             max_wait_ms: 0,
             latency_target_ms: None,
             threads: 1,
+            device: "cpu".into(),
             top_k: 5,
             max_in_flight: 1000,
             status_interval_s: 5,
@@ -170,6 +175,7 @@ impl WorkerConfig {
         if self.threads == 0 {
             return bad("--threads must be at least 1".into());
         }
+        crate::model::Device::parse(&self.device)?;
         if self.top_k == 0 {
             return bad("--top-k must be at least 1".into());
         }

@@ -9,7 +9,7 @@ use crate::config::WorkerConfig;
 use crate::error::{Error, Result};
 use crate::frame::{self, FrameHeaders, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
 use crate::metrics::{DeadLetterReason, FrameTiming, Metrics, Snapshot, StageTimers};
-use crate::model::{Model, ModelSpec};
+use crate::model::{Device, Model, ModelSpec};
 use crate::offsets::OffsetTracker;
 use crate::sink::{now_ms, Ack, Prediction, ResultSink, Sink, TopEntry};
 use crate::source::{self, ConsumerError, FrameSource, SourceContext};
@@ -39,7 +39,7 @@ const RESTARTS_IN_A_ROW: u32 = 3;
 /// Loads the model named in `config` and runs until `stop` is set.
 pub fn run(config: &WorkerConfig, stop: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Result<Snapshot> {
     config.validate()?;
-    let model = Model::load(&config.model, config.threads, config.top_k)?;
+    let model = Model::load_on(&config.model, config.threads, config.top_k, Device::parse(&config.device)?)?;
     run_with_model(config, model, stop, metrics)
 }
 
@@ -92,11 +92,12 @@ pub fn run_with_model(
             }
         })
         .flatten();
-    let (path, mut model, mut restarts) = (model.path.clone(), Some(model), 0);
+    let (path, device) = (model.path.clone(), model.device);
+    let (mut model, mut restarts) = (Some(model), 0);
     loop {
         let model = match model.take() {
             Some(m) => m,
-            None => Model::load(&path, config.threads, config.top_k)?,
+            None => Model::load_on(&path, config.threads, config.top_k, device)?,
         };
         let predicted_before = metrics.predicted.load(Relaxed);
         match run_connected(config, model, stop.clone(), metrics.clone()) {
@@ -181,7 +182,7 @@ pub fn run_pipeline<S: FrameSource>(
     );
     metrics.batch_limit.store(policy.limit(), Relaxed);
     tracing::info!(
-        worker = %worker_id, model = %model.path.display(), input = %config.input_topic,
+        worker = %worker_id, model = %model.path.display(), device = %model.device, input = %config.input_topic,
         output = %config.output_topic, group = %config.group, batch_size = config.batch_size,
         max_wait_ms = config.max_wait_ms, latency_target_ms = ?config.latency_target_ms, "worker started"
     );

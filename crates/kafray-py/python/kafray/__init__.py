@@ -50,7 +50,8 @@ class Worker:
 
     Keyword arguments are the worker's configuration, as in ``kafray worker`` and its TOML file:
     ``brokers``, ``input_topic``, ``output_topic``, ``dead_letter_topic``, ``group``, ``model``,
-    ``batch_size``, ``max_wait_ms``, ``latency_target_ms``, ``threads``, ``top_k``, ``max_in_flight``,
+    ``batch_size``, ``max_wait_ms``, ``latency_target_ms``, ``threads``, ``device`` (``cpu``,
+    ``cuda``, ``cuda:N`` or ``auto``), ``top_k``, ``max_in_flight``,
     ``status_interval_s``, ``worker_id``, ``kafka`` (a dict of librdkafka properties),
     ``metrics_addr`` (the Prometheus endpoint, ``host:port``; ``""`` for none) and
     ``create_topics`` (create missing input/output topics with this many partitions at start).

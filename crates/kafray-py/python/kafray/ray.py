@@ -217,6 +217,8 @@ class Deployment:
         connect(address)
         config.setdefault("group", name)
         config.setdefault("threads", max(1, int(num_cpus)))
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPU(s) it gives the actor: "cuda" is GPU 0 of those.
+        config.setdefault("device", "cuda" if num_gpus > 0 else "cpu")
         config["model"] = kafray.find_model(config.get("model", "mnist"))
         config.setdefault("status_interval_s", 5)
         d = cls(name, config, num_cpus, num_gpus, detached, max_restarts)
@@ -609,6 +611,8 @@ def _add_worker_flags(up: argparse.ArgumentParser) -> None:
     w.add_argument("--latency-target-ms", dest="latency_target_ms", type=int,
                    help="optional latency objective in each worker: the batch limit follows it (AIMD)")
     w.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: --num-cpus)")
+    w.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cuda with --num-gpus, else cpu); "
+                                    "on Ray, cuda is the GPU Ray gives the actor")
     w.add_argument("--top-k", dest="top_k", type=int, help="classes listed per prediction (5)")
     w.add_argument("--max-in-flight", dest="max_in_flight", type=int,
                    help="frames between poll and acknowledgement per worker (1000)")

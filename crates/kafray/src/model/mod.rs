@@ -37,12 +37,48 @@ impl Classification {
     }
 }
 
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// ONNX Runtime's CUDA execution provider on this GPU (an index among the visible ones).
+    Cuda(u32),
+    /// CUDA (GPU 0) where it works, else the CPU, with a warning.
+    Auto,
+}
+
+impl Device {
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.trim() {
+            "cpu" => Ok(Device::Cpu),
+            "auto" => Ok(Device::Auto),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => other.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Device::Cuda).ok_or_else(|| {
+                crate::Error::Config(format!("--device {other:?}: expected cpu, cuda, cuda:N (N a GPU index) or auto"))
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::Auto => f.write_str("auto"),
+        }
+    }
+}
+
 /// A loaded model: its spec plus a backend session.
 pub struct Model {
     pub spec: ModelSpec,
     pub path: PathBuf,
     backend: Box<dyn Backend>,
     top_k: usize,
+    /// Where it runs (never `Auto`: what `Auto` became).
+    pub device: Device,
     /// One input the model classified last time it succeeded: a failing batch is the batch's
     /// fault if the model still classifies this, and the model's own if it does not.
     canary: Option<Vec<f32>>,
@@ -55,12 +91,20 @@ impl Model {
     /// Loads an `.onnx` file on ONNX Runtime (a built-in name is resolved to a path by the
     /// caller: `kafray_tools::layout::find_model`).
     pub fn load(path: impl AsRef<Path>, threads: usize, top_k: usize) -> Result<Self> {
+        Self::load_on(path, threads, top_k, Device::Cpu)
+    }
+
+    /// [`Model::load`] on a device; `Auto` becomes the device the session got.
+    pub fn load_on(path: impl AsRef<Path>, threads: usize, top_k: usize, device: Device) -> Result<Self> {
         let path = path.as_ref();
         if !path.is_file() {
             return Err(crate::Error::model(path, "no such file"));
         }
-        let backend = OnnxBackend::load(path, threads)?;
-        Self::with_backend(path, Box::new(backend), top_k)
+        let backend = OnnxBackend::load_on(path, threads, device)?;
+        let device = backend.device;
+        let mut model = Self::with_backend(path, Box::new(backend), top_k)?;
+        model.device = device;
+        Ok(model)
     }
 
     pub fn with_backend(path: &Path, backend: Box<dyn Backend>, top_k: usize) -> Result<Self> {
@@ -74,7 +118,7 @@ impl Model {
             }
         }
         let top_k = top_k.clamp(1, backend.classes());
-        Ok(Model { spec, path: path.to_path_buf(), backend, top_k, canary: None })
+        Ok(Model { spec, path: path.to_path_buf(), backend, top_k, device: Device::Cpu, canary: None })
     }
 
     pub fn input_len(&self) -> usize {

@@ -1,6 +1,6 @@
 //! ONNX Runtime backend, loaded at run time (`load-dynamic`) from a `libonnxruntime.so`
 //! (onnxruntime >= 1.31), such as the one of the PyPI `onnxruntime` wheel.
-use super::Backend;
+use super::{Backend, Device};
 use crate::error::{Error, Result};
 use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::TensorRef;
@@ -42,29 +42,69 @@ fn environment() -> Result<&'static ort::environment::Environment> {
     }
 }
 
+/// Registers the CUDA execution provider for GPU `n`, or says why it cannot.
+fn use_cuda(builder: &mut ort::session::builder::SessionBuilder, n: u32) -> std::result::Result<(), String> {
+    use ort::ep::ExecutionProvider as _;
+    let library = runtime_library();
+    if !ort::ep::CUDA::is_available().unwrap_or(false) {
+        return Err(format!(
+            "the ONNX Runtime at {} has no CUDA execution provider: install the onnxruntime-gpu wheel \
+             (bash scripts/setup.sh --gpu) and set ORT_DYLIB_PATH to its libonnxruntime.so, or use --device cpu",
+            library.display()
+        ));
+    }
+    ort::ep::CUDA::default()
+        .with_device_id(n as i32)
+        .register(builder)
+        .map_err(|e| format!("CUDA did not start on GPU {n} (driver, CUDA/cuDNN libraries, or no such GPU): {e}"))
+}
+
 /// One ONNX Runtime session. `Session::run` takes `&mut self`, so each worker owns one.
 pub struct OnnxBackend {
     session: Session,
     input_dims: Vec<i64>,
     classes: usize,
+    /// Where the session runs (`Auto` resolved).
+    pub device: Device,
 }
 
 impl OnnxBackend {
     /// `threads`: ONNX Runtime intra-op threads; 1 is the robust default when several
     /// workers share a machine.
     pub fn load(path: &Path, threads: usize) -> Result<Self> {
+        Self::load_on(path, threads, Device::Cpu)
+    }
+
+    /// On `device`: CUDA through ONNX Runtime's CUDA execution provider. Asking for CUDA where
+    /// the runtime has none, or where it cannot start (no driver, no GPU), is an error naming
+    /// the fix; `Auto` then falls back to the CPU with a warning.
+    pub fn load_on(path: &Path, threads: usize, device: Device) -> Result<Self> {
         let env = environment()?;
         let err = |e: String| Error::model(path, e);
-        let session = Session::builder(env)
+        let mut builder = Session::builder(env)
             .map_err(|e| err(e.to_string()))?
             .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(|e| err(e.to_string()))?
             .with_intra_threads(threads.max(1))
             .map_err(|e| err(e.to_string()))?
             .with_inter_threads(1)
-            .map_err(|e| err(e.to_string()))?
-            .commit_from_file(path)
-            .map_err(|e| err(format!("ONNX Runtime cannot load it: {e}")))?;
+            .map_err(|e| err(e.to_string()))?;
+        let gpu = match device {
+            Device::Cpu => None,
+            Device::Cuda(n) => Some(n),
+            Device::Auto => Some(0),
+        };
+        let device = match gpu.map(|n| (n, use_cuda(&mut builder, n))) {
+            None => Device::Cpu,
+            Some((n, Ok(()))) => Device::Cuda(n),
+            Some((_, Err(why))) if device == Device::Auto => {
+                tracing::warn!(model = %path.display(), "--device auto: {why}; running on the CPU");
+                Device::Cpu
+            }
+            Some((_, Err(why))) => return Err(Error::Config(format!("--device {device}: {why}"))),
+        };
+        let session =
+            builder.commit_from_file(path).map_err(|e| err(format!("ONNX Runtime cannot load it on {device}: {e}")))?;
         let input = session.inputs().first().ok_or_else(|| err("the graph has no input".into()))?;
         let input_dims = input
             .dtype()
@@ -77,7 +117,7 @@ impl OnnxBackend {
             [_, k] if *k > 0 => *k as usize,
             other => return Err(err(format!("expected a [batch, classes] output, found {other:?}"))),
         };
-        Ok(OnnxBackend { session, input_dims, classes })
+        Ok(OnnxBackend { session, input_dims, classes, device })
     }
 }
 
