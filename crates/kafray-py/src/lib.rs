@@ -361,6 +361,14 @@ fn raw_limit<'py>(
 }
 
 /// Resolves a model name (`mnist`, `mobilenet_v2`, ...) or path to the absolute path of its file.
+/// The files a model needs beside its `.onnx` (its TOML, its labels), relative to its folder.
+#[pyfunction]
+fn model_companions(path: PathBuf) -> PyResult<Vec<String>> {
+    kafray::model::spec::companion_files(&path)
+        .map(|files| files.iter().map(|f| f.display().to_string()).collect())
+        .map_err(to_py)
+}
+
 #[pyfunction]
 fn find_model(name: &str) -> PyResult<String> {
     let path = kafray_tools::layout::find_model(name).map_err(to_py)?;
@@ -429,6 +437,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<EmbeddedBroker>()?;
     m.add_function(wrap_pyfunction!(write_mnist_shards, m)?)?;
     m.add_function(wrap_pyfunction!(find_model, m)?)?;
+    m.add_function(wrap_pyfunction!(model_companions, m)?)?;
     m.add_function(wrap_pyfunction!(raw_limit, m)?)?;
     m.add("WORKER_CONFIG_FIELDS", WorkerConfig::field_names())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -1,4 +1,5 @@
 """kafray workers as Ray actors on a real two-node Ray cluster, against a real broker."""
+import itertools
 import os
 import signal
 import time
@@ -10,8 +11,12 @@ from conftest import evaluate, produce_mnist, produce_photos, wait_for
 from kafray import ray as kray
 
 
+_NAMES = itertools.count()
+
+
 def start(deployments, ray_cluster, broker, workers, **config):
-    d = kray.Deployment.start(workers, name=f"t{len(deployments)}-{os.getpid()}", address=ray_cluster,
+    # A name of its own per test: a stopped deployment's actor names are freed asynchronously.
+    d = kray.Deployment.start(workers, name=f"t{next(_NAMES)}-{os.getpid()}", address=ray_cluster,
                               brokers=broker, batch_size=20, create_topics=4, **config)
     deployments.append(d)
     return d
@@ -91,17 +96,20 @@ def test_a_restarted_actor_takes_its_partitions_back_without_a_rebalance(ray_clu
 
 
 def test_scale_up_and_down_while_running(ray_cluster, broker, deployments):
-    producer = produce_mnist(broker, 4000, rate=500)
+    n = 10_000
+    producer = produce_mnist(broker, n, rate=500)
     d = start(deployments, ray_cluster, broker, 1)
     wait_for(lambda: d.stats()["predicted"] > 300, 60, "the first worker's predictions")
     d.scale(3)
     assert len(d.actors) == 3
     wait_for(lambda: owning(d, 3), 60, "the group to rebalance over 3 workers")
+    wait_for(lambda: all(w.get("predicted", 0) > 0 for w in d.workers()), 60, "each of the 3 to predict")
+    assert producer.poll() is None, "the stream is still running when the deployment shrinks"
     d.scale(1)
     assert len(d.actors) == 1
     assert producer.wait(60) == 0
-    report = evaluate(broker, 4000)
-    assert report["distinct_frames"] == 4000, report
+    report = evaluate(broker, n)
+    assert report["distinct_frames"] == n, report
     assert len(report["per_worker"]) == 3, f"all three workers predicted something: {report['per_worker']}"
 
 
@@ -253,3 +261,66 @@ def test_cluster_percentiles_come_from_the_merged_histograms():
     assert kray.merged_quantiles([fast, slow], (0.5, 0.99, 1.0)) == [10, 10, 1000]
     assert kray.merged_quantiles([[(5, 3)], [(7, 1)]], (0.5,)) == [5]
     assert kray.merged_quantiles([[], []], (0.5, 0.99)) == [0, 0]
+
+
+def test_a_model_reaches_the_workers_through_ray_not_through_a_shared_path(ray_cluster, broker, deployments,
+                                                                           tmp_path):
+    """The model, its TOML and its labels are read once on the driver and shipped; the workers
+    load them from their host's cache, named by content. The driver's copy is deleted once the
+    deployment runs: a worker that Ray restarts afterwards still has the model."""
+    import shutil
+
+    from kafray import shipping
+
+    folder = tmp_path / "only-on-the-driver"
+    folder.mkdir()
+    model = folder / "digits.onnx"
+    shutil.copy(kafray_find("mnist"), model)
+    (folder / "digits.toml").write_text('layout = "nchw"\nheight = 28\nwidth = 28\ncolor = "gray"\nscale = 1.0\n'
+                                        'mean = [0.0]\nstd = [1.0]\nlabels = "names/digits.txt"\n')
+    (folder / "names").mkdir()
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    (folder / "names" / "digits.txt").write_text("\n".join(names) + "\n")
+    shipped = shipping.bundle(str(model))
+    assert sorted(shipped.files) == ["digits.onnx", "digits.toml", "names/digits.txt"]
+    shutil.rmtree(shipping.cache_root() / shipped.digest, ignore_errors=True)  # as on a new host
+
+    d = start(deployments, ray_cluster, broker, 2, model=str(model))
+    placed = ray.get([a.ready.remote() for a in d.actors.values()])
+    cached = str(shipping.cache_root() / shipped.digest / "digits.onnx")
+    assert {p["model_path"] for p in placed} == {cached}, placed
+    shutil.rmtree(folder)
+    victim = d.actors[0]
+    os.kill(placed[0]["pid"], signal.SIGKILL)
+    wait_for(lambda: (r := _ready(victim)) and r["pid"] != placed[0]["pid"], 90, "Ray to restart the worker")
+    assert produce_mnist(broker, 1000).wait(120) == 0
+    report = evaluate(broker, 1000)
+    assert report["distinct_frames"] == 1000 and report["accuracy"] >= 0.98, report
+    assert report["per_model"] == {"digits": report["predictions"]}, report["per_model"]
+    label = kafray_cli_prediction_label(broker)
+    assert label in names, label
+
+
+def _ready(actor):
+    try:
+        return ray.get(actor.ready.remote(), timeout=5)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
+
+
+def kafray_cli_prediction_label(broker: str) -> str:
+    """The label of one prediction, read with a plain Kafka client: the labels file was shipped."""
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": broker, "group.id": f"peek-{os.getpid()}", "auto.offset.reset": "earliest"})
+    c.subscribe(["predictions"])
+    try:
+        for _ in range(60):
+            m = c.poll(1.0)
+            if m is not None and not m.error():
+                import json
+
+                return json.loads(m.value())["label"]
+    finally:
+        c.close()
+    raise AssertionError("no prediction read back")

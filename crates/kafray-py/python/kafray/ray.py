@@ -40,7 +40,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import kafray
-from kafray import batch
+from kafray import batch, shipping
 from kafray.autoscale import DOWNSCALE_DELAY_S, UPSCALE_DELAY_S, LagAutoscaler, parse_bounds
 
 NAMESPACE = "kafray"
@@ -96,8 +96,12 @@ class KafrayWorkerActor:
             # On the node's address (a Prometheus on another host scrapes it), on a free port:
             # several actors share a node. The controller lists each in its service discovery.
             config = {**config, "metrics_addr": f"{ray.util.get_node_ip_address()}:0"}
+        if placement.get("model"):
+            # The model as shipped, from this host's cache: the driver's path need not exist here.
+            config = {**config, "model": _model_here(instance_id.rsplit("-worker-", 1)[0], **placement["model"])}
         # Predictions name the actor (or the given prefix and the actor's number).
         worker_id = f"{config['worker_id']}-{instance_id.rsplit('-', 1)[1]}" if config.get("worker_id") else instance_id
+        self.model_path = config["model"]
         self.worker = kafray.Worker(**{**config, "kafka": kafka, "worker_id": worker_id}).start()
 
     def spec(self) -> dict:
@@ -106,9 +110,10 @@ class KafrayWorkerActor:
 
     def ready(self) -> dict:
         ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "worker_id": self.worker.worker_id}
+        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "worker_id": self.worker.worker_id,
+                "model_path": self.model_path}
 
-    def stats(self, with_controller: bool = True) -> dict:
+    def stats(self) -> dict:
         s = self.worker.stats()
         s["restarts"] += self.restarts  # the worker's own restarts, and Ray's of this actor
         s["pid"] = os.getpid()
@@ -117,6 +122,17 @@ class KafrayWorkerActor:
 
     def stop(self, timeout: float = 60.0) -> dict:
         return self.worker.stop(timeout)
+
+
+def _model_here(deployment: str, digest: str, entry: str) -> str:
+    """The shipped model's path in this host's cache, fetched from the controller (through Ray's
+    object store) the first time a worker on this host needs it."""
+    path = shipping.cached(digest, entry)
+    if path is None:
+        controller = ray.get_actor(f"{deployment}-controller")
+        ref, = ray.get(controller.model_ref.remote(digest), timeout=READY_TIMEOUT_S)
+        path = shipping.store(ray.get(ref, timeout=READY_TIMEOUT_S))
+    return path
 
 
 def _death_cause(e: Exception) -> str:
@@ -180,8 +196,10 @@ class Deployment:
     """N kafray workers as Ray actors, spread over the cluster's nodes, sharing one consumer group."""
 
     def __init__(self, name: str, config: dict, num_cpus: float, num_gpus: float, detached: bool,
-                 max_restarts: int = MAX_RESTARTS):
+                 max_restarts: int = MAX_RESTARTS, model: dict | None = None):
         self.name = name
+        # The shipped model ({"digest", "entry"}): workers load it from their host's cache.
+        self.model = model
         self.max_restarts = max_restarts
         self.config = config
         self.num_cpus = num_cpus
@@ -190,7 +208,6 @@ class Deployment:
         self.actors: dict[int, Any] = {}
         self._last: tuple[float, int] | None = None
         self._controller = None
-        self._is_controller = False  # the controller's own view: it does the work itself
 
     @classmethod
     def start(
@@ -212,26 +229,30 @@ class Deployment:
         :class:`kafray.autoscale.LagAutoscaler` (min_workers, max_workers, lag_threshold, ...), to
         size the deployment to its lag from then on.
 
-        The model is resolved to an absolute path here, so every node must see that path (a shared
-        folder, or the same checkout on each machine)."""
+        The model (with its TOML and labels) is read here and shipped: the controller puts it in
+        Ray's object store once, and each host keeps it in a cache named by its content, so no
+        host needs a copy of its own."""
         connect(address)
         config.setdefault("group", name)
         config.setdefault("threads", max(1, int(num_cpus)))
         # Ray sets CUDA_VISIBLE_DEVICES to the GPU(s) it gives the actor: "cuda" is GPU 0 of those.
         config.setdefault("device", "cuda" if num_gpus > 0 else "cpu")
         config["model"] = kafray.find_model(config.get("model", "mnist"))
+        shipped = shipping.bundle(config["model"])
         config.setdefault("status_interval_s", 5)
-        d = cls(name, config, num_cpus, num_gpus, detached, max_restarts)
+        d = cls(name, config, num_cpus, num_gpus, detached, max_restarts,
+                {"digest": shipped.digest, "entry": shipped.entry})
         existing = [n for n in ray.util.list_named_actors() if n.startswith(f"{name}-worker-")]
         if existing:
             raise ValueError(f"a deployment named {name!r} is running ({len(existing)} actors): "
                              f"use `kafray-ray down --name {name}` or another --name")
         if autoscale is not None:
             LagAutoscaler(**autoscale)  # a bad setting fails before any actor starts
-        d.scale(workers)
         try:
-            # Held: Ray ends a non-detached actor once no handle to it is left.
-            d._controller = d.start_controller(autoscale)
+            # First: the workers fetch the model from it. Held: Ray ends a non-detached actor
+            # once no handle to it is left.
+            d._controller = d.start_controller(autoscale, shipped)
+            d.scale(workers)
         except BaseException:
             d.stop()
             raise
@@ -250,6 +271,7 @@ class Deployment:
         spec = ray.get(d.actors[min(d.actors)].spec.remote(), timeout=30)
         d.config, d.num_cpus, d.num_gpus = spec["config"], spec["num_cpus"], spec["num_gpus"]
         d.max_restarts = spec.get("max_restarts", MAX_RESTARTS)
+        d.model = spec.get("model")
         return d
 
     def _refresh(self) -> None:
@@ -269,7 +291,7 @@ class Deployment:
         except ValueError:
             return None
 
-    def _spawn(self, index: int, config: dict | None = None):
+    def _spawn(self, index: int, config: dict | None = None, model: dict | None = None):
         options = dict(
             name=_actor_name(self.name, index),
             num_cpus=self.num_cpus,
@@ -279,7 +301,8 @@ class Deployment:
         )
         if self.detached:
             options["lifetime"] = "detached"
-        placement = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": self.max_restarts}
+        placement = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": self.max_restarts,
+                     "model": model or self.model}
         return KafrayWorkerActor.options(**options).remote(config or self.config, placement, options["name"])
 
     def scale(self, workers: int, timeout: float = READY_TIMEOUT_S) -> None:
@@ -315,20 +338,28 @@ class Deployment:
         never empty; each old one finishes its in-flight frames and commits before it goes.
         Predictions name the model that made them. Stops at the first new worker that fails to
         start (that one is removed; the workers replaced before it keep the new configuration).
-        With a controller (as `start` makes), the controller runs it, between autoscaling turns."""
+        A new model is read here and shipped like the first. The controller runs the update,
+        between its autoscaling turns."""
+        shipped = None
         if "model" in changes:
             changes["model"] = kafray.find_model(changes["model"])
-        controller = None if self._is_controller else self.controller()
-        if controller is not None:  # there, so that no autoscaling decision runs in the middle of it
-            return ray.get(controller.update.remote(changes))
+            shipped = shipping.bundle(changes["model"])
+        kafray.Worker(**{**self.config, **changes})  # a bad field fails here, before any worker is touched
+        controller = self.controller()
+        if controller is None:
+            raise ValueError(f"deployment {self.name!r} has no controller: stop it and start it again")
+        return ray.get(controller.update.remote(changes, shipped))
+
+    def _roll(self, changes: dict, model: dict | None, timeout: float = READY_TIMEOUT_S) -> dict:
+        """The rolling replacement itself (in the controller)."""
         config = {**self.config, **changes}
-        kafray.Worker(**config)  # a bad field fails here, before any worker is touched
+        model = model or self.model
         self._refresh()
         replaced = []
         for old in sorted(self.actors):
             check_resources(1, self.num_cpus, self.num_gpus)
             index = max(self.actors) + 1
-            actor = self._spawn(index, config)
+            actor = self._spawn(index, config, model)
             try:
                 ray.get(actor.ready.remote(), timeout=timeout)
                 deadline = time.monotonic() + timeout
@@ -342,7 +373,7 @@ class Deployment:
             self.actors[index] = actor
             self._stop_actors([self.actors.pop(old)])
             replaced.append({"old": _actor_name(self.name, old), "new": _actor_name(self.name, index)})
-        self.config = config
+        self.config, self.model = config, model
         return {"model": config.get("model"), "replaced": replaced}
 
     def _stop_actors(self, actors: list, timeout: float = 60.0) -> list[dict]:
@@ -430,7 +461,8 @@ class Deployment:
         actors = [self.actors.pop(i) for i in sorted(self.actors)]
         return self._stop_actors(actors)
 
-    def start_controller(self, autoscale: dict | None = None, interval_s: float = CONTROL_INTERVAL_S):
+    def start_controller(self, autoscale: dict | None = None, shipped: shipping.Bundle | None = None,
+                         interval_s: float = CONTROL_INTERVAL_S):
         """Starts the deployment's controller on the head node: it lists the workers' metrics
         endpoints for Prometheus, runs rolling updates and, given `autoscale` (the arguments of
         :class:`kafray.autoscale.LagAutoscaler`), sizes the deployment to its lag."""
@@ -441,7 +473,11 @@ class Deployment:
                        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=True))
         if self.detached:
             options["lifetime"] = "detached"
-        controller = DeploymentController.options(**options).remote(self.name, autoscale, interval_s, self.detached)
+        spec = {"config": self.config, "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                "max_restarts": self.max_restarts, "detached": self.detached, "model": self.model}
+        controller = DeploymentController.options(**options).remote(self.name, spec, autoscale, interval_s)
+        if shipped is not None:
+            ray.get(controller.add_model.remote(shipped), timeout=READY_TIMEOUT_S)
         ray.get(controller.status.remote(), timeout=READY_TIMEOUT_S)
         return controller
 
@@ -453,13 +489,15 @@ class DeploymentController:
     autoscale policy, scales the deployment to the policy's decision. Rolling updates run here
     too, so one place changes the deployment's size at a time."""
 
-    def __init__(self, name: str, autoscale: dict | None, interval_s: float, detached: bool):
+    def __init__(self, name: str, spec: dict, autoscale: dict | None, interval_s: float):
         import prometheus_client as prom
 
         self.name, self.interval_s = name, interval_s
-        self.deployment = Deployment.attach(name)
-        self.deployment.detached = detached  # workers it adds live as long as the others
-        self.deployment._is_controller = True
+        # Workers it adds live as long as the others (detached or not) and load the same model.
+        self.deployment = Deployment(name, spec["config"], spec["num_cpus"], spec["num_gpus"], spec["detached"],
+                                     spec["max_restarts"], spec["model"])
+        self.deployment._refresh()
+        self.model_refs: dict = {}
         self.policy = LagAutoscaler(**autoscale) if autoscale else None
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -539,9 +577,27 @@ class DeploymentController:
     def get_history(self) -> list[dict]:
         return list(self.history)
 
-    def update(self, changes: dict) -> dict:
+    def add_model(self, shipped: shipping.Bundle) -> None:
+        """Keeps a model for the workers: in this host's cache (it outlives a restart of this
+        actor) and once in Ray's object store."""
+        shipping.store(shipped)
+        self.model_refs[shipped.digest] = ray.put(shipped)
+
+    def model_ref(self, digest: str) -> list:
+        """The shipped model in Ray's object store (in a list: Ray passes the reference on)."""
+        if digest not in self.model_refs:  # restarted: from this host's cache
+            shipped = shipping.load(digest)
+            if shipped is None:
+                raise ValueError(f"model {digest[:12]} is not in {shipping.cache_root()} on the controller's host")
+            self.model_refs[digest] = ray.put(shipped)
+        return [self.model_refs[digest]]
+
+    def update(self, changes: dict, shipped: shipping.Bundle | None) -> dict:
+        if shipped is not None:
+            self.add_model(shipped)
+        model = {"digest": shipped.digest, "entry": shipped.entry} if shipped else None
         with self.lock:
-            return self.deployment.update(**changes)
+            return self.deployment._roll(changes, model)
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -605,7 +661,7 @@ def _add_worker_flags(up: argparse.ArgumentParser) -> None:
     w.add_argument("--output-topic", "--output", "-o", dest="output_topic", help="where predictions go (predictions)")
     w.add_argument("--dead-letter-topic", dest="dead_letter_topic", help="where bad frames go (<input>.dlq)")
     w.add_argument("--group", "-g", help="consumer group (default: --name)")
-    w.add_argument("--model", "-m", default="mnist", help="model path or name; the path must exist on every node")
+    w.add_argument("--model", "-m", default="mnist", help="model path or name, on this machine: it is shipped to the nodes")
     w.add_argument("--batch-size", dest="batch_size", type=int, help="largest micro-batch (10)")
     w.add_argument("--max-wait-ms", dest="max_wait_ms", type=int, help="optional fill wait for a partial batch (0)")
     w.add_argument("--latency-target-ms", dest="latency_target_ms", type=int,

@@ -170,15 +170,7 @@ pub type GraphInput = Vec<i64>;
 pub fn resolve(model_path: &Path, graph_input: &GraphInput) -> Result<ModelSpec> {
     let stem = model_path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
     let toml_path = model_path.with_extension("toml");
-    let (given, base_dir) = if toml_path.is_file() {
-        let text = std::fs::read_to_string(&toml_path).map_err(|e| Error::io(toml_path.display().to_string(), e))?;
-        let parsed: ModelToml = toml::from_str(&text).map_err(|e| Error::model(&toml_path, e.to_string()))?;
-        (parsed, toml_path.parent().map(Path::to_path_buf))
-    } else if let Some(p) = preset(&stem) {
-        (p, model_path.parent().map(Path::to_path_buf))
-    } else {
-        (ModelToml::default(), None)
-    };
+    let (given, base_dir) = given_spec(model_path)?;
     let fail = |what: &str| {
         Error::model(
             model_path,
@@ -274,6 +266,44 @@ pub fn resolve(model_path: &Path, graph_input: &GraphInput) -> Result<ModelSpec>
     })
 }
 
+/// What is said of a model beside its graph: its TOML, else its preset, else nothing; and the
+/// folder its labels path is relative to.
+fn given_spec(model_path: &Path) -> Result<(ModelToml, Option<PathBuf>)> {
+    let stem = model_path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    let toml_path = model_path.with_extension("toml");
+    Ok(if toml_path.is_file() {
+        let text = std::fs::read_to_string(&toml_path).map_err(|e| Error::io(toml_path.display().to_string(), e))?;
+        let parsed: ModelToml = toml::from_str(&text).map_err(|e| Error::model(&toml_path, e.to_string()))?;
+        (parsed, toml_path.parent().map(Path::to_path_buf))
+    } else if let Some(p) = preset(stem) {
+        (p, model_path.parent().map(Path::to_path_buf))
+    } else {
+        (ModelToml::default(), None)
+    })
+}
+
+/// The files a model needs beside its `.onnx`, as paths relative to the model's folder: its
+/// TOML (if any) and the labels file the TOML or the preset names. Shipping a model to a host
+/// that has no copy means shipping these too.
+pub fn companion_files(model_path: &Path) -> Result<Vec<PathBuf>> {
+    let toml_path = model_path.with_extension("toml");
+    let mut files = Vec::new();
+    if toml_path.is_file() {
+        files.push(PathBuf::from(toml_path.file_name().expect("a file name")));
+    }
+    if let Some(labels) = given_spec(model_path)?.0.labels {
+        let beside = labels.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !beside {
+            return Err(Error::model(
+                &toml_path,
+                format!("labels {labels:?} must be a path inside the model's folder to ship the model to other hosts"),
+            ));
+        }
+        files.push(labels);
+    }
+    Ok(files)
+}
+
 /// Reads class names: a JSON array of strings, or one name per line.
 pub fn load_labels(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("label file {}", path.display()), e))?;
@@ -352,5 +382,18 @@ mod tests {
         assert!(err.contains("resize_to 200 is smaller than the input"), "{err}");
         std::fs::write(dir.path().join("m.toml"), "layout='nchw'\n").unwrap();
         assert_eq!(resolve(&model, &vec![-1, 3, 224, 224]).unwrap().resize, Resize::Squash);
+    }
+
+    #[test]
+    fn companion_files_are_the_toml_and_its_labels_or_the_presets() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.onnx");
+        assert!(companion_files(&model).unwrap().is_empty());
+        std::fs::write(dir.path().join("m.toml"), "labels='names/classes.txt'\n").unwrap();
+        assert_eq!(companion_files(&model).unwrap(), [PathBuf::from("m.toml"), PathBuf::from("names/classes.txt")]);
+        std::fs::write(dir.path().join("m.toml"), "labels='../classes.txt'\n").unwrap();
+        assert!(companion_files(&model).unwrap_err().to_string().contains("inside the model's folder"));
+        let preset = companion_files(Path::new("/x/mobilenet_v2_imagenet.onnx")).unwrap();
+        assert_eq!(preset, [PathBuf::from("imagenet_classes.txt")]);
     }
 }
