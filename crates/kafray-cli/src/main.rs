@@ -302,6 +302,8 @@ mod tests {
             "5",
             "--threads",
             "2",
+            "--device",
+            "auto",
             "--top-k",
             "3",
             "--max-in-flight",
@@ -326,6 +328,7 @@ mod tests {
         assert_eq!(named, WorkerConfig::field_names(), "flags (left) against WorkerConfig's fields (right)");
         let c = args.to_config().unwrap();
         assert_eq!((c.batch_size, c.status_interval_s, c.create_topics), (3, 1, Some(2)));
+        assert_eq!(c.device, "auto");
         assert_eq!(c.kafka, vec![("linger.ms".to_string(), "1".to_string())]);
     }
 }

@@ -285,17 +285,39 @@ impl Classifier {
         Ok((spec.input_shape(1).to_vec(), PyBytes::new(py, &raw)))
     }
 
-    /// Classifies one file: {"images", "classes", "correct" (None without labels)}.
+    /// Classifies one file: {"images", "classes", "correct" (None without labels), "read_s"
+    /// (reading and parsing it), "evaluate_s" (preprocessing and inference)}.
     fn classify_file<'py>(&self, py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
         let result: FileResult = py
             .detach(|| files::classify_file(&mut self.model.lock().unwrap(), &path, self.batch_size))
             .map_err(to_py)?;
-        let d = PyDict::new(py);
-        d.set_item("images", result.classes.len())?;
-        d.set_item("correct", result.correct())?;
-        d.set_item("classes", &result.classes)?;
-        Ok(d)
+        file_result(py, &result)
     }
+
+    /// Classifies one MNIST shard shipped in memory (IDX images and labels, gzip or not).
+    fn classify_shard<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        images: Vec<u8>,
+        labels: Vec<u8>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let result = py
+            .detach(|| files::classify_shard_bytes(&mut self.model.lock().unwrap(), name, images, labels, self.batch_size))
+            .map_err(to_py)?;
+        file_result(py, &result)
+    }
+}
+
+/// {"images", "classes", "correct" (None without labels), "read_s", "evaluate_s"}.
+fn file_result<'py>(py: Python<'py>, result: &FileResult) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("images", result.classes.len())?;
+    d.set_item("correct", result.correct())?;
+    d.set_item("classes", &result.classes)?;
+    d.set_item("read_s", result.read_s)?;
+    d.set_item("evaluate_s", result.evaluate_s)?;
+    Ok(d)
 }
 
 /// Writes `files` MNIST shards of `per_file` digits each from an IDX image/label pair into `out_dir`;

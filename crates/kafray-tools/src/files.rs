@@ -5,6 +5,7 @@ use kafray::error::{Error, Result};
 use kafray::frame::{self, FrameHeaders, Pixels, Shape};
 use kafray::model::Model;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// What one file held and what the model made of it.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +14,10 @@ pub struct FileResult {
     pub classes: Vec<usize>,
     /// Ground truth per image, when the file comes with labels.
     pub labels: Option<Vec<u8>>,
+    /// Seconds reading and parsing the file (the paper's "read").
+    pub read_s: f64,
+    /// Seconds preprocessing and classifying its images (the paper's "evaluate").
+    pub evaluate_s: f64,
 }
 
 impl FileResult {
@@ -24,40 +29,73 @@ impl FileResult {
 
 /// Classifies every image of `path`, `batch_size` images per inference call.
 pub fn classify_file(model: &mut Model, path: &Path, batch_size: usize) -> Result<FileResult> {
+    let started = Instant::now();
     let bytes = std::fs::read(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
     let (images, labels) = if frame::PixelFormat::sniff(&bytes).is_some() {
         let pixels = frame::decode(&bytes, &FrameHeaders::default())
             .map_err(|r| Error::Config(format!("{}: {r}", path.display())))?;
         (vec![pixels], None)
     } else {
-        let digits = load_shard(path)?;
-        let shape = Shape::new(digits.rows, digits.cols, 1);
-        let images = (0..digits.len()).map(|i| Pixels::Raw { shape, data: digits.image(i).to_vec() }).collect();
-        (images, Some(digits.labels))
+        let labels_path = shard_labels(path)?;
+        let labels = std::fs::read(&labels_path).map_err(|e| Error::io(format!("read {}", labels_path.display()), e))?;
+        let digits = mnist::parse(bytes, labels, &path.display().to_string(), &labels_path.display().to_string())?;
+        (digit_pixels(&digits), Some(digits.labels))
     };
+    classify_images(model, &path.display().to_string(), images, labels, batch_size, started)
+}
+
+/// [`classify_file`] for a shard already in memory (shipped rather than read from a shared folder).
+pub fn classify_shard_bytes(
+    model: &mut Model,
+    name: &str,
+    images: Vec<u8>,
+    labels: Vec<u8>,
+    batch_size: usize,
+) -> Result<FileResult> {
+    let started = Instant::now();
+    let digits = mnist::parse(images, labels, name, &format!("the labels of {name}"))?;
+    let images = digit_pixels(&digits);
+    classify_images(model, name, images, Some(digits.labels), batch_size, started)
+}
+
+fn digit_pixels(digits: &Digits) -> Vec<Pixels> {
+    let shape = Shape::new(digits.rows, digits.cols, 1);
+    (0..digits.len()).map(|i| Pixels::Raw { shape, data: digits.image(i).to_vec() }).collect()
+}
+
+/// Preprocesses and classifies; `read_s` is the time from `started` (reading and parsing) to here.
+fn classify_images(
+    model: &mut Model,
+    name: &str,
+    images: Vec<Pixels>,
+    labels: Option<Vec<u8>>,
+    batch_size: usize,
+    started: Instant,
+) -> Result<FileResult> {
+    let read_s = started.elapsed().as_secs_f64();
+    let evaluating = Instant::now();
     let per_image = model.input_len();
     let mut classes = Vec::with_capacity(images.len());
     let mut input = vec![0f32; per_image * batch_size.max(1)];
     for chunk in images.chunks(batch_size.max(1)) {
         for (pixels, slot) in chunk.iter().zip(input.chunks_mut(per_image)) {
-            model.preprocess(pixels, slot).map_err(|r| Error::Config(format!("{}: {r}", path.display())))?;
+            model.preprocess(pixels, slot).map_err(|r| Error::Config(format!("{name}: {r}")))?;
         }
         let out = model.classify(&input[..chunk.len() * per_image])?;
         classes.extend(out.iter().map(|c| c.class()));
     }
-    Ok(FileResult { classes, labels })
+    Ok(FileResult { classes, labels, read_s, evaluate_s: evaluating.elapsed().as_secs_f64() })
 }
 
-/// An IDX image shard, with its labels when `labels_path_for` finds them beside it.
-fn load_shard(images: &Path) -> Result<Digits> {
-    let labels = labels_path_for(images).filter(|p| p.is_file()).ok_or_else(|| {
+/// The labels file of an IDX image shard, or why it is not a shard.
+fn shard_labels(images: &Path) -> Result<PathBuf> {
+    labels_path_for(images).filter(|p| p.is_file()).ok_or_else(|| {
         Error::Config(format!(
             "{}: not a PNG or JPEG image, and no labels file beside it (an MNIST shard `NAME-images-idx3-ubyte[.gz]` \
              needs `NAME-labels-idx1-ubyte[.gz]`)",
             images.display()
         ))
-    })?;
-    mnist::load(images, &labels)
+    })
 }
 
 /// `x-images-idx3-ubyte[.gz]` -> `x-labels-idx1-ubyte[.gz]`, MNIST's own naming.
@@ -109,7 +147,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let paths = write_mnist_shards(&digits, dir.path(), 2, 2).unwrap();
         assert_eq!(paths.len(), 2);
-        let second = load_shard(&paths[1]).unwrap();
+        let second = mnist::load(&paths[1], &shard_labels(&paths[1]).unwrap()).unwrap();
         assert_eq!(second.labels, vec![9, 7], "the second shard takes digit 2, then wraps to digit 0");
         assert_eq!((second.image(0), second.image(1)), (&[5u8, 6][..], &[1u8, 2][..]));
     }
@@ -119,7 +157,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notes.txt");
         std::fs::write(&path, "hello").unwrap();
-        let err = load_shard(&path).unwrap_err().to_string();
+        let err = shard_labels(&path).unwrap_err().to_string();
         assert!(err.contains("labels-idx1-ubyte"), "{err}");
     }
 }

@@ -26,11 +26,13 @@ impl Digits {
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    gunzip_if_gz(raw, &path.display().to_string())
+}
+
+fn gunzip_if_gz(raw: Vec<u8>, name: &str) -> Result<Vec<u8>> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| Error::io(format!("gunzip {}", path.display()), e))?;
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| Error::io(format!("gunzip {name}"), e))?;
         Ok(out)
     } else {
         Ok(raw)
@@ -43,23 +45,32 @@ fn be_u32(b: &[u8], at: usize) -> usize {
 
 /// Reads an IDX3 image file and its IDX1 label file.
 pub fn load(images: &Path, labels: &Path) -> Result<Digits> {
-    let bad = |p: &Path, why: &str| Error::Config(format!("{} is not an MNIST IDX file: {why}", p.display()));
-    let img = read_maybe_gz(images)?;
+    let (img, lab) = (read_maybe_gz(images)?, read_maybe_gz(labels)?);
+    parse(img, lab, &images.display().to_string(), &labels.display().to_string())
+}
+
+/// An IDX3 image file and its IDX1 label file already in memory (gzip or not); the names are
+/// for the errors.
+pub fn parse(images: Vec<u8>, labels: Vec<u8>, images_name: &str, labels_name: &str) -> Result<Digits> {
+    let bad = |p: &str, why: &str| Error::Config(format!("{p} is not an MNIST IDX file: {why}"));
+    let img = gunzip_if_gz(images, images_name)?;
     if img.len() < 16 || be_u32(&img, 0) != 0x0803 {
-        return Err(bad(images, "expected magic 0x00000803 (idx3-ubyte)"));
+        return Err(bad(images_name, "expected magic 0x00000803 (idx3-ubyte)"));
     }
     let (n, rows, cols) = (be_u32(&img, 4), be_u32(&img, 8), be_u32(&img, 12));
     if img.len() != 16 + n * rows * cols {
-        return Err(bad(images, "size does not match its header"));
+        return Err(bad(images_name, "size does not match its header"));
     }
-    let lab = read_maybe_gz(labels)?;
+    let lab = gunzip_if_gz(labels, labels_name)?;
     if lab.len() < 8 || be_u32(&lab, 0) != 0x0801 {
-        return Err(bad(labels, "expected magic 0x00000801 (idx1-ubyte)"));
+        return Err(bad(labels_name, "expected magic 0x00000801 (idx1-ubyte)"));
     }
     if be_u32(&lab, 4) != n || lab.len() != 8 + n {
-        return Err(bad(labels, &format!("expected {n} labels, as many as images")));
+        return Err(bad(labels_name, &format!("expected {n} labels, as many as images")));
     }
-    Ok(Digits { rows, cols, pixels: img[16..].to_vec(), labels: lab[8..].to_vec() })
+    let mut pixels = img;
+    pixels.drain(..16);
+    Ok(Digits { rows, cols, pixels, labels: lab[8..].to_vec() })
 }
 
 #[cfg(test)]

@@ -9,7 +9,15 @@ writes into ``--out``:
   (seconds since the run began), images, correct, error;
 - ``runs.csv``: one row per run: engine, nodes, partitions, files, images, accuracy, wall_s;
 - ``timeline.png``: per-task timelines of the largest run of each engine (the paper's Fig. 4/7);
-- ``total_time.png``: total time against the number of nodes (the paper's Fig. 3/6).
+- ``total_time.png``: total time against the number of nodes (the paper's Fig. 3);
+- ``breakdown.png``: per node count, the time to launch the workers, to read the files and to
+  evaluate them, and what is left of the wall time (scheduling): the paper's Fig. 6.
+
+``--profile paper`` uses files of the paper's size: the whole raw MNIST test set (10,000 digits,
+7.8 MB) per file, 40 files, so that a run fits in a few minutes on 2 cores.
+
+On Ray the driver ships the files through Ray's object store (a task's reading time includes
+fetching its file); Spark's executors read them from a folder they all see.
 
 Without ``--address`` it starts a Ray cluster of ``--nodes`` nodes on this machine (one CPU each),
 and without ``--spark-master`` a Spark standalone cluster of ``--nodes`` one-core workers, so
@@ -48,19 +56,30 @@ def _relative(records: list[dict], began: float) -> None:
         r["end_s"] = r["end"] - began
 
 
-def summarize(engine: str, nodes: int, partitions: int | None, records: list[dict], wall: float) -> dict:
+PROFILES = {"default": {"files": 1000, "per_file": 10}, "paper": {"files": 40, "per_file": 10_000}}
+
+
+def summarize(engine: str, nodes: int, partitions: int | None, records: list[dict], wall: float,
+              launch_s: float = 0.0, ship_s: float = 0.0) -> dict:
+    """One run's totals. read_s and evaluate_s are the tasks' times summed and shared over the
+    nodes (what each node spent, on average); other_s is the rest of the wall time (scheduling,
+    results, idle nodes)."""
     images = sum(r["images"] for r in records)
     correct = sum(r["correct"] or 0 for r in records)
+    read = sum(r.get("read_s", 0.0) for r in records) / nodes
+    evaluate = sum(r.get("evaluate_s", 0.0) for r in records) / nodes
     return {
         "engine": engine, "nodes": nodes, "partitions": partitions if partitions is not None else "",
         "files": len(records), "images": images, "errors": sum(1 for r in records if r["error"]),
         "accuracy": round(correct / images, 4) if images else "", "wall_s": round(wall, 3),
         "task_mean_ms": round(1000 * sum(r["end"] - r["start"] for r in records) / max(1, len(records)), 3),
+        "launch_s": round(launch_s, 3), "ship_s": round(ship_s, 3), "read_s": round(read, 3),
+        "evaluate_s": round(evaluate, 3), "other_s": round(max(0.0, wall - read - evaluate), 3),
     }
 
 
 TASK_FIELDS = ["engine", "nodes", "partitions", "file", "node", "worker", "start_s", "end_s", "images", "correct",
-               "error"]
+               "error", "read_s", "evaluate_s"]
 
 
 def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
@@ -129,6 +148,43 @@ def plot_total_time(path: Path, summaries: list[dict]) -> None:
     plt.close(fig)
 
 
+def plot_breakdown(path: Path, summaries: list[dict]) -> None:
+    """The paper's Fig. 6: per node count, launch + read + evaluate + the rest, stacked; one
+    group of bars per engine (Spark: its first partition count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = []
+    for engine in ("ray", "spark"):
+        mine = [s for s in summaries if s["engine"] == engine]
+        if engine == "spark" and mine:
+            first = str(mine[0]["partitions"])
+            mine = [s for s in mine if str(s["partitions"]) == first]
+        if mine:
+            groups.append((engine, sorted(mine, key=lambda s: int(s["nodes"]))))
+    parts = [("launch_s", "launch the workers"), ("read_s", "read the files"), ("evaluate_s", "evaluate"),
+             ("other_s", "the rest (scheduling, idle)")]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.5), squeeze=False, sharey=True)
+    for ax, (engine, runs) in zip(axes[0], groups):
+        x = [str(r["nodes"]) for r in runs]
+        bottom = [0.0] * len(runs)
+        for key, name in parts:
+            values = [float(r.get(key) or 0) for r in runs]
+            ax.bar(x, values, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        title = "Ray, one task per file" if engine == "ray" else f"Spark, {runs[0]['partitions']} partitions"
+        ax.set_title(f"{title}: {runs[0]['files']} files, {runs[0]['images']} digits", fontsize=10)
+        ax.set_xlabel("nodes")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("seconds")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def replot(out: Path) -> None:
     """Redraws both charts from tasks.csv and runs.csv (timelines: each engine's largest run)."""
     tasks = read_csv(out / "tasks.csv")
@@ -146,13 +202,16 @@ def replot(out: Path) -> None:
             timelines.append((title.format(n=n, p=p), records))
     plot_timeline(out / "timeline.png", timelines)
     plot_total_time(out / "total_time.png", summaries)
+    plot_breakdown(out / "breakdown.png", summaries)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kafray.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--engines", default="ray,spark", help="comma-separated: ray, spark")
-    p.add_argument("--files", type=int, default=1000)
-    p.add_argument("--per-file", type=int, default=10, help="digits per shard file")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="default",
+                   help="default: 1000 files of 10 digits; paper: 40 files of the whole raw test set (7.8 MB)")
+    p.add_argument("--files", type=int, help="files (default: the profile's)")
+    p.add_argument("--per-file", type=int, help="digits per shard file (default: the profile's)")
     p.add_argument("--nodes", type=int, default=2, help="runs use 1..N nodes")
     p.add_argument("--partitions", default="8,16,32,48", help="Spark partition counts")
     p.add_argument("--model", default="mnist")
@@ -170,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         replot(Path(args.out))
         return 0
 
+    args.files = args.files or PROFILES[args.profile]["files"]
+    args.per_file = args.per_file or PROFILES[args.profile]["per_file"]
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(engines) - {"ray", "spark"}
     if unknown or not engines:
@@ -196,16 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     summaries: list[dict] = []
     timelines: list[tuple[str, list[dict]]] = []
 
-    def record(engine: str, nodes: int, parts: int | None, records: list[dict], began: float, wall: float) -> None:
-        _relative(records, began)
+    def record(engine: str, nodes: int, parts: int | None, run: dict) -> list[dict]:
+        records = run["records"]
+        _relative(records, run["began"])
         for r in records:
             r.update(engine=engine, nodes=nodes, partitions=parts if parts is not None else "")
         tasks.extend(records)
-        s = summarize(engine, nodes, parts, records, wall)
+        s = summarize(engine, nodes, parts, records, run["wall_s"], run["launch_s"], run["ship_s"])
         summaries.append(s)
         print(f"study: {engine:5} nodes={nodes} partitions={s['partitions'] or '-':>3} files={s['files']} "
-              f"images={s['images']} accuracy={s['accuracy']} errors={s['errors']} wall={s['wall_s']:.2f} s",
-              flush=True)
+              f"images={s['images']} accuracy={s['accuracy']} errors={s['errors']} wall={s['wall_s']:.2f} s "
+              f"(launch {s['launch_s']:.2f}, read {s['read_s']:.2f}, evaluate {s['evaluate_s']:.2f}, "
+              f"rest {s['other_s']:.2f})", flush=True)
+        return records
 
     if "ray" in engines:
         import ray
@@ -218,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.address is None and ours:
             from ray.cluster_utils import Cluster
 
-            node = dict(num_cpus=1, memory=2 * 2**30, object_store_memory=256 * 2**20)
+            # The object store holds the shipped files (the paper profile: 40 x 7.8 MB).
+            node = dict(num_cpus=1, memory=2 * 2**30, object_store_memory=512 * 2**20)
             cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
             for _ in range(args.nodes - 1):
                 cluster.add_node(**node)
@@ -226,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             kray.connect(cluster.address if cluster else args.address)
             for n in range(1, args.nodes + 1):
-                records, began, wall = kray.classify_files(paths, nodes=n, model=args.model, batch_size=args.batch_size)
-                record("ray", n, None, records, began, wall)
+                records = record("ray", n, None, kray.classify_files(paths, nodes=n, model=args.model,
+                                                                     batch_size=args.batch_size))
                 if n == args.nodes:
                     timelines.append((f"Ray: one task per file, round-robin over {n} node(s)", records))
         finally:
@@ -244,9 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in range(1, args.nodes + 1):
                 master = args.spark_master or standalone.url
                 for parts in partitions:
-                    records, began, wall = kspark.classify_files(paths, master=master, partitions=parts, nodes=n,
-                                                          model=args.model, batch_size=args.batch_size)
-                    record("spark", n, parts, records, began, wall)
+                    records = record("spark", n, parts, kspark.classify_files(
+                        paths, master=master, partitions=parts, nodes=n, model=args.model, batch_size=args.batch_size))
                     if n == args.nodes and parts == partitions[0]:
                         timelines.append((f"Spark: {parts} partitions (mapPartitions) on {n} node(s)", records))
         finally:
@@ -257,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "runs.csv", summaries, list(summaries[0]))
     plot_timeline(out / "timeline.png", timelines)
     plot_total_time(out / "total_time.png", summaries)
+    plot_breakdown(out / "breakdown.png", summaries)
     if not args.shards:
         shutil.rmtree(shard_dir, ignore_errors=True)
-    print(f"study: wrote {out}/tasks.csv, runs.csv, timeline.png, total_time.png", flush=True)
+    print(f"study: wrote {out}/tasks.csv, runs.csv, timeline.png, total_time.png, breakdown.png", flush=True)
     return 0
 
 
