@@ -246,6 +246,13 @@ def test_a_rolling_update_under_a_paced_stream_loses_nothing_and_never_empties_t
     d.workers()  # refreshes d.actors from the names Ray knows
     specs = [ray.get(a.spec.remote()) for a in d.actors.values()]
     assert len(specs) == 2 and all(s["config"]["model"] == str(v2) for s in specs), specs
+    # A controller that Ray restarts goes on with what the workers run now, not what it began with.
+    before = d.stats()["controller"]
+    assert before["model"]["entry"] == "mnist_cnn_v2.onnx", before
+    os.kill(before["pid"], signal.SIGKILL)
+    after = wait_for(lambda: (c := d._controller_status()) and c.get("pid") not in (None, before["pid"]) and c,
+                     90, "Ray to restart the controller")
+    assert after["model"] == before["model"], (before, after)
 
 
 def kafray_find(name: str) -> str:

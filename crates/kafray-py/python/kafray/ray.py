@@ -268,7 +268,7 @@ class Deployment:
                 d.actors[int(actor_name.rsplit("-", 1)[1])] = ray.get_actor(actor_name)
         if not d.actors:
             raise ValueError(f"no deployment named {name!r} in namespace {NAMESPACE!r}")
-        spec = ray.get(d.actors[min(d.actors)].spec.remote(), timeout=30)
+        spec = ray.get(d.actors[max(d.actors)].spec.remote(), timeout=30)  # the newest: after an update
         d.config, d.num_cpus, d.num_gpus = spec["config"], spec["num_cpus"], spec["num_gpus"]
         d.max_restarts = spec.get("max_restarts", MAX_RESTARTS)
         d.model = spec.get("model")
@@ -474,7 +474,7 @@ class Deployment:
         if self.detached:
             options["lifetime"] = "detached"
         spec = {"config": self.config, "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-                "max_restarts": self.max_restarts, "detached": self.detached, "model": self.model}
+                "max_restarts": self.max_restarts, "model": self.model}
         controller = DeploymentController.options(**options).remote(self.name, spec, autoscale, interval_s)
         if shipped is not None:
             ray.get(controller.add_model.remote(shipped), timeout=READY_TIMEOUT_S)
@@ -493,10 +493,14 @@ class DeploymentController:
         import prometheus_client as prom
 
         self.name, self.interval_s = name, interval_s
-        # Workers it adds live as long as the others (detached or not) and load the same model.
-        self.deployment = Deployment(name, spec["config"], spec["num_cpus"], spec["num_gpus"], spec["detached"],
+        # Workers it adds are detached: Ray would otherwise end them with this actor if it died.
+        # `stop()` and `kafray-ray down` end them by name.
+        self.deployment = Deployment(name, spec["config"], spec["num_cpus"], spec["num_gpus"], True,
                                      spec["max_restarts"], spec["model"])
         self.deployment._refresh()
+        if self.deployment.actors:  # restarted: the workers say what they run now (after an update, say)
+            newest = ray.get(self.deployment.actors[max(self.deployment.actors)].spec.remote(), timeout=30)
+            self.deployment.config, self.deployment.model = newest["config"], newest.get("model")
         self.model_refs: dict = {}
         self.policy = LagAutoscaler(**autoscale) if autoscale else None
         self.lock = threading.Lock()
@@ -572,7 +576,8 @@ class DeploymentController:
 
     def status(self) -> dict:
         return {"policy": self.policy.settings() if self.policy else None, "last": self.last,
-                "metrics_endpoint": self.endpoint, "targets_file": self.targets_file}
+                "metrics_endpoint": self.endpoint, "targets_file": self.targets_file,
+                "model": self.deployment.model, "pid": os.getpid()}
 
     def get_history(self) -> list[dict]:
         return list(self.history)
