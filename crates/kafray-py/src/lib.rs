@@ -303,7 +303,9 @@ impl Classifier {
         labels: Vec<u8>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let result = py
-            .detach(|| files::classify_shard_bytes(&mut self.model.lock().unwrap(), name, images, labels, self.batch_size))
+            .detach(|| {
+                files::classify_shard_bytes(&mut self.model.lock().unwrap(), name, images, labels, self.batch_size)
+            })
             .map_err(to_py)?;
         file_result(py, &result)
     }

@@ -37,7 +37,8 @@ pub fn classify_file(model: &mut Model, path: &Path, batch_size: usize) -> Resul
         (vec![pixels], None)
     } else {
         let labels_path = shard_labels(path)?;
-        let labels = std::fs::read(&labels_path).map_err(|e| Error::io(format!("read {}", labels_path.display()), e))?;
+        let labels =
+            std::fs::read(&labels_path).map_err(|e| Error::io(format!("read {}", labels_path.display()), e))?;
         let digits = mnist::parse(bytes, labels, &path.display().to_string(), &labels_path.display().to_string())?;
         (digit_pixels(&digits), Some(digits.labels))
     };

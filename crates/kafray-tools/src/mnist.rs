@@ -32,7 +32,9 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
 fn gunzip_if_gz(raw: Vec<u8>, name: &str) -> Result<Vec<u8>> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| Error::io(format!("gunzip {name}"), e))?;
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| Error::io(format!("gunzip {name}"), e))?;
         Ok(out)
     } else {
         Ok(raw)

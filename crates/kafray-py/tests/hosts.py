@@ -1,0 +1,98 @@
+"""Hosts made of Linux namespaces, for tests that need several machines: each host is a network
+namespace (its own address on a private bridge) and a mount namespace with a private /tmp (and
+HOME under it), so hosts share nothing through files but the code checkout. The bridge lives in
+a namespace of its own, so the machine's own network is never touched. Needs root."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+SUBNET = "10.251.73"  # addresses exist only inside the namespaces made here
+
+
+def missing() -> str | None:
+    """Why hosts cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns, unshare)"
+    for tool in ("ip", "unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"needs `{tool}`"
+    probe = f"kfr-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot make network namespaces: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, text=True)
+
+
+class Hosts:
+    """`names` hosts, host i at SUBNET.(i+1). Use as a context manager: everything is removed."""
+
+    def __init__(self, names: list[str]):
+        self.tag = f"{os.getpid() % 100000}"
+        self.switch = f"kfr-sw-{self.tag}"
+        self.names = names
+        self.ns = {n: f"kfr-{n}-{self.tag}" for n in names}
+        self.ip = {n: f"{SUBNET}.{i + 1}" for i, n in enumerate(names)}
+        self.holders: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self) -> "Hosts":
+        try:
+            sh("ip", "netns", "add", self.switch)
+            sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+            sh("ip", "-n", self.switch, "link", "set", "br0", "up")
+            for i, name in enumerate(self.names):
+                ns, port = self.ns[name], f"p{i}-{self.tag}"[:15]
+                sh("ip", "netns", "add", ns)
+                sh("ip", "link", "add", port, "netns", self.switch, "type", "veth", "peer", "name", "eth0", "netns", ns)
+                sh("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
+                sh("ip", "-n", ns, "addr", "add", f"{self.ip[name]}/24", "dev", "eth0")
+                sh("ip", "-n", ns, "link", "set", "eth0", "up")
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+                # One process holds the host's mount namespace (a private /tmp) for its lifetime.
+                self.holders[name] = subprocess.Popen(
+                    ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
+                     "mount -t tmpfs tmpfs /tmp && mkdir -p /tmp/home && echo ready && exec sleep infinity"],
+                    stdout=subprocess.PIPE, text=True)
+                if self.holders[name].stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"host {name}: no private /tmp")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def run(self, name: str, args: list[str], **kw) -> subprocess.Popen:
+        """Starts `args` on host `name` (its network, its /tmp, HOME=/tmp/home)."""
+        env = {**os.environ, "HOME": "/tmp/home", **kw.pop("env", {})}
+        # Entering a mount namespace moves to its root: --wd sets the working directory after.
+        wd = [f"--wd={kw.pop('cwd')}"] if "cwd" in kw else []
+        return subprocess.Popen(["nsenter", "--target", str(self.holders[name].pid), "--mount", "--net", *wd, "--",
+                                 *args], env=env, **kw)
+
+    def pids(self, name: str) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.ns[name]], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def __exit__(self, *exc) -> None:
+        # Every process in the hosts' namespaces (Ray's daemons included), then the namespaces.
+        for _ in range(3):
+            alive = [p for n in self.names if n in self.ns for p in self.pids(n)]
+            for p in alive:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not alive:
+                break
+            time.sleep(0.5)
+        for holder in self.holders.values():
+            holder.wait(10)
+        for ns in [*self.ns.values(), self.switch]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -1,0 +1,58 @@
+"""Three hosts made of namespaces (tests/hosts.py): the broker on one, the Ray head and the
+driver on another, a second Ray node on a third; each with its own network address and its own
+/tmp. The model exists only in the driver's /tmp. In that cluster: deploy, stream, kill the
+other host's worker, scale, update the model; nothing may be lost."""
+import json
+import subprocess
+
+import pytest
+
+from conftest import KAFRAY_BIN, REPO
+from hosts import Hosts, missing
+
+VENV = REPO / ".venv" / "bin"
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+NODE = ["--num-cpus", "2", "--memory", str(2 * 2**30), "--object-store-memory", str(256 * 2**20),
+        "--disable-usage-stats"]
+
+
+def test_a_cluster_of_three_hosts_ships_the_model_survives_a_kill_scales_and_updates(tmp_path):
+    why = missing()
+    if why:
+        pytest.skip(f"no network namespaces here ({why}): the multi-host test needs root and `ip netns`")
+    assert KAFRAY_BIN.is_file(), "cargo build --release first (the README's test command does)"
+    with Hosts(["broker", "head", "node2"]) as h:
+        broker = f"{h.ip['broker']}:9092"
+        h.run("broker", ["nisshi", "broker", "--listener-url", f"tcp://{broker}", "--advertised-listener-url",
+                         f"tcp://{broker}", "--storage-engine", "memory://tansu/"],
+              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "broker.log", "w"))
+        for host, args in (("head", ["--head", "--port", "6379", "--include-dashboard=false"]),
+                           ("node2", ["--address", f"{h.ip['head']}:6379"])):
+            started = h.run(host, [str(VENV / "ray"), "start", "--node-ip-address", h.ip[host], *args, *NODE],
+                            env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            out = started.communicate(timeout=180)[0]
+            assert started.returncode == 0, f"ray start on {host}:\n{out[-2000:]}"
+        driver = h.run("head", [str(VENV / "python"), str(REPO / "crates/kafray-py/tests/multihost_driver.py"),
+                                h.ip["head"], broker, str(REPO)],
+                       env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+        out, err = driver.communicate(timeout=900)
+        assert driver.returncode == 0, f"driver failed:\n{err[-4000:]}"
+        result = json.loads(out.strip().splitlines()[-1])
+        other_tmp = h.run("node2", ["ls", "-a", "/tmp"], stdout=subprocess.PIPE, text=True).communicate()[0].split()
+
+    report = result["report"]
+    assert report["distinct_frames"] == result["n"], f"frames lost: {report}"
+    assert report["accuracy"] >= 0.98, report
+    assert set(report["per_model"]) == {"digits", "digits_v2"}, report["per_model"]
+    # The model reached the host without a copy: its workers load it from that host's own cache.
+    assert "models" not in other_tmp, other_tmp
+    ips = {p["ip"] for p in result["placed"]}
+    assert ips == {"10.251.73.2", "10.251.73.3"}, result["placed"]
+    for p in result["placed"] + result["after"]:
+        assert p["model_path"].startswith("/tmp/home/.cache/kafray/models/"), p
+    assert all(p["model_path"].endswith("digits_v2.onnx") for p in result["after"]), result["after"]
+    assert result["killed_ip"] == "10.251.73.3", result  # Ray restarted it (the driver waited for a new pid)
+    assert len(result["update"]["replaced"]) == 2 and not result["failed"], result
+    # Re-reads are bounded by what was in flight at each disruption: the kill, the scale up and
+    # down, and the 2 replacements, at most max_in_flight (1000) each.
+    assert report["duplicates"] <= 5 * 1000, report
