@@ -1,6 +1,7 @@
 """Hosts made of Linux namespaces, for tests that need several machines: each host is a network
 namespace (its own address on a private bridge) and a mount namespace with a private /tmp (and
-HOME under it), so hosts share nothing through files but the code checkout. The bridge lives in
+HOME under it), so hosts share nothing through files but the code checkout (and the folders
+given to keep, such as a checkout that lies under /tmp). The bridge lives in
 a namespace of its own, so the machine's own network is never touched. Needs root."""
 from __future__ import annotations
 
@@ -11,6 +12,20 @@ import subprocess
 import time
 
 SUBNET = "10.251.73"  # addresses exist only inside the namespaces made here
+
+
+# A fresh tmpfs on /tmp; folders to keep that lie under /tmp (a checkout there) are bound aside
+# first (on a tmpfs over /mnt, in this mount namespace only) and bound back after.
+PRIVATE_TMP = """set -e
+mount -t tmpfs tmpfs /mnt
+i=0
+for p in "$@"; do case "$p" in /tmp/*) mkdir -p /mnt/$i; mount --bind "$p" /mnt/$i;; esac; i=$((i+1)); done
+mount -t tmpfs tmpfs /tmp
+i=0
+for p in "$@"; do case "$p" in /tmp/*) mkdir -p "$p"; mount --bind /mnt/$i "$p";; esac; i=$((i+1)); done
+mkdir -p /tmp/home
+echo ready
+exec sleep infinity"""
 
 
 def missing() -> str | None:
@@ -35,7 +50,9 @@ def sh(*args: str) -> None:
 class Hosts:
     """`names` hosts, host i at SUBNET.(i+1). Use as a context manager: everything is removed."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], keep: list[str] = ()):
+        """`keep`: folders every host still sees at their path (the checkout), even under /tmp."""
+        self.keep = [str(k) for k in keep]
         self.tag = f"{os.getpid() % 100000}"
         self.switch = f"kfr-sw-{self.tag}"
         self.names = names
@@ -59,8 +76,7 @@ class Hosts:
                 # One process holds the host's mount namespace (a private /tmp) for its lifetime.
                 self.holders[name] = subprocess.Popen(
                     ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
-                     "mount -t tmpfs tmpfs /tmp && mkdir -p /tmp/home && echo ready && exec sleep infinity"],
-                    stdout=subprocess.PIPE, text=True)
+                     PRIVATE_TMP, "sh", *self.keep], stdout=subprocess.PIPE, text=True)
                 if self.holders[name].stdout.readline().strip() != "ready":
                     raise RuntimeError(f"host {name}: no private /tmp")
         except BaseException:

@@ -21,7 +21,8 @@ def test_a_cluster_of_three_hosts_ships_the_model_survives_a_kill_scales_and_upd
     if why:
         pytest.skip(f"no network namespaces here ({why}): the multi-host test needs root and `ip netns`")
     assert KAFRAY_BIN.is_file(), "cargo build --release first (the README's test command does)"
-    with Hosts(["broker", "head", "node2"]) as h:
+    # The checkout and ../shared stay visible on every host, wherever they lie.
+    with Hosts(["broker", "head", "node2"], keep=[REPO.parent]) as h:
         broker = f"{h.ip['broker']}:9092"
         h.run("broker", ["nisshi", "broker", "--listener-url", f"tcp://{broker}", "--advertised-listener-url",
                          f"tcp://{broker}", "--storage-engine", "memory://tansu/"],

@@ -1,0 +1,78 @@
+"""The sweep across hosts joined by shaped links: the paper's 1 Gbps network, emulated.
+
+    .venv/bin/python bench/multihost.py                       # 1 Gbps links, about 4 minutes here
+    .venv/bin/python bench/multihost.py --link-gbit 0         # the same hosts, links unshaped
+
+Three hosts made of Linux namespaces (crates/kafray-py/tests/hosts.py; needs root): the broker on
+one, the Ray head and the sweep's driver on another, a second Ray node on the third, each with its
+own address and its own /tmp. With --link-gbit G, every host's link is shaped with `tc` (token
+bucket, G Gbit/s each way out of a host), so every frame and every prediction crosses a G Gbit/s
+link. Then `bench/sweep.py --address HEAD --brokers BROKER --systems kafray` runs on the head host.
+Results go to --out (the sweep's files, plus hosts.json with the hosts and the shaping).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "crates" / "kafray-py" / "tests"))
+from hosts import Hosts, missing  # noqa: E402
+
+VENV = ROOT / ".venv" / "bin"
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+NODE = ["--num-cpus", "2", "--memory", str(2 * 2**30), "--object-store-memory", str(256 * 2**20),
+        "--disable-usage-stats"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--link-gbit", type=float, default=1.0, help="shape each host's link to this (0: no shaping)")
+    p.add_argument("--models", default="mnist")
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--batches", default="10,40")
+    p.add_argument("--frames", type=int, default=20000)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "multihost-1gbit")
+    args = p.parse_args()
+    if (why := missing()):
+        sys.exit(f"multihost: {why}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C, so the hosts (namespaces, Ray, the broker) are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with Hosts(["broker", "head", "node2"], keep=[ROOT.parent]) as h:
+        shaping = None
+        if args.link_gbit > 0:
+            shaping = f"tc qdisc add dev eth0 root tbf rate {args.link_gbit:g}gbit burst 256kb limit 16mb"
+            for name in h.names:
+                subprocess.run(["ip", "netns", "exec", h.ns[name], *shaping.split()], check=True)
+        broker = f"{h.ip['broker']}:9092"
+        h.run("broker", ["nisshi", "broker", "--listener-url", f"tcp://{broker}", "--advertised-listener-url",
+                         f"tcp://{broker}", "--storage-engine", "memory://tansu/"],
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for host, extra in (("head", ["--head", "--port", "6379", "--include-dashboard=false"]),
+                            ("node2", ["--address", f"{h.ip['head']}:6379"])):
+            started = h.run(host, [str(VENV / "ray"), "start", "--node-ip-address", h.ip[host], *extra, *NODE],
+                            env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            out = started.communicate(timeout=180)[0]
+            if started.returncode != 0:
+                sys.exit(f"ray start on {host} failed:\n{out[-2000:]}")
+        sweep = h.run("head", [str(VENV / "python"), str(ROOT / "bench" / "sweep.py"), "--address",
+                               f"{h.ip['head']}:6379", "--brokers", broker, "--systems", "kafray",
+                               "--models", args.models, "--workers", args.workers, "--batches", args.batches,
+                               "--frames", str(args.frames), "--out", str(args.out)],
+                      env=RAY_ENV, cwd=str(ROOT))
+        code = sweep.wait()
+        # What crossed each host's shaped link (sent bytes, drops, overlimits).
+        qdiscs = {n: subprocess.run(["ip", "netns", "exec", h.ns[n], "tc", "-s", "qdisc", "show", "dev", "eth0"],
+                                    capture_output=True, text=True).stdout for n in h.names}
+        (args.out / "hosts.json").write_text(json.dumps({"ips": h.ip, "shaping": shaping, "qdiscs": qdiscs,
+                                                          "command": " ".join(sys.argv)}, indent=2) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
