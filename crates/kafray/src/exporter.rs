@@ -45,43 +45,30 @@ impl Collector for Live {
                 ConstCounter::new(value).encode(family.encode_family(&[("reason", reason.as_str())])?)?;
             }
         }
-        counter(
-            e,
-            "kafray_dead_letter_fallbacks",
-            "Dead letters published without the frame's value (too large to republish).",
-            m.dead_letter_fallbacks.load(Relaxed),
-        )?;
-        counter(
-            e,
-            "kafray_consumer_errors",
-            "Errors the consumer reported instead of a frame.",
-            m.consume_errors.load(Relaxed),
-        )?;
-        counter(
-            e,
-            "kafray_restarts",
-            "Times the worker started again: after undelivered results, or (on Ray) its actor's restarts.",
-            m.restarts.load(Relaxed),
-        )?;
-        counter(
-            e,
-            "kafray_delivery_failures",
-            "Results whose delivery failed for good.",
-            m.delivery_failures.load(Relaxed),
-        )?;
-        counter(
-            e,
-            "kafray_backpressure_pauses",
-            "Times polling paused because max_in_flight frames were in flight.",
-            m.backpressure_pauses.load(Relaxed),
-        )?;
-        counter(
-            e,
-            "kafray_rebalances",
-            "Rebalances that changed this worker's partitions.",
-            m.rebalances.load(Relaxed),
-        )?;
-        counter(e, "kafray_batches", "Batches given to the model.", m.batches.load(Relaxed))?;
+        let counters = [
+            (
+                "kafray_dead_letter_fallbacks",
+                "Dead letters published without the frame's value (too large to republish).",
+                &m.dead_letter_fallbacks,
+            ),
+            ("kafray_consumer_errors", "Errors the consumer reported instead of a frame.", &m.consume_errors),
+            (
+                "kafray_restarts",
+                "Times the worker started again with new clients after undelivered results.",
+                &m.restarts,
+            ),
+            ("kafray_delivery_failures", "Results whose delivery failed for good.", &m.delivery_failures),
+            (
+                "kafray_backpressure_pauses",
+                "Times polling paused because max_in_flight frames were in flight.",
+                &m.backpressure_pauses,
+            ),
+            ("kafray_rebalances", "Rebalances that changed this worker's partitions.", &m.rebalances),
+            ("kafray_batches", "Batches given to the model.", &m.batches),
+        ];
+        for (name, help, value) in counters {
+            counter(e, name, help, value.load(Relaxed))?;
+        }
         gauge(
             e,
             "kafray_frames_in_flight",

@@ -19,7 +19,7 @@ pub struct Metrics {
     /// Times polling paused because `max_in_flight` frames were in flight.
     pub backpressure_pauses: AtomicU64,
     /// Times the worker started again after its results could not be delivered (see
-    /// [`crate::Error::Delivery`]); under Ray, plus the times Ray restarted its actor.
+    /// [`crate::Error::Delivery`]). Ray's restarts of an actor are added in `kafray.ray`'s stats.
     pub restarts: AtomicU64,
     /// Frames polled and not yet acknowledged.
     pub in_flight: AtomicUsize,
