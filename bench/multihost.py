@@ -21,12 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "crates" / "kafray-py" / "tests"))
-from hosts import Hosts, missing  # noqa: E402
+from hosts import RAY_ENV, Hosts, missing, start_broker_and_ray  # noqa: E402
 
 VENV = ROOT / ".venv" / "bin"
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-NODE = ["--num-cpus", "2", "--memory", str(2 * 2**30), "--object-store-memory", str(256 * 2**20),
-        "--disable-usage-stats"]
 
 
 def main() -> int:
@@ -49,17 +46,10 @@ def main() -> int:
             shaping = f"tc qdisc add dev eth0 root tbf rate {args.link_gbit:g}gbit burst 256kb limit 16mb"
             for name in h.names:
                 subprocess.run(["ip", "netns", "exec", h.ns[name], *shaping.split()], check=True)
-        broker = f"{h.ip['broker']}:9092"
-        h.run("broker", ["nisshi", "broker", "--listener-url", f"tcp://{broker}", "--advertised-listener-url",
-                         f"tcp://{broker}", "--storage-engine", "memory://tansu/"],
-              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for host, extra in (("head", ["--head", "--port", "6379", "--include-dashboard=false"]),
-                            ("node2", ["--address", f"{h.ip['head']}:6379"])):
-            started = h.run(host, [str(VENV / "ray"), "start", "--node-ip-address", h.ip[host], *extra, *NODE],
-                            env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            out = started.communicate(timeout=180)[0]
-            if started.returncode != 0:
-                sys.exit(f"ray start on {host} failed:\n{out[-2000:]}")
+        try:
+            broker = start_broker_and_ray(h, str(VENV))
+        except RuntimeError as e:
+            sys.exit(str(e))
         sweep = h.run("head", [str(VENV / "python"), str(ROOT / "bench" / "sweep.py"), "--address",
                                f"{h.ip['head']}:6379", "--brokers", broker, "--systems", "kafray",
                                "--models", args.models, "--workers", args.workers, "--batches", args.batches,

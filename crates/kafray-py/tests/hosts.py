@@ -112,3 +112,25 @@ class Hosts:
             holder.wait(10)
         for ns in [*self.ns.values(), self.switch]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # inside the namespaces only
+RAY_NODE = ["--num-cpus", "2", "--memory", str(2 * 2**30), "--object-store-memory", str(256 * 2**20),
+            "--disable-usage-stats"]
+
+
+def start_broker_and_ray(h: Hosts, venv: str, broker_log=subprocess.DEVNULL) -> str:
+    """On hosts `broker`, `head` and `node2`: a broker (Tansu, in memory), a Ray head and a second
+    Ray node joined to it. Returns the broker's bootstrap address."""
+    broker = f"{h.ip['broker']}:9092"
+    h.run("broker", ["nisshi", "broker", "--listener-url", f"tcp://{broker}", "--advertised-listener-url",
+                     f"tcp://{broker}", "--storage-engine", "memory://tansu/"],
+          stdout=subprocess.DEVNULL, stderr=broker_log)
+    for host, extra in (("head", ["--head", "--port", "6379", "--include-dashboard=false"]),
+                        ("node2", ["--address", f"{h.ip['head']}:6379"])):
+        started = h.run(host, [f"{venv}/ray", "start", "--node-ip-address", h.ip[host], *extra, *RAY_NODE],
+                        env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out = started.communicate(timeout=180)[0]
+        if started.returncode != 0:
+            raise RuntimeError(f"ray start on {host} failed:\n{out[-2000:]}")
+    return broker

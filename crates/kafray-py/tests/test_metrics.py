@@ -146,6 +146,16 @@ def test_a_real_prometheus_server_scrapes_a_worker_and_answers_rate_and_p99(brok
     assert report["latency_ms_p99"] / 1000 <= upper, (report["latency_ms_p99"], upper)
 
 
+def dashboard_builder():
+    """deploy/grafana/dashboard.py as a module: its queries() and render()."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dashboard", REPO / "deploy" / "grafana" / "dashboard.py")
+    dashboard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dashboard)
+    return dashboard
+
+
 def start_prometheus(config: str, tmp_path) -> tuple[subprocess.Popen, str]:
     if shutil.which("prometheus") is None:
         pytest.fail("prometheus is missing: run `bash scripts/setup.sh` (it installs Debian's package)")
@@ -180,13 +190,9 @@ def test_prometheus_finds_a_ray_deployment_through_its_service_discovery_and_the
     """The shipped Prometheus config (deploy/prometheus) finds every actor of a Ray deployment
     through the file its controller writes; cluster-wide numbers come from summed histograms; and
     every query of the shipped Grafana dashboard runs on that data."""
-    import importlib.util
-
     from kafray import ray as kray
 
-    spec = importlib.util.spec_from_file_location("dashboard", REPO / "deploy" / "grafana" / "dashboard.py")
-    dashboard = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dashboard)
+    dashboard = dashboard_builder()
     config = (REPO / "deploy" / "prometheus" / "prometheus.yml").read_text().replace("scrape_interval: 5s",
                                                                                      "scrape_interval: 1s")
     d = kray.Deployment.start(2, name=f"prom-{len(deployments)}", address=ray_cluster, brokers=broker,
@@ -227,14 +233,10 @@ def test_prometheus_finds_a_ray_deployment_through_its_service_discovery_and_the
 def test_the_grafana_dashboard_is_current_and_valid_for_grafanas_dashboard_model():
     """deploy/grafana/kafray.json is what dashboard.py builds, and Grafana's dashboard model
     (grafana-foundation-sdk) reads it back whole: every panel, query and the datasource variable."""
-    import importlib.util
-
     from grafana_foundation_sdk.cog.encoder import JSONEncoder
     from grafana_foundation_sdk.models.dashboard import Dashboard
 
-    spec = importlib.util.spec_from_file_location("dashboard", REPO / "deploy" / "grafana" / "dashboard.py")
-    dashboard = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dashboard)
+    dashboard = dashboard_builder()
     shipped = (REPO / "deploy" / "grafana" / "kafray.json").read_text()
     assert shipped == dashboard.render(), "kafray.json is stale: run .venv/bin/python deploy/grafana/dashboard.py"
     data = json.loads(shipped)

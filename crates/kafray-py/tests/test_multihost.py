@@ -8,12 +8,9 @@ import subprocess
 import pytest
 
 from conftest import KAFRAY_BIN, REPO
-from hosts import Hosts, missing
+from hosts import RAY_ENV, Hosts, missing, start_broker_and_ray
 
 VENV = REPO / ".venv" / "bin"
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-NODE = ["--num-cpus", "2", "--memory", str(2 * 2**30), "--object-store-memory", str(256 * 2**20),
-        "--disable-usage-stats"]
 
 
 def test_a_cluster_of_three_hosts_ships_the_model_survives_a_kill_scales_and_updates(tmp_path):
@@ -23,16 +20,7 @@ def test_a_cluster_of_three_hosts_ships_the_model_survives_a_kill_scales_and_upd
     assert KAFRAY_BIN.is_file(), "cargo build --release first (the README's test command does)"
     # The checkout and ../shared stay visible on every host, wherever they lie.
     with Hosts(["broker", "head", "node2"], keep=[REPO.parent]) as h:
-        broker = f"{h.ip['broker']}:9092"
-        h.run("broker", ["nisshi", "broker", "--listener-url", f"tcp://{broker}", "--advertised-listener-url",
-                         f"tcp://{broker}", "--storage-engine", "memory://tansu/"],
-              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "broker.log", "w"))
-        for host, args in (("head", ["--head", "--port", "6379", "--include-dashboard=false"]),
-                           ("node2", ["--address", f"{h.ip['head']}:6379"])):
-            started = h.run(host, [str(VENV / "ray"), "start", "--node-ip-address", h.ip[host], *args, *NODE],
-                            env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            out = started.communicate(timeout=180)[0]
-            assert started.returncode == 0, f"ray start on {host}:\n{out[-2000:]}"
+        broker = start_broker_and_ray(h, str(VENV), broker_log=open(tmp_path / "broker.log", "w"))
         driver = h.run("head", [str(VENV / "python"), str(REPO / "crates/kafray-py/tests/multihost_driver.py"),
                                 h.ip["head"], broker, str(REPO)],
                        env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
