@@ -1,7 +1,8 @@
 """The sweep across hosts joined by shaped links: the paper's 1 Gbps network, emulated.
 
-    .venv/bin/python bench/multihost.py                       # 1 Gbps links, about 4 minutes here
+    .venv/bin/python bench/multihost.py                       # 1 Gbps links, about 2 minutes here
     .venv/bin/python bench/multihost.py --link-gbit 0         # the same hosts, links unshaped
+    .venv/bin/python bench/multihost.py --link-gbit 0.02 --models mnist   # a link that binds
 
 Three hosts made of Linux namespaces (crates/kafray-py/tests/hosts.py; needs root): the broker on
 one, the Ray head and the sweep's driver on another, a second Ray node on the third, each with its
@@ -29,20 +30,24 @@ VENV = ROOT / ".venv" / "bin"
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--link-gbit", type=float, default=1.0, help="shape each host's link to this (0: no shaping)")
-    p.add_argument("--models", default="mnist")
+    p.add_argument("--models", default="mnist,mobilenet_v2")
     p.add_argument("--workers", default="1,2")
     p.add_argument("--batches", default="10,40")
-    p.add_argument("--frames", type=int, default=20000)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "multihost-1gbit")
+    p.add_argument("--frames", type=int, help="frames per cell (default: the sweep's, per model)")
+    p.add_argument("--out", type=Path, help="results folder; under /tmp only inside the checkout (each host has "
+                   "its own /tmp) (default: bench/results/multihost-<G>gbit, or multihost-unshaped)")
     args = p.parse_args()
+    args.out = (args.out or ROOT / "bench" / "results" / (
+        f"multihost-{args.link_gbit:g}gbit" if args.link_gbit > 0 else "multihost-unshaped")).resolve()
     if (why := missing()):
         sys.exit(f"multihost: {why}")
     args.out.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C, so the hosts (namespaces, Ray, the broker) are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with Hosts(["broker", "head", "node2"], keep=[ROOT.parent]) as h:
-        shaping = None
+        shaping, link = None, "links unshaped"
         if args.link_gbit > 0:
+            link = f"{args.link_gbit:g} Gbit/s links"
             shaping = f"tc qdisc add dev eth0 root tbf rate {args.link_gbit:g}gbit burst 256kb limit 16mb"
             for name in h.names:
                 subprocess.run(["ip", "netns", "exec", h.ns[name], *shaping.split()], check=True)
@@ -53,7 +58,8 @@ def main() -> int:
         sweep = h.run("head", [str(VENV / "python"), str(ROOT / "bench" / "sweep.py"), "--address",
                                f"{h.ip['head']}:6379", "--brokers", broker, "--systems", "kafray",
                                "--models", args.models, "--workers", args.workers, "--batches", args.batches,
-                               "--frames", str(args.frames), "--out", str(args.out)],
+                               *(["--frames", str(args.frames)] if args.frames else []), "--out", str(args.out),
+                               "--note", f"3 namespace hosts, {link}"],
                       env=RAY_ENV, cwd=str(ROOT))
         code = sweep.wait()
         # What crossed each host's shaped link (sent bytes, drops, overlimits).

@@ -182,7 +182,8 @@ def produce_command(model: str, brokers: str, topic: str, frames: int, photos: P
     base = [str(CLI), "produce", "-b", brokers, "-t", topic, "-n", str(frames), "--quiet", "--round-robin",
             "-X", "enable.idempotence=false", "-X", "acks=all"]
     if model == "mnist":
-        return base + ["mnist", "--images", str(MNIST[0]), "--labels", str(MNIST[1])]
+        return base + ["mnist", "--images", str(MNIST[0]), "--labels", str(MNIST[1]),
+                       "--repeat", str(-(-frames // 10000))]
     per_set = len([p for p in photos.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")])
     return base + ["images", str(photos), "--size", "224", "--repeat", str(-(-frames // per_set))]
 
@@ -371,8 +372,10 @@ def plot(out: Path, rows: list[dict], raw: list[dict], meta: dict) -> list[Path]
     workers = sorted({int(r["workers"]) for r in rows})
     colors = dict(zip(batches, plt.cm.viridis([i / max(1, len(batches) - 1) * 0.9 for i in range(len(batches))])))
     for model in models:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-        for ax, system in zip(axes, SYSTEMS):
+        present = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
+        fig, axes = plt.subplots(1, len(present), figsize=(5.5 * len(present) + 1, 4.2), sharey=True, squeeze=False)
+        axes = axes[0]
+        for ax, system in zip(axes, present):
             for b in batches:
                 pts = sorted((int(r["workers"]), float(r["images_per_s"])) for r in rows
                              if r["model"] == model and r["system"] == system and int(r["batch_size"]) == b)
@@ -387,9 +390,10 @@ def plot(out: Path, rows: list[dict], raw: list[dict], meta: dict) -> list[Path]
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("images / s")
         axes[0].set_ylim(bottom=0)
-        axes[1].legend(fontsize=8, loc="best")
-        fig.suptitle(f"{MODEL_TITLES.get(model, model)}: throughput vs workers "
-                     f"({cores} cores, profile {meta['profile']})", fontsize=11)
+        axes[-1].legend(fontsize=8, loc="best")
+        note = f", {meta['note']}" if meta.get("note") else ""
+        fig.suptitle(f"{MODEL_TITLES.get(model, model)}: throughput vs workers\n"
+                     f"{cores} cores, profile {meta['profile']}{note}", fontsize=11)
         fig.tight_layout()
         path = out / f"fig9_{model}.png"
         fig.savefig(path, dpi=110)
@@ -432,7 +436,8 @@ def tables(rows: list[dict], raw: list[dict], meta: dict) -> str:
     cores = meta["machine"]["cores"]
     cell = {(r["system"], r["model"], int(r["workers"]), int(r["batch_size"])): r for r in rows}
     lines = [f"Profile `{meta['profile']}`, {meta['started']}, {meta['machine']['cpu']} ({cores} cores), "
-             f"{meta['broker']}; command `{meta['command']}`.", ""]
+             f"{meta['broker']}; command `{meta['command']}`."
+             + (f" {meta['note'][0].upper()}{meta['note'][1:]}." if meta.get("note") else ""), ""]
     for model in sorted({r["model"] for r in rows}, key=lambda m: m != "mnist"):
         keys = sorted({(w, b) for (_, m, w, b) in cell if m == model})
         pairs = [(cell.get(("kafray", model, w, b)), cell.get(("peer", model, w, b))) for w, b in keys]
@@ -518,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="how often the driver asks the actors whether a cell is done (each ask costs them CPU)")
     p.add_argument("--verbose", "-v", action="store_true", help="print where each cell's time goes")
     p.add_argument("--plot-only", action="store_true", help="redraw the charts from the CSVs in --out")
+    p.add_argument("--note", help="what sets this run apart (e.g. the network), for run.json and the charts' titles")
     args = p.parse_args(argv)
     prof = PROFILES[args.profile]
     out = args.out or ROOT / f"bench/results/sweep-{args.profile}"
@@ -557,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.time()
     meta = {"profile": args.profile, "command": " ".join([".venv/bin/python", "bench/sweep.py", *sys.argv[1:]]),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(), "partitions": partitions,
-            "threads_per_worker": args.threads, "max_wait_ms": args.max_wait_ms}
+            "threads_per_worker": args.threads, "max_wait_ms": args.max_wait_ms, "note": args.note}
     print(f"sweep {args.profile}: {models} x workers {workers} x batch {batches} x {systems}", flush=True)
 
     raw = raw_limits(models, batches, workers, args)

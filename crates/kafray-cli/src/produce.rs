@@ -99,28 +99,23 @@ fn parse_schedule(s: &str) -> Result<Schedule, String> {
 struct Plan {
     frames: Box<dyn Iterator<Item = OutFrame>>,
     rate: Option<f64>,
-    total: Option<usize>,
     duration: Option<f64>,
+    /// A finite set: (its frames, how many times it is sent).
+    set: Option<(usize, usize)>,
 }
 
 impl Plan {
     /// A set of frames sent `repeat` times over.
     fn repeated(frames: Vec<OutFrame>, repeat: usize, rate: Option<f64>) -> Self {
+        let set = Some((frames.len(), repeat));
         let n = frames.len() * repeat;
-        Plan { frames: Box::new(frames.into_iter().cycle().take(n)), rate, total: Some(n), duration: None }
+        Plan { frames: Box::new(frames.into_iter().cycle().take(n)), rate, duration: None, set }
     }
 }
 
 pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     let props = args.kafka.properties()?;
-    if let Some(p) = args.partitions {
-        kafray::admin::ensure_topics(&args.kafka.brokers, &[(args.topic.as_str(), p)], &props)?;
-    }
-    let mut publisher = Publisher::new(&args.kafka.brokers, &args.topic, &props)?;
-    if args.round_robin {
-        publisher = publisher.round_robin(&args.kafka.brokers, &props)?;
-    }
-    let Plan { frames, rate, total, duration } = match args.source {
+    let Plan { frames, rate, duration, set } = match args.source {
         Source::Mnist { images, labels, sources, repeat } => {
             let digits = kafray_tools::mnist::load(&images, &labels)
                 .with_context(|| "load MNIST (run from the repository root, or pass --images/--labels)")?;
@@ -144,15 +139,34 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
             Plan {
                 frames: Box::new(frames),
                 rate: Some(args.rate.unwrap_or(cameras as f64 * fps)),
-                total: None,
                 duration,
+                set: None,
             }
         }
     };
-    let total = match (total, args.limit) {
-        (Some(t), Some(l)) => Some(t.min(l)),
-        (t, l) => t.or(l),
+    let total = match (set, args.limit) {
+        // More frames than the set holds would end the stream early without a word, and whoever
+        // waits for N results would wait forever.
+        (Some((per_set, repeat)), Some(l)) if l > per_set * repeat => {
+            return Err(kafray::Error::Config(format!(
+                "--limit {l} asks for more frames than the source holds ({per_set} x --repeat {repeat} = {}): \
+                 pass --repeat {} (the set is sent again), or a --limit of at most {}",
+                per_set * repeat,
+                l.div_ceil(per_set.max(1)),
+                per_set * repeat
+            ))
+            .into());
+        }
+        (Some((per_set, repeat)), l) => Some(l.unwrap_or(per_set * repeat)),
+        (None, l) => l,
     };
+    if let Some(p) = args.partitions {
+        kafray::admin::ensure_topics(&args.kafka.brokers, &[(args.topic.as_str(), p)], &props)?;
+    }
+    let mut publisher = Publisher::new(&args.kafka.brokers, &args.topic, &props)?;
+    if args.round_robin {
+        publisher = publisher.round_robin(&args.kafka.brokers, &props)?;
+    }
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total.unwrap_or(0) as u64) };
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} frames {per_sec} {elapsed}").unwrap());
     // Ctrl-C / SIGTERM end the stream after what was sent is acknowledged.

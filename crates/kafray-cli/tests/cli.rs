@@ -78,3 +78,14 @@ fn missing_topics_fail_at_start_and_a_missing_dead_letter_topic_is_created() {
     assert!(log.contains("the dead-letter topic is missing: creating it"), "{log}");
     assert_eq!(report["distinct_frames"], 10, "{report:#}");
 }
+
+/// `--limit` beyond what the set holds would end the stream early and leave whoever waits for
+/// that many results waiting: it is refused before any broker is contacted, naming `--repeat`.
+#[test]
+fn a_limit_beyond_the_set_is_refused_and_names_repeat() {
+    fails_with(
+        &["produce", "--brokers", "127.0.0.1:1", "-n", "20000", "mnist"],
+        &["--limit 20000", "10000 x --repeat 1 = 10000", "pass --repeat 2"],
+    );
+    fails_with(&["produce", "--brokers", "127.0.0.1:1", "-n", "30001", "mnist", "--repeat", "2"], &["pass --repeat 4"]);
+}

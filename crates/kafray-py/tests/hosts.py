@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 SUBNET = "10.251.73"  # addresses exist only inside the namespaces made here
@@ -98,20 +99,26 @@ class Hosts:
 
     def __exit__(self, *exc) -> None:
         # Every process in the hosts' namespaces (Ray's daemons included), then the namespaces.
-        for _ in range(3):
-            alive = [p for n in self.names if n in self.ns for p in self.pids(n)]
-            for p in alive:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if not alive:
-                break
-            time.sleep(0.5)
-        for holder in self.holders.values():
-            holder.wait(10)
-        for ns in [*self.ns.values(), self.switch]:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        # A second Ctrl-C or SIGTERM must not cut this short and leave hosts behind.
+        main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            deadline = time.monotonic() + 30
+            while (alive := [p for n in self.names if n in self.ns for p in self.pids(n)]) and \
+                    time.monotonic() < deadline:
+                for p in alive:
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.2)
+            for holder in self.holders.values():
+                holder.wait(10)
+        finally:
+            for ns in [*self.ns.values(), self.switch]:
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            for s, handler in held.items():
+                signal.signal(s, handler)
 
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # inside the namespaces only
