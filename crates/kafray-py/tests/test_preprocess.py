@@ -12,8 +12,10 @@ import kafray
 PHOTOS = sorted((Path(__file__).resolve().parents[3].parent / "shared" / "assets" / "images").iterdir())
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-# One 8-bit level after normalisation: Pillow rounds to 8 bits between its two resize passes,
-# kafray's resize rounds once.
+# One 8-bit level after normalisation. Both resizers round to 8 bits between their two passes, in
+# opposite orders (Pillow: rows first; fast_image_resize: columns first), so a pixel may be a level
+# off after each pass: at most two in all, and a fraction of one on average. A wrong filter, scale or
+# crop offset moves the mean by levels.
 ONE_LEVEL = 1 / 255 / STD.min()
 
 
@@ -35,8 +37,8 @@ def test_crop_gives_torchvisions_evaluation_tensor(photo):
     want = torchvision_eval(photo)
     assert got.shape == want.shape == (1, 3, 224, 224)
     diff = np.abs(got - want)
-    assert diff.max() <= ONE_LEVEL + 1e-5, f"{photo.name}: max difference {diff.max():.4f} > one 8-bit level"
-    assert diff.mean() < 0.2 * ONE_LEVEL, f"{photo.name}: mean difference {diff.mean():.4f}"
+    assert diff.max() <= 2 * ONE_LEVEL + 1e-5, f"{photo.name}: max difference {diff.max():.4f} > two 8-bit levels"
+    assert diff.mean() < 0.25 * ONE_LEVEL, f"{photo.name}: mean difference {diff.mean():.4f}"
 
 
 def test_the_photos_are_not_square_so_the_crop_matters():

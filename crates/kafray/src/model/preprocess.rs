@@ -1,9 +1,10 @@
 //! Decoded pixels -> the model's input tensor (one image's slice of it).
 use super::spec::{Color, Layout, ModelSpec, Resize};
 use crate::frame::{reject, Pixels, Rejection, Shape};
-use image::imageops::FilterType;
+use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 use image::DynamicImage;
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 /// Writes one image into `out` (length `spec.input_len()`), in the model's layout and scaling.
 pub fn preprocess(spec: &ModelSpec, pixels: &Pixels, out: &mut [f32]) -> Result<(), Rejection> {
@@ -17,9 +18,10 @@ pub fn preprocess(spec: &ModelSpec, pixels: &Pixels, out: &mut [f32]) -> Result<
             write_tensor(spec, data, out);
         }
         Pixels::Image(img) => {
+            let (w, h) = (spec.width as u32, spec.height as u32);
             let img = match spec.resize {
-                Resize::Squash => squash(img, spec.width as u32, spec.height as u32),
-                Resize::Crop => centre_crop(img, spec),
+                Resize::Squash => resize(img, w, h, None)?,
+                Resize::Crop => resize(img, w, h, Some(centre_crop_box(img, spec)))?,
             };
             let data = match spec.color {
                 Color::Gray => img.to_luma8().into_raw(),
@@ -31,25 +33,51 @@ pub fn preprocess(spec: &ModelSpec, pixels: &Pixels, out: &mut [f32]) -> Result<
     Ok(())
 }
 
-fn squash(img: &DynamicImage, w: u32, h: u32) -> Cow<'_, DynamicImage> {
-    if img.width() == w && img.height() == h {
-        Cow::Borrowed(img)
-    } else {
-        Cow::Owned(img.resize_exact(w, h, FilterType::Triangle))
-    }
+thread_local! {
+    // Its buffers are reused from one image to the next.
+    static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
 }
 
-/// The shorter side to `resize_to` (the longer in proportion, rounded down as torchvision does),
-/// then the input size from the centre (offsets rounded as torchvision's `center_crop`).
-fn centre_crop<'a>(img: &'a DynamicImage, spec: &ModelSpec) -> Cow<'a, DynamicImage> {
+/// `img` (or the box of it given as left, top, width, height, in its pixels) resized to `w`x`h`
+/// with Pillow's bilinear filter, widened when shrinking, as torchvision resizes PIL images.
+/// Alpha is ignored, as in Pillow's `convert("RGB")` before resizing.
+fn resize(
+    img: &DynamicImage,
+    w: u32,
+    h: u32,
+    crop: Option<(f64, f64, f64, f64)>,
+) -> Result<Cow<'_, DynamicImage>, Rejection> {
+    if crop.is_none() && img.width() == w && img.height() == h {
+        return Ok(Cow::Borrowed(img));
+    }
+    if fast_image_resize::IntoImageView::pixel_type(img).is_none() {
+        // A pixel type the resizer lacks: as 8-bit RGB.
+        return resize(&DynamicImage::ImageRgb8(img.to_rgb8()), w, h, crop).map(|i| Cow::Owned(i.into_owned()));
+    }
+    let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).use_alpha(false);
+    if let Some((left, top, width, height)) = crop {
+        options = options.crop(left, top, width, height);
+    }
+    let mut out = DynamicImage::new(w, h, img.color());
+    RESIZER
+        .with_borrow_mut(|r| r.resize(img, &mut out, &options))
+        .map_err(|e| reject!("cannot resize the {}x{} image to {w}x{h}: {e}", img.width(), img.height()))?;
+    Ok(Cow::Owned(out))
+}
+
+/// torchvision's Resize(resize_to) then CenterCrop(input), as one box of the source: the shorter
+/// side scaled to `resize_to` (the longer in proportion, rounded down), the crop's offsets rounded
+/// as `center_crop` rounds them, then mapped back to source pixels. Resizing that box to the input
+/// samples the same points, with the same filter, as resizing the whole image and cropping it.
+fn centre_crop_box(img: &DynamicImage, spec: &ModelSpec) -> (f64, f64, f64, f64) {
     let (w, h) = (img.width() as u64, img.height() as u64);
     let short = spec.resize_to as u64;
     let (rw, rh) = if w <= h { (short, short * h / w) } else { (short * w / h, short) };
-    let resized = squash(img, rw as u32, rh as u32);
-    let (cw, ch) = (spec.width as u32, spec.height as u32);
-    let left = ((rw as f64 - cw as f64) / 2.0).round() as u32;
-    let top = ((rh as f64 - ch as f64) / 2.0).round() as u32;
-    Cow::Owned(resized.crop_imm(left, top, cw, ch))
+    let (cw, ch) = (spec.width as f64, spec.height as f64);
+    let left = ((rw as f64 - cw) / 2.0).round();
+    let top = ((rh as f64 - ch) / 2.0).round();
+    let (sx, sy) = (w as f64 / rw as f64, h as f64 / rh as f64);
+    (left * sx, top * sy, cw * sx, ch * sy)
 }
 
 /// HWC u8 -> the model's layout, `(x * scale - mean) / std` per channel.
