@@ -39,6 +39,9 @@ def main() -> int:
     args = p.parse_args()
     args.out = (args.out or ROOT / "bench" / "results" / (
         f"multihost-{args.link_gbit:g}gbit" if args.link_gbit > 0 else "multihost-unshaped")).resolve()
+    if args.out.is_relative_to("/tmp") and not args.out.is_relative_to(ROOT.parent):
+        p.error(f"--out {args.out}: the sweep runs on a host with its own /tmp, so its files would be lost; "
+                "give a folder outside /tmp or inside the checkout")
     if (why := missing()):
         sys.exit(f"multihost: {why}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,7 @@ def main() -> int:
         sweep = h.run("head", [str(VENV / "python"), str(ROOT / "bench" / "sweep.py"), "--address",
                                f"{h.ip['head']}:6379", "--brokers", broker, "--systems", "kafray",
                                "--models", args.models, "--workers", args.workers, "--batches", args.batches,
-                               *(["--frames", str(args.frames)] if args.frames else []), "--out", str(args.out),
+                               *(["--frames", str(args.frames)] if args.frames is not None else []), "--out", str(args.out),
                                "--note", f"3 namespace hosts, {link}"],
                       env=RAY_ENV, cwd=str(ROOT))
         code = sweep.wait()

@@ -179,13 +179,12 @@ def produce_command(model: str, brokers: str, topic: str, frames: int, photos: P
     # The load generator skips idempotence: a fresh idempotent producer holds its first frames
     # about a second while it gets a producer id, which would count as every frame's latency.
     # Round-robin: a few photo sources would hash onto a few partitions and leave workers idle.
+    # `--repeat frames` always covers `-n frames`, whatever the set holds (the cycle is lazy).
     base = [str(CLI), "produce", "-b", brokers, "-t", topic, "-n", str(frames), "--quiet", "--round-robin",
             "-X", "enable.idempotence=false", "-X", "acks=all"]
     if model == "mnist":
-        return base + ["mnist", "--images", str(MNIST[0]), "--labels", str(MNIST[1]),
-                       "--repeat", str(-(-frames // 10000))]
-    per_set = len([p for p in photos.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")])
-    return base + ["images", str(photos), "--size", "224", "--repeat", str(-(-frames // per_set))]
+        return base + ["mnist", "--images", str(MNIST[0]), "--labels", str(MNIST[1]), "--repeat", str(frames)]
+    return base + ["images", str(photos), "--size", "224", "--repeat", str(frames)]
 
 
 def evaluate(brokers: str, topic: str, frames: int) -> dict:

@@ -108,7 +108,7 @@ impl Plan {
     /// A set of frames sent `repeat` times over.
     fn repeated(frames: Vec<OutFrame>, repeat: usize, rate: Option<f64>) -> Self {
         let set = Some((frames.len(), repeat));
-        let n = frames.len() * repeat;
+        let n = frames.len().saturating_mul(repeat);
         Plan { frames: Box::new(frames.into_iter().cycle().take(n)), rate, duration: None, set }
     }
 }
@@ -147,17 +147,16 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     let total = match (set, args.limit) {
         // More frames than the set holds would end the stream early without a word, and whoever
         // waits for N results would wait forever.
-        (Some((per_set, repeat)), Some(l)) if l > per_set * repeat => {
+        (Some((per_set, repeat)), Some(l)) if l > per_set.saturating_mul(repeat) => {
+            let holds = per_set.saturating_mul(repeat);
             return Err(kafray::Error::Config(format!(
-                "--limit {l} asks for more frames than the source holds ({per_set} x --repeat {repeat} = {}): \
-                 pass --repeat {} (the set is sent again), or a --limit of at most {}",
-                per_set * repeat,
+                "--limit {l} asks for more frames than the source holds ({per_set} x --repeat {repeat} = {holds}): \
+                 pass --repeat {} (the set is sent again), or a --limit of at most {holds}",
                 l.div_ceil(per_set.max(1)),
-                per_set * repeat
             ))
             .into());
         }
-        (Some((per_set, repeat)), l) => Some(l.unwrap_or(per_set * repeat)),
+        (Some((per_set, repeat)), l) => Some(l.unwrap_or(per_set.saturating_mul(repeat))),
         (None, l) => l,
     };
     if let Some(p) = args.partitions {

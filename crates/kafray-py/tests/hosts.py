@@ -101,7 +101,11 @@ class Hosts:
         # Every process in the hosts' namespaces (Ray's daemons included), then the namespaces.
         # A second Ctrl-C or SIGTERM must not cut this short and leave hosts behind.
         main = threading.current_thread() is threading.main_thread()  # only it may set handlers
-        held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        held = {}
+        if main:
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         try:
             deadline = time.monotonic() + 30
             while (alive := [p for n in self.names if n in self.ns for p in self.pids(n)]) and \
@@ -112,13 +116,20 @@ class Hosts:
                     except ProcessLookupError:
                         pass
                 time.sleep(0.2)
+            if alive:
+                print(f"hosts: processes {alive} survived SIGKILL for 30 s; their namespaces outlive "
+                      "the names removed here", flush=True)
             for holder in self.holders.values():
-                holder.wait(10)
+                try:
+                    holder.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
         finally:
             for ns in [*self.ns.values(), self.switch]:
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             for s, handler in held.items():
-                signal.signal(s, handler)
+                # None: a handler set outside Python, which cannot be put back from here.
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # inside the namespaces only

@@ -29,8 +29,18 @@ def torchvision_eval(path: Path) -> np.ndarray:
     return ((x - MEAN) / STD).transpose(2, 0, 1)[None]  # Normalize, NCHW
 
 
-@pytest.mark.parametrize("photo", PHOTOS, ids=[p.name for p in PHOTOS])
-def test_crop_gives_torchvisions_evaluation_tensor(photo):
+def four_by_three(tmp_path_factory) -> Path:
+    """A 640x480 frame, as many cameras send: resized to 341x256 it leaves a 58.5-pixel margin,
+    which torchvision rounds to even (58)."""
+    path = tmp_path_factory.mktemp("frames") / "camera_640x480.png"
+    Image.open(PHOTOS[0]).convert("RGB").resize((640, 480), Image.BILINEAR).save(path)
+    return path
+
+
+@pytest.mark.parametrize("photo", [*PHOTOS, four_by_three], ids=[*(p.name for p in PHOTOS), "640x480"])
+def test_crop_gives_torchvisions_evaluation_tensor(photo, tmp_path_factory):
+    if callable(photo):
+        photo = photo(tmp_path_factory)
     classifier = kafray.Classifier("mobilenet_v2")
     shape, raw = classifier.input_tensor(str(photo))
     got = np.frombuffer(raw, dtype="<f4").reshape(shape)

@@ -18,6 +18,9 @@ pub fn preprocess(spec: &ModelSpec, pixels: &Pixels, out: &mut [f32]) -> Result<
             write_tensor(spec, data, out);
         }
         Pixels::Image(img) => {
+            if img.width() == 0 || img.height() == 0 {
+                return Err(reject!("the image is {}x{}: nothing to classify", img.width(), img.height()));
+            }
             let (w, h) = (spec.width as u32, spec.height as u32);
             let img = match spec.resize {
                 Resize::Squash => resize(img, w, h, None)?,
@@ -67,17 +70,22 @@ fn resize(
 
 /// torchvision's Resize(resize_to) then CenterCrop(input), as one box of the source: the shorter
 /// side scaled to `resize_to` (the longer in proportion, rounded down), the crop's offsets rounded
-/// as `center_crop` rounds them, then mapped back to source pixels. Resizing that box to the input
-/// samples the same points, with the same filter, as resizing the whole image and cropping it.
+/// as `center_crop` rounds them (Python's `round`: halves to even, so 58.5 -> 58 for a 640x480
+/// photo), then mapped back to source pixels. Resizing that box to the input samples the same
+/// points, with the same filter, as resizing the whole image and cropping it.
 fn centre_crop_box(img: &DynamicImage, spec: &ModelSpec) -> (f64, f64, f64, f64) {
     let (w, h) = (img.width() as u64, img.height() as u64);
     let short = spec.resize_to as u64;
     let (rw, rh) = if w <= h { (short, short * h / w) } else { (short * w / h, short) };
     let (cw, ch) = (spec.width as f64, spec.height as f64);
-    let left = ((rw as f64 - cw) / 2.0).round();
-    let top = ((rh as f64 - ch) / 2.0).round();
-    let (sx, sy) = (w as f64 / rw as f64, h as f64 / rh as f64);
-    (left * sx, top * sy, cw * sx, ch * sy)
+    let left = ((rw as f64 - cw) / 2.0).round_ties_even();
+    let top = ((rh as f64 - ch) / 2.0).round_ties_even();
+    // Each edge is mapped on its own and kept inside the image: `width * (w / rw)` can overshoot
+    // `w` by a float step where the crop spans the whole resized side, and the resizer refuses that.
+    let edge = |x: f64, side: u64, resized: u64| (x * side as f64 / resized as f64).min(side as f64);
+    let (x0, x1) = (edge(left, w, rw), edge(left + cw, w, rw));
+    let (y0, y1) = (edge(top, h, rh), edge(top + ch, h, rh));
+    (x0, y0, x1 - x0, y1 - y0)
 }
 
 /// HWC u8 -> the model's layout, `(x * scale - mean) / std` per channel.
@@ -161,6 +169,38 @@ mod tests {
         let mut out = vec![0.0; 4];
         preprocess(&s, &Pixels::Image(img), &mut out).unwrap();
         assert!(out.iter().all(|v| (*v - 200.0).abs() < 1.0), "{out:?}");
+    }
+
+    /// A crop that spans the whole resized side (resize_to = input) stays inside the image, where
+    /// mapping its width back alone overshoots by a float step (7 * (450 / 7) > 450).
+    #[test]
+    fn a_crop_as_wide_as_the_resized_image_stays_inside_it() {
+        let mut s = spec(Layout::Nhwc, Color::Gray);
+        (s.width, s.height, s.resize, s.resize_to) = (7, 7, Resize::Crop, 7);
+        let img = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(450, 450, image::Luma([90])));
+        assert_eq!(centre_crop_box(&img, &s), (0.0, 0.0, 450.0, 450.0));
+        let mut out = vec![0.0; 49];
+        preprocess(&s, &Pixels::Image(img), &mut out).unwrap();
+        assert!(out.iter().all(|v| (*v - 90.0).abs() < 1.0), "{out:?}");
+    }
+
+    /// torchvision rounds a half-pixel offset to even: a 640x480 photo resized to 341x256 leaves
+    /// 117 columns, and the crop starts at column 58, not 59.
+    #[test]
+    fn a_half_pixel_crop_offset_rounds_to_even_as_torchvision_does() {
+        let mut s = spec(Layout::Nchw, Color::Rgb);
+        (s.width, s.height, s.resize, s.resize_to) = (224, 224, Resize::Crop, 256);
+        let img = DynamicImage::new_rgb8(640, 480);
+        let (left, top, ..) = centre_crop_box(&img, &s);
+        assert_eq!(((left * 341.0 / 640.0).round(), top), (58.0, 16.0 * 480.0 / 256.0));
+    }
+
+    #[test]
+    fn an_empty_image_is_rejected_not_a_panic() {
+        let mut s = spec(Layout::Nhwc, Color::Gray);
+        s.resize = Resize::Crop;
+        let err = preprocess(&s, &Pixels::Image(DynamicImage::new_luma8(0, 5)), &mut [0.0; 4]).unwrap_err();
+        assert_eq!(err.0, "the image is 0x5: nothing to classify");
     }
 
     /// An 8x4 image whose columns are 0, 10, .., 70: with the shorter side kept at 4, the crop
