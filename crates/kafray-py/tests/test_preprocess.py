@@ -12,10 +12,10 @@ import kafray
 PHOTOS = sorted((Path(__file__).resolve().parents[3].parent / "shared" / "assets" / "images").iterdir())
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-# One 8-bit level after normalisation. Both resizers round to 8 bits between their two passes, in
-# opposite orders (Pillow: rows first; fast_image_resize: columns first), so a pixel may be a level
-# off after each pass: at most two in all, and a fraction of one on average. A wrong filter, scale or
-# crop offset moves the mean by levels.
+# One 8-bit level after normalisation. kafray resizes in Pillow's order (width, then height, each
+# pass rounded to 8 bits), so nearly every value equals the reference to float precision; the
+# rest (under 1 %: fixed-point rounding) are a level off. A JPEG may be two off: its decoder is not
+# libjpeg. A wrong filter, pass order, scale or crop offset changes far more values than that.
 ONE_LEVEL = 1 / 255 / STD.min()
 
 
@@ -47,8 +47,10 @@ def test_crop_gives_torchvisions_evaluation_tensor(photo, tmp_path_factory):
     want = torchvision_eval(photo)
     assert got.shape == want.shape == (1, 3, 224, 224)
     diff = np.abs(got - want)
-    assert diff.max() <= 2 * ONE_LEVEL + 1e-5, f"{photo.name}: max difference {diff.max():.4f} > two 8-bit levels"
-    assert diff.mean() < 0.25 * ONE_LEVEL, f"{photo.name}: mean difference {diff.mean():.4f}"
+    off = (diff > 1e-5).mean()
+    assert off < 0.01, f"{photo.name}: {off:.1%} of the values differ"
+    levels = 1 if photo.suffix == ".png" else 2
+    assert diff.max() <= levels * ONE_LEVEL + 1e-5, f"{photo.name}: max difference {diff.max():.4f}"
 
 
 def test_the_photos_are_not_square_so_the_crop_matters():

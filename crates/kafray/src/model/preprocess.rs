@@ -57,14 +57,23 @@ fn resize(
         // A pixel type the resizer lacks: as 8-bit RGB.
         return resize(&DynamicImage::ImageRgb8(img.to_rgb8()), w, h, crop).map(|i| Cow::Owned(i.into_owned()));
     }
-    let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).use_alpha(false);
-    if let Some((left, top, width, height)) = crop {
-        options = options.crop(left, top, width, height);
-    }
+    let (src_w, src_h) = (img.width() as f64, img.height() as f64);
+    let (left, top, width, height) = crop.unwrap_or((0.0, 0.0, src_w, src_h));
+    let options = |l, t, cw, ch| {
+        ResizeOptions::new()
+            .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+            .use_alpha(false)
+            .crop(l, t, cw, ch)
+    };
+    let failed = |e| reject!("cannot resize the {}x{} image to {w}x{h}: {e}", img.width(), img.height());
+    // The width first, then the height, each pass rounded to 8 bits: Pillow's order. The resizer
+    // alone would do the height first, which puts up to a fifth of the values a level off Pillow's.
+    let mut first_pass = DynamicImage::new(w, img.height(), img.color());
     let mut out = DynamicImage::new(w, h, img.color());
-    RESIZER
-        .with_borrow_mut(|r| r.resize(img, &mut out, &options))
-        .map_err(|e| reject!("cannot resize the {}x{} image to {w}x{h}: {e}", img.width(), img.height()))?;
+    RESIZER.with_borrow_mut(|r| {
+        r.resize(img, &mut first_pass, &options(left, 0.0, width, src_h)).map_err(failed)?;
+        r.resize(&first_pass, &mut out, &options(0.0, top, w as f64, height)).map_err(failed)
+    })?;
     Ok(Cow::Owned(out))
 }
 
