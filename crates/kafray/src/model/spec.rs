@@ -84,6 +84,25 @@ pub struct ModelToml {
     pub resize_to: Option<usize>,
 }
 
+impl ModelToml {
+    /// These fields, and `base`'s where these have none.
+    fn over(self, base: ModelToml) -> ModelToml {
+        ModelToml {
+            layout: self.layout.or(base.layout),
+            height: self.height.or(base.height),
+            width: self.width.or(base.width),
+            color: self.color.or(base.color),
+            scale: self.scale.or(base.scale),
+            mean: self.mean.or(base.mean),
+            std: self.std.or(base.std),
+            labels: self.labels.or(base.labels),
+            output: self.output.or(base.output),
+            resize: self.resize.or(base.resize),
+            resize_to: self.resize_to.or(base.resize_to),
+        }
+    }
+}
+
 /// The resolved description of a model's input and output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
@@ -274,7 +293,12 @@ fn given_spec(model_path: &Path) -> Result<(ModelToml, Option<PathBuf>)> {
     Ok(if toml_path.is_file() {
         let text = std::fs::read_to_string(&toml_path).map_err(|e| Error::io(toml_path.display().to_string(), e))?;
         let parsed: ModelToml = toml::from_str(&text).map_err(|e| Error::model(&toml_path, e.to_string()))?;
-        (parsed, toml_path.parent().map(Path::to_path_buf))
+        // Beside a preset's file, the TOML changes the fields it names and keeps the preset's others.
+        let merged = match preset(stem) {
+            Some(base) => parsed.over(base),
+            None => parsed,
+        };
+        (merged, toml_path.parent().map(Path::to_path_buf))
     } else if let Some(p) = preset(stem) {
         (p, model_path.parent().map(Path::to_path_buf))
     } else {
@@ -364,6 +388,20 @@ mod tests {
     fn spec_must_agree_with_graph() {
         let err = resolve(Path::new("/x/mnist_cnn.onnx"), &vec![-1, 3, 28, 28]).unwrap_err().to_string();
         assert!(err.contains("channel count"), "{err}");
+    }
+
+    /// A TOML beside a preset's file (say, to squash instead of crop) keeps the preset's
+    /// normalisation and labels rather than falling back to x/255 and no labels.
+    #[test]
+    fn a_toml_beside_a_preset_changes_only_the_fields_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("mobilenet_v2_imagenet.onnx");
+        std::fs::write(dir.path().join("mobilenet_v2_imagenet.toml"), "resize = 'squash'\n").unwrap();
+        std::fs::write(dir.path().join("imagenet_classes.txt"), "tench\ngoldfish\n").unwrap();
+        let spec = resolve(&model, &vec![-1, 3, 224, 224]).unwrap();
+        assert_eq!(spec.resize, Resize::Squash);
+        assert_eq!((spec.mean.as_slice(), spec.std.as_slice()), (IMAGENET_MEAN.as_slice(), IMAGENET_STD.as_slice()));
+        assert_eq!(spec.labels, Some(vec!["tench".to_string(), "goldfish".to_string()]));
     }
 
     #[test]
