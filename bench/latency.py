@@ -66,8 +66,6 @@ def systems(args) -> dict[str, dict]:
 def produce_command(model: str, brokers: str, topic: str, frames: int, photos: Path, rate: float | None = None,
                     schedule: str | None = None) -> list[str]:
     cmd = sweep.produce_command(model, brokers, topic, frames, photos)
-    if model == "mnist":
-        cmd += ["--repeat", str(-(-frames // 10000))]
     if rate:
         cmd += ["--rate", f"{rate:.1f}"]
     if schedule:
@@ -206,8 +204,9 @@ def plot(out: Path, rows: list[dict], meta: dict) -> list[Path]:
         ax.set_ylabel("latency, ms (produce timestamp -> prediction), log scale")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="best")
+        note = f"\n{meta['note']}" if meta.get("note") else ""
         ax.set_title(f"{MODEL_TITLES.get(model, model)}: latency against load, {meta['workers']} workers, "
-                     f"{meta['machine']['cores']} cores", fontsize=10)
+                     f"{meta['machine']['cores']} cores{note}", fontsize=10)
         fig.tight_layout()
         path = out / f"latency_{model}.png"
         fig.savefig(path, dpi=110)
@@ -245,7 +244,8 @@ def plot(out: Path, rows: list[dict], meta: dict) -> list[Path]:
         a2.set_ylabel("mean batch of its frames")
         a2.set_xlabel(f"seconds (2 s at {meta['burst_high']} %, 2 s at {meta['burst_low']} % of saturation, repeated)")
         a2.grid(alpha=0.3)
-        a1.set_title(f"{MODEL_TITLES.get(model, model)}: bursty input", fontsize=10)
+        a1.set_title(f"{MODEL_TITLES.get(model, model)}: bursty input"
+                     + (f", {meta['note']}" if meta.get("note") else ""), fontsize=10)
         fig.tight_layout()
         path = out / f"bursty_{model}.png"
         fig.savefig(path, dpi=110)
@@ -256,7 +256,8 @@ def plot(out: Path, rows: list[dict], meta: dict) -> list[Path]:
 
 def tables(rows: list[dict], meta: dict) -> str:
     lines = [f"{meta['started']}, {meta['machine']['cpu']} ({meta['machine']['cores']} cores), {meta['broker']}, "
-             f"{meta['workers']} workers; command `{meta['command']}`.", ""]
+             f"{meta['workers']} workers; command `{meta['command']}`."
+             + (f" {meta['note'][0].upper()}{meta['note'][1:]}." if meta.get("note") else ""), ""]
     for model in sorted({r["model"] for r in rows}, key=lambda m: m != "mnist"):
         lines += [f"**{MODEL_TITLES.get(model, model)}**", "",
                   "| system | cell | offered/s | img/s | p50 | p95 | p99 | max ms | mean batch | worker CPU cores "
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burst-cycles", type=int, default=3)
     p.add_argument("--photos", type=Path, default=ROOT.parent / "shared/assets/images")
     p.add_argument("--brokers", help="a Kafka cluster to use (default: a local Tansu broker, in memory)")
+    p.add_argument("--address", help="a Ray cluster to join (default: a local one, on this machine's cores)")
+    p.add_argument("--note", help="what sets this run apart (e.g. the network), for run.json and the charts' titles")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/latency")
     p.add_argument("--plot-only", action="store_true", help="redraw charts and tables from --out")
     args = p.parse_args(argv)
@@ -319,10 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": " ".join([".venv/bin/python", "bench/latency.py", *sys.argv[1:]]),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(), "workers": args.workers,
             "partitions": args.partitions, "seconds": args.seconds, "burst_high": args.burst_high,
-            "burst_low": args.burst_low, "systems": {s: all_systems[s] for s in chosen}}
+            "burst_low": args.burst_low, "systems": {s: all_systems[s] for s in chosen}, "note": args.note}
     broker, brokers, meta["broker"] = start_broker(args.brokers)
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             object_store_memory=256 * 2**20)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                 object_store_memory=256 * 2**20)
     run_id = str(int(began))
     rows = []
     try:

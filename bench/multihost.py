@@ -3,13 +3,15 @@
     .venv/bin/python bench/multihost.py                       # 1 Gbps links, about 2 minutes here
     .venv/bin/python bench/multihost.py --link-gbit 0         # the same hosts, links unshaped
     .venv/bin/python bench/multihost.py --link-gbit 0.02 --models mnist   # a link that binds
+    .venv/bin/python bench/multihost.py --bench latency       # latency at paced rates instead
 
 Three hosts made of Linux namespaces (crates/kafray-py/tests/hosts.py; needs root): the broker on
 one, the Ray head and the sweep's driver on another, a second Ray node on the third, each with its
 own address and its own /tmp. With --link-gbit G, every host's link is shaped with `tc` (token
 bucket, G Gbit/s each way out of a host), so every frame and every prediction crosses a G Gbit/s
-link. Then `bench/sweep.py --address HEAD --brokers BROKER --systems kafray` runs on the head host.
-Results go to --out (the sweep's files, plus hosts.json with the hosts and the shaping).
+link. Then `bench/sweep.py --address HEAD --brokers BROKER --systems kafray` (or, with --bench
+latency, `bench/latency.py` with kafray's default batching) runs on the head host. Results go to
+--out (the benchmark's files, plus hosts.json with the hosts and the shaping).
 """
 from __future__ import annotations
 
@@ -30,15 +32,18 @@ VENV = ROOT / ".venv" / "bin"
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--link-gbit", type=float, default=1.0, help="shape each host's link to this (0: no shaping)")
+    p.add_argument("--bench", choices=("sweep", "latency"), default="sweep",
+                   help="throughput against workers and batch size, or latency at paced rates (2 workers)")
     p.add_argument("--models", default="mnist,mobilenet_v2")
-    p.add_argument("--workers", default="1,2")
-    p.add_argument("--batches", default="10,40")
-    p.add_argument("--frames", type=int, help="frames per cell (default: the sweep's, per model)")
+    p.add_argument("--workers", default="1,2", help="the sweep's worker counts")
+    p.add_argument("--batches", default="10,40", help="the sweep's batch sizes")
+    p.add_argument("--frames", type=int, help="the sweep's frames per cell (default: its own, per model)")
     p.add_argument("--out", type=Path, help="results folder; under /tmp only inside the checkout (each host has "
                    "its own /tmp) (default: bench/results/multihost-<G>gbit, or multihost-unshaped)")
     args = p.parse_args()
-    args.out = (args.out or ROOT / "bench" / "results" / (
-        f"multihost-{args.link_gbit:g}gbit" if args.link_gbit > 0 else "multihost-unshaped")).resolve()
+    link_name = f"{args.link_gbit:g}gbit" if args.link_gbit > 0 else "unshaped"
+    prefix = "multihost" if args.bench == "sweep" else "multihost-latency"
+    args.out = (args.out or ROOT / "bench" / "results" / f"{prefix}-{link_name}").resolve()
     if args.out.is_relative_to("/tmp") and not args.out.is_relative_to(ROOT.parent):
         p.error(f"--out {args.out}: the sweep runs on a host with its own /tmp, so its files would be lost; "
                 "give a folder outside /tmp or inside the checkout")
@@ -58,13 +63,16 @@ def main() -> int:
             broker = start_broker_and_ray(h, str(VENV))
         except RuntimeError as e:
             sys.exit(str(e))
-        sweep = h.run("head", [str(VENV / "python"), str(ROOT / "bench" / "sweep.py"), "--address",
-                               f"{h.ip['head']}:6379", "--brokers", broker, "--systems", "kafray",
-                               "--models", args.models, "--workers", args.workers, "--batches", args.batches,
-                               *(["--frames", str(args.frames)] if args.frames is not None else []), "--out", str(args.out),
-                               "--note", f"3 namespace hosts, {link}"],
+        cluster = ["--address", f"{h.ip['head']}:6379", "--brokers", broker, "--models", args.models,
+                   "--out", str(args.out), "--note", f"3 namespace hosts, {link}"]
+        if args.bench == "sweep":
+            command = ["sweep.py", *cluster, "--systems", "kafray", "--workers", args.workers,
+                       "--batches", args.batches, *(["--frames", str(args.frames)] if args.frames is not None else [])]
+        else:
+            command = ["latency.py", *cluster, "--systems", "kafray"]
+        bench = h.run("head", [str(VENV / "python"), str(ROOT / "bench" / command[0]), *command[1:]],
                       env=RAY_ENV, cwd=str(ROOT))
-        code = sweep.wait()
+        code = bench.wait()
         # What crossed each host's shaped link (sent bytes, drops, overlimits).
         qdiscs = {n: subprocess.run(["ip", "netns", "exec", h.ns[n], "tc", "-s", "qdisc", "show", "dev", "eth0"],
                                     capture_output=True, text=True).stdout for n in h.names}
