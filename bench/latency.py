@@ -37,8 +37,8 @@ import ray
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import sweep  # noqa: E402
-from sweep import (CLI, ROOT, Pool, cpu_seconds, create_topics, machine, machine_busy, read_csv, start_broker,
-                   write_csv)  # noqa: E402
+from sweep import (CLI, ROOT, Pool, connect_ray, cpu_seconds, create_topics, machine, machine_busy,  # noqa: E402
+                   read_csv, start_broker, write_csv)
 
 if __name__ != "__main__":
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -324,11 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             "partitions": args.partitions, "seconds": args.seconds, "burst_high": args.burst_high,
             "burst_low": args.burst_low, "systems": {s: all_systems[s] for s in chosen}, "note": args.note}
     broker, brokers, meta["broker"] = start_broker(args.brokers)
-    if args.address:
-        ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
-    else:
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                 object_store_memory=256 * 2**20)
+    ours = connect_ray(args.address, args.workers)
     run_id = str(int(began))
     rows = []
     try:
@@ -337,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += run_system(model, name, all_systems[name], args, run_id, brokers)
                 write_csv(args.out / "cells.csv", rows)
     finally:
-        ray.shutdown()
+        if ours:
+            ray.shutdown()
         if broker is not None:
             broker.stop()
     meta["seconds_total"] = round(time.time() - began, 1)

@@ -166,6 +166,20 @@ def start_broker(given: str | None):
     return broker, broker.bootstrap, "local Tansu (nisshi), in-memory storage"
 
 
+def connect_ray(address: str | None, cpus: int) -> bool:
+    """Joins the Ray cluster at `address`, or starts one here with `cpus` CPUs. Returns whether
+    this run connected (and so disconnects at the end): a caller (a test, a notebook) that is
+    connected already keeps its cluster."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                 object_store_memory=256 * 2**20)
+    return True
+
+
 def create_topics(brokers: str, names: list[tuple[str, int]]) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -569,14 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "raw.csv", raw)
 
     broker, brokers, meta["broker"] = start_broker(args.brokers)
-    ours = not ray.is_initialized()
-    if not ours:
-        pass  # a caller (a test, a notebook) is connected already: use that cluster, leave it up
-    elif args.address:
-        ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
-    else:
-        ray.init(num_cpus=max(workers), include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                 object_store_memory=256 * 2**20)
+    ours = connect_ray(args.address, max(workers))
     meta["ray_cpus"] = ray.cluster_resources().get("CPU")
     run_id = str(int(began))
     rows = []

@@ -1,5 +1,6 @@
-"""The benchmark suite (bench/): the Python peer is a correct at-least-once consumer, and the sweep
-measures every cell of both systems and writes its CSVs and charts."""
+"""The benchmark suite (bench/): the Python peer is a correct at-least-once consumer, the sweep
+measures every cell of both systems and writes its CSVs and charts, and the latency benchmark
+measures every paced and bursty cell."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +9,7 @@ import sys
 from conftest import REPO, evaluate, produce_mnist, wait_for
 
 sys.path.insert(0, str(REPO / "bench"))
+import latency  # noqa: E402
 import peer  # noqa: E402
 import sweep  # noqa: E402
 
@@ -96,3 +98,24 @@ def test_sweep_measures_both_systems_against_the_raw_limit(ray_cluster, tmp_path
     (out / "ratios.png").unlink()
     assert sweep.main(["--plot-only", "--out", str(out)]) == 0
     assert (out / "ratios.png").is_file()
+
+
+def test_latency_measures_every_cell_and_every_frame_is_predicted_once(ray_cluster, tmp_path):
+    out = tmp_path / "latency"
+    code = latency.main(["--models", "mnist", "--systems", "kafray", "--seconds", "1", "--burst-cycles", "1",
+                         "--address", ray_cluster, "--out", str(out)])
+    assert code == 0
+    with open(out / "cells.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["kind"], r["load"]) for r in rows] == [("saturation", "1.0"), *(("paced", str(x)) for x in latency.LOADS),
+                                                      ("bursty", "1.5")]
+    for r in rows:
+        assert int(r["distinct"]) == int(r["frames"]) and int(r["duplicates"]) == 0, r
+        assert float(r["accuracy"]) >= 0.98, r
+        assert 0 < float(r["latency_ms_p50"]) <= float(r["latency_ms_p99"]) <= float(r["latency_ms_max"]), r
+        assert float(r["infer_ms"]) > 0 and float(r["fetch_ms"]) >= 0, r
+    paced = [r for r in rows if r["kind"] == "paced"]
+    assert [float(r["offered_per_s"]) for r in paced] == sorted(float(r["offered_per_s"]) for r in paced)
+    for chart in ("latency_mnist.png", "bursty_mnist.png"):
+        data = (out / chart).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, chart
