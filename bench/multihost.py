@@ -1,4 +1,4 @@
-"""The sweep across hosts joined by shaped links: the paper's 1 Gbps network, emulated.
+"""The benchmarks across hosts joined by shaped links: the paper's 1 Gbps network, emulated.
 
     .venv/bin/python bench/multihost.py                       # 1 Gbps links, about 2 minutes here
     .venv/bin/python bench/multihost.py --link-gbit 0         # the same hosts, links unshaped
@@ -39,13 +39,13 @@ def main() -> int:
     p.add_argument("--batches", default="10,40", help="the sweep's batch sizes")
     p.add_argument("--frames", type=int, help="the sweep's frames per cell (default: its own, per model)")
     p.add_argument("--out", type=Path, help="results folder; under /tmp only inside the checkout (each host has "
-                   "its own /tmp) (default: bench/results/multihost-<G>gbit, or multihost-unshaped)")
+                   "its own /tmp) (default: bench/results/multihost[-latency]-<G>gbit, or -unshaped)")
     args = p.parse_args()
     link_name = f"{args.link_gbit:g}gbit" if args.link_gbit > 0 else "unshaped"
     prefix = "multihost" if args.bench == "sweep" else "multihost-latency"
     args.out = (args.out or ROOT / "bench" / "results" / f"{prefix}-{link_name}").resolve()
     if args.out.is_relative_to("/tmp") and not args.out.is_relative_to(ROOT.parent):
-        p.error(f"--out {args.out}: the sweep runs on a host with its own /tmp, so its files would be lost; "
+        p.error(f"--out {args.out}: the benchmark runs on a host with its own /tmp, so its files would be lost; "
                 "give a folder outside /tmp or inside the checkout")
     if (why := missing()):
         sys.exit(f"multihost: {why}")
