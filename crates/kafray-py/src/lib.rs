@@ -322,6 +322,12 @@ fn file_result<'py>(py: Python<'py>, result: &FileResult) -> PyResult<Bound<'py,
     Ok(d)
 }
 
+/// The labels file beside an MNIST image shard (MNIST's naming), or an error saying why there is none.
+#[pyfunction]
+fn mnist_shard_labels(images: PathBuf) -> PyResult<String> {
+    files::shard_labels(&images).map(|p| p.display().to_string()).map_err(to_py)
+}
+
 /// Writes `files` MNIST shards of `per_file` digits each from an IDX image/label pair into `out_dir`;
 /// returns the image files' paths (each has its labels file beside it).
 #[pyfunction]
@@ -384,7 +390,6 @@ fn raw_limit<'py>(
     Ok(d)
 }
 
-/// Resolves a model name (`mnist`, `mobilenet_v2`, ...) or path to the absolute path of its file.
 /// The files a model needs beside its `.onnx` (its TOML, its labels), relative to its folder.
 #[pyfunction]
 fn model_companions(path: PathBuf) -> PyResult<Vec<String>> {
@@ -393,6 +398,7 @@ fn model_companions(path: PathBuf) -> PyResult<Vec<String>> {
         .map_err(to_py)
 }
 
+/// Resolves a model name (`mnist`, `mobilenet_v2`, ...) or path to the absolute path of its file.
 #[pyfunction]
 fn find_model(name: &str) -> PyResult<String> {
     let path = kafray_tools::layout::find_model(name).map_err(to_py)?;
@@ -462,6 +468,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_mnist_shards, m)?)?;
     m.add_function(wrap_pyfunction!(find_model, m)?)?;
     m.add_function(wrap_pyfunction!(model_companions, m)?)?;
+    m.add_function(wrap_pyfunction!(mnist_shard_labels, m)?)?;
     m.add_function(wrap_pyfunction!(raw_limit, m)?)?;
     m.add("WORKER_CONFIG_FIELDS", WorkerConfig::field_names())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -89,7 +89,7 @@ fn classify_images(
 }
 
 /// The labels file of an IDX image shard, or why it is not a shard.
-fn shard_labels(images: &Path) -> Result<PathBuf> {
+pub fn shard_labels(images: &Path) -> Result<PathBuf> {
     labels_path_for(images).filter(|p| p.is_file()).ok_or_else(|| {
         Error::Config(format!(
             "{}: not a PNG or JPEG image, and no labels file beside it (an MNIST shard `NAME-images-idx3-ubyte[.gz]` \

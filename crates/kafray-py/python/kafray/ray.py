@@ -40,7 +40,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import kafray
-from kafray import batch, shipping
+from kafray import _native, batch, shipping
 from kafray.autoscale import DOWNSCALE_DELAY_S, UPSCALE_DELAY_S, LagAutoscaler, parse_bounds
 
 NAMESPACE = "kafray"
@@ -240,8 +240,7 @@ class Deployment:
         config["model"] = kafray.find_model(config.get("model", "mnist"))
         shipped = shipping.bundle(config["model"])
         config.setdefault("status_interval_s", 5)
-        d = cls(name, config, num_cpus, num_gpus, detached, max_restarts,
-                {"digest": shipped.digest, "entry": shipped.entry})
+        d = cls(name, config, num_cpus, num_gpus, detached, max_restarts, shipped.key)
         existing = [n for n in ray.util.list_named_actors() if n.startswith(f"{name}-worker-")]
         if existing:
             raise ValueError(f"a deployment named {name!r} is running ({len(existing)} actors): "
@@ -600,7 +599,7 @@ class DeploymentController:
     def update(self, changes: dict, shipped: shipping.Bundle | None) -> dict:
         if shipped is not None:
             self.add_model(shipped)
-        model = {"digest": shipped.digest, "entry": shipped.entry} if shipped else None
+        model = shipped.key if shipped else None
         with self.lock:
             return self.deployment._roll(changes, model)
 
@@ -633,8 +632,7 @@ def ship_shards(paths: list[str]) -> list:
     for p in paths:
         with open(p, "rb") as f:
             images = f.read()
-        folder, name = os.path.split(p)  # MNIST's naming: x-images-idx3-ubyte -> x-labels-idx1-ubyte
-        with open(os.path.join(folder, name.replace("images-idx3", "labels-idx1")), "rb") as f:
+        with open(_native.mnist_shard_labels(p), "rb") as f:
             labels = f.read()
         refs.append(ray.put((os.path.basename(p), images, labels)))
     return refs

@@ -26,6 +26,11 @@ class Bundle:
     entry: str  # the .onnx file's name inside the bundle
     files: dict[str, bytes]
 
+    @property
+    def key(self) -> dict:
+        """What a worker needs to find the model in its host's cache: {"digest", "entry"}."""
+        return {"digest": self.digest, "entry": self.entry}
+
 
 def digest_of(files: dict[str, bytes]) -> str:
     h = hashlib.sha256()
