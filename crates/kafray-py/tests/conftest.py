@@ -49,6 +49,16 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.5):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def actor_ready(actor) -> dict | None:
+    """The actor's ready() answer, or None while it is dead or restarting."""
+    import ray
+
+    try:
+        return ray.get(actor.ready.remote(), timeout=5)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
+
+
 def evaluate(brokers: str, expect: int, timeout: int = 180) -> dict:
     out = kafray_cli("eval", "--brokers", brokers, "--topic", "predictions", "--expect", str(expect),
                      "--timeout", str(timeout), "--json", timeout=timeout + 60)

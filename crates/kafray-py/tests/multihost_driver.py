@@ -6,11 +6,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import ray
 
 import kafray
+from conftest import actor_ready, wait_for
 from kafray import ray as kray
 
 head, broker, repo = sys.argv[1:4]
@@ -33,32 +33,16 @@ producer = subprocess.Popen([cli, "produce", "mnist", "--brokers", broker, "--li
                              "--partitions", "4", "-q"], cwd=repo)
 
 
-def wait(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (value := check()):
-            return value
-        time.sleep(0.5)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-wait(lambda: d.stats()["predicted"] > 500, 90, "the first predictions")
+wait_for(lambda: d.stats()["predicted"] > 500, 90, "the first predictions")
 # Kill the worker on the other host (same PID namespace: the pid is valid here).
 other = next(i for i, p in placed.items() if ips[p["node_id"]] != head)
 os.kill(placed[other]["pid"], signal.SIGKILL)
 
 
-def restarted():
-    try:
-        r = ray.get(d.actors[other].ready.remote(), timeout=5)
-        return r if r["pid"] != placed[other]["pid"] else None
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return None
-
-
-again = wait(restarted, 120, "Ray to restart the killed worker")
+again = wait_for(lambda: (r := actor_ready(d.actors[other])) and r["pid"] != placed[other]["pid"] and r, 120,
+             "Ray to restart the killed worker")
 d.scale(3)
-wait(lambda: all(w.get("assigned_partitions", 0) > 0 for w in d.workers()), 90, "3 workers to own partitions")
+wait_for(lambda: all(w.get("assigned_partitions", 0) > 0 for w in d.workers()), 90, "3 workers to own partitions")
 d.scale(2)  # room for the update's extra worker (2 hosts x 2 CPUs)
 update = d.update(model="/tmp/models/digits_v2.onnx")
 d.workers()  # the controller replaced the workers: refresh them by name

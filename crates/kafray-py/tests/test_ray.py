@@ -7,7 +7,7 @@ import time
 import pytest
 import ray
 
-from conftest import evaluate, produce_mnist, produce_photos, wait_for
+from conftest import actor_ready, evaluate, produce_mnist, produce_photos, wait_for
 from kafray import ray as kray
 
 
@@ -299,20 +299,13 @@ def test_a_model_reaches_the_workers_through_ray_not_through_a_shared_path(ray_c
     shutil.rmtree(folder)
     victim = d.actors[0]
     os.kill(placed[0]["pid"], signal.SIGKILL)
-    wait_for(lambda: (r := _ready(victim)) and r["pid"] != placed[0]["pid"], 90, "Ray to restart the worker")
+    wait_for(lambda: (r := actor_ready(victim)) and r["pid"] != placed[0]["pid"], 90, "Ray to restart the worker")
     assert produce_mnist(broker, 1000).wait(120) == 0
     report = evaluate(broker, 1000)
     assert report["distinct_frames"] == 1000 and report["accuracy"] >= 0.98, report
     assert report["per_model"] == {"digits": report["predictions"]}, report["per_model"]
     label = kafray_cli_prediction_label(broker)
     assert label in names, label
-
-
-def _ready(actor):
-    try:
-        return ray.get(actor.ready.remote(), timeout=5)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return None
 
 
 def kafray_cli_prediction_label(broker: str) -> str:
