@@ -134,10 +134,16 @@ struct WorkerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     top_k: Option<usize>,
-    /// Frames in flight before polling pauses (backpressure) [default: 1000].
+    /// Frames in flight before polling waits (backpressure) [default: 1000].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_in_flight: Option<usize>,
+    /// Seconds an owned partition with lag may go without progress (while backpressure is not
+    /// holding) before it counts as stalled: logged, counted, /healthz fails; 0 turns the
+    /// watchdog off [default: 30].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stall_after_s: Option<u64>,
     /// Seconds between status lines, 0 for none [default: 5].
     #[arg(long)]
     #[serde(rename = "status_interval_s", skip_serializing_if = "Option::is_none")]
@@ -146,8 +152,8 @@ struct WorkerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     worker_id: Option<String>,
-    /// Serve Prometheus metrics at http://ADDR/metrics; port 0 picks a free one (logged), "" turns
-    /// it off [default: 127.0.0.1:9464].
+    /// Serve Prometheus metrics at http://ADDR/metrics and the probes /healthz and /readyz; port
+    /// 0 picks a free one (logged), "" turns it off [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_addr: Option<String>,
@@ -308,6 +314,8 @@ mod tests {
             "3",
             "--max-in-flight",
             "9",
+            "--stall-after-s",
+            "7",
             "--status-interval",
             "1",
             "--worker-id",
@@ -327,7 +335,7 @@ mod tests {
         named.sort();
         assert_eq!(named, WorkerConfig::field_names(), "flags (left) against WorkerConfig's fields (right)");
         let c = args.to_config().unwrap();
-        assert_eq!((c.batch_size, c.status_interval_s, c.create_topics), (3, 1, Some(2)));
+        assert_eq!((c.batch_size, c.status_interval_s, c.create_topics, c.stall_after_s), (3, 1, Some(2), 7));
         assert_eq!(c.device, "auto");
         assert_eq!(c.kafka, vec![("linger.ms".to_string(), "1".to_string())]);
     }

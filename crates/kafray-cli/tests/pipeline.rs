@@ -572,3 +572,115 @@ fn frames_the_model_rejects_are_dead_lettered_and_the_stream_goes_on() {
         assert_eq!(d.value.len(), 784, "the frame itself is kept");
     }
 }
+
+fn memory_broker() -> kafray_tools::broker::EmbeddedBroker {
+    kafray_tools::broker::EmbeddedBroker::start_with(kafray_tools::broker::Storage::Memory)
+        .expect("start the local broker (run `bash scripts/setup.sh` first)")
+}
+
+/// Reaching the in-flight bound costs latency, not throughput: with 20 in flight the worker
+/// still drains a backlog at model speed. It used to pause and resume its partitions at every
+/// hold; each resume dropped librdkafka's prefetched frames and waited for the fetcher's next
+/// 1 s tick, so 2,000 digits took about 80 s (25 frames/s). bench/backpressure.py measures it.
+#[test]
+fn a_small_in_flight_bound_drains_a_backlog_at_model_speed() {
+    let broker = memory_broker();
+    let b = broker.bootstrap();
+    let n = 2000;
+    run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "4", "--limit", &n.to_string(), "-q"]));
+    let worker = WorkerProcess::start(
+        &b,
+        "w-small-bound",
+        &["--max-in-flight", "20", "--batch-size", "10", "--create-topics", "4"],
+    );
+    // A generous deadline: the drain takes a few seconds; the old pause-resume cycle took 80.
+    let report = eval(&b, "predictions", n, 40);
+    let (clean, log) = worker.stop();
+    assert!(clean, "{log}");
+    assert_eq!(report["distinct_frames"], n, "{report:#}\n{log}");
+    assert_eq!(report["duplicates"], 0, "{report:#}");
+}
+
+/// librdkafka keeps an application's pause on a partition across a revoke and a re-assignment.
+/// A worker under backpressure while a second member joins and leaves gets its partitions back;
+/// each must flow, however it was paused before, down to a slow trickle afterwards.
+#[test]
+fn partitions_given_back_after_a_rebalance_under_backpressure_all_flow() {
+    let broker = memory_broker();
+    let b = broker.bootstrap();
+    let burst = 3000;
+    run_ok(&mut kafray(&[
+        "produce",
+        "mnist",
+        "--brokers",
+        &b,
+        "--partitions",
+        "4",
+        "--limit",
+        &burst.to_string(),
+        "-q",
+    ]));
+    let bound = ["--max-in-flight", "20", "--batch-size", "10", "--create-topics", "4"];
+    let mut first = WorkerProcess::start(&b, "w-held", &bound);
+    first.wait_for("partitions assigned", Duration::from_secs(60));
+    let mut second = WorkerProcess::start(&b, "w-passing", &bound);
+    second.wait_for("partitions assigned", Duration::from_secs(60));
+    let (clean, log) = second.stop();
+    assert!(clean, "{log}");
+    // Light load now: a trickle on every partition.
+    let trickle = 40;
+    let mut producer = kafray(&[
+        "produce",
+        "mnist",
+        "--brokers",
+        &b,
+        "--limit",
+        &trickle.to_string(),
+        "--rate",
+        "10",
+        "--round-robin",
+        "-q",
+    ])
+    .spawn()
+    .unwrap();
+    assert!(producer.wait().unwrap().success());
+    let report = eval(&b, "predictions", burst + trickle, 90);
+    let (clean, log) = first.stop();
+    assert!(clean, "{log}");
+    assert_eq!(report["distinct_frames"], burst + trickle, "{report:#}\n{log}");
+}
+
+/// The very first frame a worker sees is one its model cannot take: a real ONNX graph (the MNIST
+/// CNN plus a Gather that ONNX Runtime refuses for an all-white image; see
+/// tests/models/make_white_poison.py). The model's warm-up at load is the canary, so the frame
+/// is dead-lettered rather than taken for a broken model (which stopped the worker on every restart).
+#[test]
+fn a_poison_frame_that_comes_first_is_dead_lettered_by_a_real_model() {
+    let broker = broker();
+    let b = broker.bootstrap();
+    let model = repo_root().join("crates/kafray-cli/tests/models/white_poison_digits.onnx");
+    let admin: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
+    kafray::admin::ensure_topics(&b, &[("frames", 1)], &[]).unwrap();
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: "kafray.format", value: Some("raw") })
+        .insert(Header { key: "kafray.shape", value: Some("28x28x1") });
+    let white = vec![255u8; 784];
+    admin.send(BaseRecord::to("frames").key("white").payload(&white).headers(headers)).unwrap();
+    admin.flush(Duration::from_secs(10)).unwrap();
+    run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--limit", "50", "-q"]));
+    let worker = WorkerProcess::start(
+        &b,
+        "w-first-poison",
+        &["--model", model.to_str().unwrap(), "--batch-size", "1", "--create-topics", "1"],
+    );
+    let report = eval(&b, "predictions", 50, 60);
+    let dead = read_topic(&b, "frames.dlq", 1, Duration::from_secs(30));
+    let (clean, log) = worker.stop();
+    assert!(clean, "the worker goes on after the poison frame:\n{log}");
+    assert_eq!(report["distinct_frames"], 50, "{report:#}\n{log}");
+    assert_eq!(dead.len(), 1, "{log}");
+    assert_eq!(dead[0].key.as_deref(), Some("white"));
+    let error = dead[0].header("kafray.error").unwrap();
+    assert!(error.contains("the model failed on this frame") && error.contains("out of data bounds"), "{error}");
+}

@@ -1,7 +1,8 @@
 //! `kafray._native`: the Rust engine seen from Python. A [`Worker`] runs one consumer-group member
 //! on native threads (the GIL is released while it waits); a [`Classifier`] classifies files for
 //! the batch study. The Python package (`python/kafray`) wraps both.
-use kafray::metrics::{Metrics, Snapshot};
+use kafray::exporter::MetricsServer;
+use kafray::metrics::{Health, Metrics, Snapshot};
 use kafray::model::Model;
 use kafray::{Error, ErrorKind, WorkerConfig};
 use kafray_tools::broker::Storage;
@@ -43,10 +44,17 @@ struct Worker {
     state: Mutex<State>,
 }
 
+/// How long `stop()` waits by default, and a dropped worker at most: its drain is bounded by
+/// the worker itself (30 s for acknowledgements, then a commit), so this is ample.
+const STOP_WAIT: Duration = Duration::from_secs(120);
+
 #[derive(Default)]
 struct State {
     /// `start` is loading the model (outside this lock).
     starting: bool,
+    /// `/metrics`, `/healthz` and `/readyz`, from `start` until the Worker is dropped: the
+    /// probes go on answering (failed) after the worker thread ended.
+    metrics_server: Option<MetricsServer>,
     thread: Option<JoinHandle<kafray::Result<Snapshot>>>,
     started: Option<Instant>,
     /// Where the model runs (`auto` resolved), once loaded.
@@ -92,7 +100,8 @@ impl Worker {
         })
     }
 
-    /// Loads the model (so a bad model fails here), then joins the group on a native thread.
+    /// Serves the metrics and probes, loads and warms the model (so a bad model fails here),
+    /// then joins the group on a native thread.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         {
             let mut state = self.state.lock().unwrap();
@@ -100,6 +109,7 @@ impl Worker {
                 return Err(PyRuntimeError::new_err("a Worker starts once; create a new one to start again"));
             }
             state.starting = true;
+            state.metrics_server = kafray::worker::serve_metrics(&self.config, &self.metrics);
         }
         // The model loads without the GIL and without the state lock: a `stats()` call meanwhile
         // holds the GIL and takes that lock, so holding it here would deadlock.
@@ -109,7 +119,15 @@ impl Worker {
         });
         let mut state = self.state.lock().unwrap();
         state.starting = false;
-        let model = loaded.map_err(to_py)?;
+        let model = match loaded {
+            Ok(model) => model,
+            Err(e) => {
+                let why = e.to_string();
+                self.metrics.set_state(kafray::metrics::WorkerState::Failed, Some(why.clone()));
+                state.outcome = Some(Err(why));
+                return Err(to_py(e));
+            }
+        };
         state.device = Some(model.device.to_string());
         let (stop, metrics) = (self.stop.clone(), self.metrics.clone());
         let thread = std::thread::Builder::new()
@@ -122,20 +140,33 @@ impl Worker {
     }
 
     /// Asks the worker to finish: last batch, flush, commit, leave the group. Waits up to
-    /// `timeout` seconds (forever when None) and returns the final stats; raises if it failed.
+    /// `timeout` seconds (None: 120 s, well past the worker's own bound on its drain) and returns
+    /// the final stats; raises if it failed, or if it is still finishing then. Ctrl-C (any
+    /// Python signal handler that raises) interrupts the wait; the worker goes on stopping.
     #[pyo3(signature = (timeout=None))]
     fn stop<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyDict>> {
         self.stop.store(true, Relaxed);
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
-        py.detach(|| loop {
-            let mut state = self.state.lock().unwrap();
-            state.reap();
-            if state.thread.is_none() || deadline.is_some_and(|d| Instant::now() >= d) {
+        let waited = timeout.map_or(STOP_WAIT, |t| Duration::from_secs_f64(t.max(0.0)));
+        let deadline = Instant::now() + waited;
+        loop {
+            let finished = py.detach(|| {
+                let slice = Instant::now() + Duration::from_millis(100);
+                loop {
+                    let mut state = self.state.lock().unwrap();
+                    state.reap();
+                    let now = Instant::now();
+                    if state.thread.is_none() || now >= deadline || now >= slice {
+                        return state.thread.is_none();
+                    }
+                    drop(state);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            if finished || Instant::now() >= deadline {
                 break;
             }
-            drop(state);
-            std::thread::sleep(Duration::from_millis(20));
-        });
+            py.check_signals()?;
+        }
         let stats = self.stats(py)?;
         let state = self.state.lock().unwrap();
         match &state.outcome {
@@ -143,7 +174,7 @@ impl Worker {
             _ if state.thread.is_some() => Err(PyRuntimeError::new_err(format!(
                 "worker {} did not stop within {:.1} s; it is still finishing",
                 self.worker_id,
-                timeout.unwrap_or_default()
+                waited.as_secs_f64()
             ))),
             _ => Ok(stats),
         }
@@ -165,7 +196,10 @@ impl Worker {
     /// Counters since start: consumed, predicted, dead_lettered, dead_letter_fallbacks (dead
     /// letters without their value), delivery_failures, restarts (after undelivered results),
     /// device (where the model runs, `auto` resolved),
-    /// joined (the group gave it an assignment), metrics_endpoint (`host:port` or None),
+    /// state (starting, ready, degraded, draining, failed, stopped), state_reason (why it is
+    /// degraded or failed), stalled_partitions (owned partitions with lag and no progress for
+    /// stall_after_s), partition_stalls (times one was found stalled),
+    /// joined (a member of the group now), metrics_endpoint (`host:port` or None),
     /// latency_ms_counts ((ms, count) per latency histogram bucket, to merge over workers),
     /// consume_errors, assigned_partitions,
     /// rebalances (assignment changes), batches, mean_batch, lag,
@@ -174,18 +208,20 @@ impl Worker {
     /// batch_limit: the batching policy's limit now, and frame_us: µs summed over acknowledged
     /// predictions of each part of a frame's path (frames, fetch, decode, queue, infer, ack).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let mut state = self.state.lock().unwrap();
-        state.reap();
-        let s = match &state.outcome {
-            Some(Ok(last)) => *last,
-            _ => self.metrics.snapshot(),
-        };
+        // A copy under the lock; the Python objects are built after it is released, so a slow
+        // interpreter never holds up the worker's own use of the state.
+        let view = self.view();
+        let s = view.snapshot;
         let d = PyDict::new(py);
         d.set_item("worker_id", &self.worker_id)?;
-        d.set_item("device", &state.device)?;
-        d.set_item("running", state.thread.is_some())?;
-        d.set_item("error", state.outcome.as_ref().and_then(|o| o.as_ref().err()))?;
-        d.set_item("uptime_s", state.started.map_or(0.0, |t| t.elapsed().as_secs_f64()))?;
+        d.set_item("device", view.device)?;
+        d.set_item("running", view.running)?;
+        d.set_item("error", view.error)?;
+        d.set_item("uptime_s", view.uptime_s)?;
+        d.set_item("state", view.health.state.as_str())?;
+        d.set_item("state_reason", view.health.reason)?;
+        d.set_item("stalled_partitions", view.stalled_partitions)?;
+        d.set_item("partition_stalls", self.metrics.partition_stalls.load(Relaxed))?;
         d.set_item("consumed", s.consumed)?;
         d.set_item("predicted", s.predicted)?;
         d.set_item("dead_lettered", s.dead_lettered)?;
@@ -229,18 +265,57 @@ impl Worker {
     }
 }
 
+/// What `stats()` reports, copied out of the worker's state at one moment.
+struct View {
+    snapshot: Snapshot,
+    device: Option<String>,
+    running: bool,
+    error: Option<String>,
+    uptime_s: f64,
+    health: Health,
+    stalled_partitions: Vec<i32>,
+}
+
+impl Worker {
+    fn view(&self) -> View {
+        let mut state = self.state.lock().unwrap();
+        state.reap();
+        View {
+            snapshot: match &state.outcome {
+                Some(Ok(last)) => *last,
+                _ => self.metrics.snapshot(),
+            },
+            device: state.device.clone(),
+            running: state.thread.is_some(),
+            error: state.outcome.as_ref().and_then(|o| o.as_ref().err()).cloned(),
+            uptime_s: state.started.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            health: self.metrics.health(),
+            stalled_partitions: self.metrics.stalled_partitions.lock().unwrap().clone(),
+        }
+    }
+}
+
 impl Drop for Worker {
-    /// A worker dropped while running still leaves cleanly: commit what is acknowledged.
+    /// A worker dropped while running still leaves cleanly: commit what is acknowledged. The
+    /// wait is bounded: a worker that does not finish in time is left to end on its own thread.
     fn drop(&mut self) {
         self.stop.store(true, Relaxed);
-        if let Some(thread) = self.state.get_mut().unwrap().thread.take() {
-            // The drain may take seconds: other Python threads run meanwhile. While the
-            // interpreter shuts down there is no GIL to give back, and nothing else to run.
-            let mut thread = Some(thread);
-            Python::try_attach(|py| py.detach(|| thread.take().map(JoinHandle::join)));
-            if let Some(thread) = thread {
-                let _ = thread.join();
+        let Some(thread) = self.state.get_mut().unwrap().thread.take() else { return };
+        let deadline = Instant::now() + STOP_WAIT;
+        let wait = || {
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
             }
+        };
+        // The drain may take seconds: other Python threads run meanwhile. While the
+        // interpreter shuts down there is no GIL to give back, and nothing else to run.
+        if Python::try_attach(|py| py.detach(wait)).is_none() {
+            wait();
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            eprintln!("kafray: worker {} did not stop within {} s; leaving it", self.worker_id, STOP_WAIT.as_secs());
         }
     }
 }
@@ -435,6 +510,12 @@ impl EmbeddedBroker {
     #[getter]
     fn bootstrap(&self) -> &str {
         &self.bootstrap
+    }
+
+    /// The broker's process id while it runs (a test freezes it with SIGSTOP).
+    #[getter]
+    fn pid(&self) -> Option<u32> {
+        self.inner.lock().unwrap().as_ref().and_then(|b| b.pid())
     }
 
     /// Kills the broker (SIGKILL) and starts it again on the same port and storage: with

@@ -270,11 +270,30 @@ def test_cluster_percentiles_come_from_the_merged_histograms():
     assert kray.merged_quantiles([[], []], (0.5, 0.99)) == [0, 0]
 
 
+@pytest.mark.parametrize("kafka", [{"group.instance.id": "cams"},
+                                   [("session.timeout.ms", "6000"), ("group.instance.id", "cams")]])
+def test_one_static_member_id_for_every_actor_is_refused_before_anything_starts(kafka, monkeypatch, capsys):
+    """Each actor is a static member under its own id: one id for all would have them fence one
+    another out of the group. Refused on the driver, before it even connects to Ray."""
+    monkeypatch.setattr(kray, "connect", lambda *a, **kw: pytest.fail("went on to Ray with one id for every actor"))
+    with pytest.raises(ValueError, match="group.instance.id=cams: .*remove it"):
+        kray.Deployment.start(2, kafka=kafka)
+    assert kray.main(["up", "-X", "group.instance.id=cams"]) == 2
+    assert "remove it" in capsys.readouterr().err
+
+
+def test_kafray_ray_up_says_where_the_workers_serve_their_metrics():
+    up = kray.parser()._subparsers._group_actions[0].choices["up"]
+    text = next(a.help for a in up._actions if a.dest == "metrics_addr")
+    assert "loopback" not in text and "node's address" in text, text
+
+
 def test_a_model_reaches_the_workers_through_ray_not_through_a_shared_path(ray_cluster, broker, deployments,
                                                                            tmp_path):
     """The model, its TOML and its labels are read once on the driver and shipped; the workers
     load them from their host's cache, named by content. The driver's copy is deleted once the
-    deployment runs: a worker that Ray restarts afterwards still has the model."""
+    deployment runs, and so is the cache: a worker added then fetches the model through Ray, and
+    a worker that Ray restarts afterwards still has it."""
     import shutil
 
     from kafray import shipping
@@ -297,6 +316,12 @@ def test_a_model_reaches_the_workers_through_ray_not_through_a_shared_path(ray_c
     cached = str(shipping.cache_root() / shipped.digest / "digits.onnx")
     assert {p["model_path"] for p in placed} == {cached}, placed
     shutil.rmtree(folder)
+    # Both nodes here share one HOME, so the controller's copy filled the workers' cache too:
+    # without it, a new worker has only Ray's object store to get the model from.
+    shutil.rmtree(shipping.cache_root() / shipped.digest)
+    d.scale(3)
+    added = ray.get(d.actors[max(d.actors)].ready.remote())
+    assert (added["model_fetched"], added["model_path"]) == ("ray", cached), added
     victim = d.actors[0]
     os.kill(placed[0]["pid"], signal.SIGKILL)
     wait_for(lambda: (r := actor_ready(victim)) and r["pid"] != placed[0]["pid"], 90, "Ray to restart the worker")

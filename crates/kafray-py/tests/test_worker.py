@@ -95,3 +95,91 @@ def test_every_worker_setting_is_offered_by_kafray_ray_up_and_documented():
     assert not [f for f in kafray.WORKER_CONFIG_FIELDS if f"``{f}``" not in kafray.Worker.__doc__]
     with pytest.raises(ValueError, match="unknown field `batchsize`"):
         kafray.Worker(batchsize=10)
+
+
+def _probe(endpoint: str, path: str) -> tuple[int, dict]:
+    """GET a probe with a real HTTP client: (status, the JSON body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}{path}", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_probes_follow_the_worker_from_start_through_a_stall_to_its_stop():
+    """/readyz is 503 while the worker starts and 200 once it is a member; a broker frozen mid-stream
+    (SIGSTOP) stalls every partition, which the watchdog reports: /healthz turns 503 and names them,
+    and turns 200 again once the broker is back. Nothing is lost on the way."""
+    import os
+    import signal
+
+    from conftest import wait_for
+
+    broker = kafray.EmbeddedBroker("memory")
+    try:
+        b = broker.bootstrap
+        worker = kafray.Worker(brokers=b, group="probes", create_topics=4, metrics_addr="127.0.0.1:0",
+                               stall_after_s=2, status_interval_s=1)
+        os.kill(broker.pid, signal.SIGSTOP)  # the worker cannot reach its group yet
+        try:
+            worker.start()
+            endpoint = wait_for(lambda: worker.stats()["metrics_endpoint"], 10, "the metrics endpoint")
+            status, body = _probe(endpoint, "/readyz")
+            assert (status, body["state"]) == (503, "starting"), body
+            assert _probe(endpoint, "/healthz")[0] == 200, "starting is alive"
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        wait_for(lambda: _probe(endpoint, "/readyz")[0] == 200, 60, "/readyz 200 once the worker joined")
+        producer = produce_mnist(b, 3000, rate=200)
+        wait_for(lambda: worker.stats()["predicted"] >= 300, 60, "predictions flowing")
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            status, body = wait_for(lambda: (r := _probe(endpoint, "/healthz"))[0] == 503 and r, 30,
+                                    "/healthz 503 for stalled partitions")
+            assert body["state"] == "degraded" and body["stalled_partitions"], body
+            assert "stalled" in body["reason"], body
+            stats = worker.stats()
+            assert stats["state"] == "degraded" and stats["partition_stalls"] >= 1, stats
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        wait_for(lambda: _probe(endpoint, "/healthz")[0] == 200, 60, "/healthz 200 once the partitions flow again")
+        assert producer.wait(120) == 0
+        report = evaluate(b, 3000)
+        final = worker.stop(timeout=60)
+        assert report["distinct_frames"] == 3000, report
+        assert final["state"] == "stopped", final
+        status, body = _probe(endpoint, "/readyz")
+        assert (status, body["state"]) == (503, "stopped"), body
+    finally:
+        broker.stop()
+
+
+def test_ctrl_c_interrupts_a_stop_that_cannot_finish():
+    """With the broker frozen, the drain cannot finish; stop() must still answer Ctrl-C promptly
+    (it used to wait without bound, deaf to signals)."""
+    code = """
+import os, signal, threading, time, kafray
+broker = kafray.EmbeddedBroker("memory")
+w = kafray.Worker(brokers=broker.bootstrap, group="ctrl-c", create_topics=1, metrics_addr="")
+w.start()
+while not w.stats()["joined"]:
+    time.sleep(0.1)
+os.kill(broker.pid, signal.SIGSTOP)
+sent = []
+try:
+    threading.Timer(1.0, lambda: (sent.append(time.monotonic()), os.kill(os.getpid(), signal.SIGINT))).start()
+    w.stop()
+    print("finished", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", time.monotonic() - sent[0], flush=True)
+finally:
+    os.kill(broker.pid, signal.SIGCONT)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    words = out.stdout.split()
+    assert words and words[0] == "interrupted", out
+    assert float(words[1]) < 5, f"stop() answered Ctrl-C only after {words[1]} s"

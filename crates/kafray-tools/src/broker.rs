@@ -143,6 +143,11 @@ impl EmbeddedBroker {
         self.spawn()
     }
 
+    /// The broker's process id while it runs (to freeze it with SIGSTOP, say).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Keeps the storage folder after drop (for post-mortems).
     pub fn keep_dir(&mut self) {
         self.keep_dir = true;

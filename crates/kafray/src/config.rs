@@ -43,16 +43,23 @@ pub struct WorkerConfig {
     pub device: String,
     /// How many classes each prediction lists in `top`.
     pub top_k: usize,
-    /// Frames polled but not yet acknowledged; polling pauses at this bound (backpressure).
+    /// Frames polled but not yet acknowledged; polling waits at this bound (backpressure), and
+    /// a hold that lasts pauses the partitions.
     pub max_in_flight: usize,
+    /// A partition the worker owns that has lag but got no durable result for this many
+    /// seconds, while backpressure is not holding the worker, is stalled: logged, counted
+    /// (`kafray_partition_stalled`), and the worker is degraded and fails `/healthz`. Backpressure
+    /// held this long also degrades it. 0 turns the watchdog off.
+    pub stall_after_s: u64,
     /// Seconds between status lines; 0 turns them off.
     pub status_interval_s: u64,
     /// Name reported in predictions; default `<hostname>-<pid>`.
     pub worker_id: Option<String>,
     /// librdkafka properties passed through to the consumer and producer (`-X key=value`).
     pub kafka: Vec<(String, String)>,
-    /// Serve Prometheus metrics at `http://<this>/metrics` (`host:port`; port 0 picks a free
-    /// one, logged). Loopback by default; `""` turns the endpoint off.
+    /// Serve Prometheus metrics at `http://<this>/metrics`, and the probes `/healthz` and
+    /// `/readyz` (`host:port`; port 0 picks a free one, logged). Loopback by default; on Ray,
+    /// each actor binds its node's address on a free port. `""` turns the endpoint off.
     pub metrics_addr: String,
     /// At start, create the input and output topics with this many partitions (and the
     /// dead-letter topic with one) where they are missing. Without it a missing input or output
@@ -76,6 +83,7 @@ impl Default for WorkerConfig {
             device: "cpu".into(),
             top_k: 5,
             max_in_flight: 1000,
+            stall_after_s: 30,
             status_interval_s: 5,
             worker_id: None,
             kafka: Vec::new(),

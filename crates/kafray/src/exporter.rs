@@ -4,7 +4,7 @@
 //! Names follow Prometheus' conventions: a `kafray_` prefix, the unit in the name, `_total`
 //! on counters (the encoder adds it), `_seconds` on times.
 use crate::error::{Error, Result};
-use crate::metrics::{DeadLetterReason, Metrics};
+use crate::metrics::{DeadLetterReason, Metrics, WorkerState};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -65,6 +65,11 @@ impl Collector for Live {
             ),
             ("kafray_rebalances", "Rebalances that changed this worker's partitions.", &m.rebalances),
             ("kafray_batches", "Batches given to the model.", &m.batches),
+            (
+                "kafray_partition_stalled",
+                "Times an owned partition was found stalled: lag, and no durable result for stall_after_s.",
+                &m.partition_stalls,
+            ),
         ];
         for (name, help, value) in counters {
             counter(e, name, help, value.load(Relaxed))?;
@@ -87,6 +92,24 @@ impl Collector for Live {
             "Input partitions this worker owns.",
             m.assigned_partitions.load(Relaxed) as i64,
         )?;
+        gauge(
+            e,
+            "kafray_partitions_stalled",
+            "Owned partitions stalled now.",
+            m.stalled_partitions.lock().unwrap().len() as i64,
+        )?;
+        {
+            let state = m.health.lock().unwrap().state;
+            let mut family = e.encode_descriptor(
+                "kafray_worker_state",
+                "1 for the state the worker is in (starting, ready, degraded, draining, failed, stopped), else 0.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for s in WorkerState::ALL {
+                ConstGauge::new(i64::from(s == state)).encode(family.encode_family(&[("state", s.as_str())])?)?;
+            }
+        }
         let lags = m.partition_lag.lock().unwrap().clone();
         let mut family = e.encode_descriptor(
             "kafray_consumer_lag",
@@ -124,7 +147,7 @@ pub fn registry(metrics: Arc<Metrics>, labels: Vec<(String, String)>) -> Registr
     registry
 }
 
-/// Serves `/metrics` on its own thread until dropped.
+/// Serves `/metrics` and the probes on its own thread until dropped.
 pub struct MetricsServer {
     server: Arc<tiny_http::Server>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -132,9 +155,28 @@ pub struct MetricsServer {
     pub addr: String,
 }
 
+/// A probe's answer: 200 or 503, with the state and its reason as a line of JSON.
+fn probe(metrics: &Metrics, ok: impl Fn(WorkerState, bool) -> bool) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
+    let health = metrics.health();
+    let stalled = metrics.stalled_partitions.lock().unwrap().clone();
+    let passed = ok(health.state, !stalled.is_empty());
+    let body = serde_json::json!({
+        "state": health.state.as_str(),
+        "reason": health.reason,
+        "stalled_partitions": stalled,
+        "for_s": health.since.elapsed().as_secs(),
+    });
+    tiny_http::Response::from_string(format!("{body}\n"))
+        .with_status_code(if passed { 200 } else { 503 })
+        .with_header("Content-Type: application/json".parse::<tiny_http::Header>().expect("a valid header"))
+}
+
 impl MetricsServer {
-    /// Listens on `addr` (`host:port`; port 0 picks a free one).
-    pub fn start(addr: &str, registry: Registry) -> Result<Self> {
+    /// Listens on `addr` (`host:port`; port 0 picks a free one). Besides `/metrics` it answers
+    /// the Kubernetes-style probes from `metrics`' health: `/healthz` (liveness: 200 unless the
+    /// worker failed or a partition is stalled) and `/readyz` (readiness: 200 once the model is
+    /// warm and the worker is a member of its group, 503 while starting, draining or stopped).
+    pub fn start(addr: &str, registry: Registry, metrics: Arc<Metrics>) -> Result<Self> {
         let server = tiny_http::Server::http(addr)
             .map_err(|e| Error::Config(format!("--metrics-addr {addr}: cannot listen there: {e}")))?;
         let bound = server.server_addr().to_ip().map_or_else(|| addr.to_string(), |a| a.to_string());
@@ -144,7 +186,8 @@ impl MetricsServer {
             .name("kafray-metrics".into())
             .spawn(move || {
                 for request in serving.incoming_requests() {
-                    let response = match (request.method(), request.url()) {
+                    let path = request.url().split('?').next().unwrap_or_default().to_string();
+                    let response = match (request.method(), path.as_str()) {
                         (tiny_http::Method::Get, "/metrics") => {
                             let mut body = String::new();
                             match prometheus_client::encoding::text::encode(&mut body, &registry) {
@@ -157,9 +200,14 @@ impl MetricsServer {
                                     .with_status_code(500),
                             }
                         }
-                        _ => {
-                            tiny_http::Response::from_string("kafray: metrics are at /metrics\n").with_status_code(404)
+                        (tiny_http::Method::Get, "/healthz") => {
+                            probe(&metrics, |state, stalled| state.live() && !stalled)
                         }
+                        (tiny_http::Method::Get, "/readyz") => probe(&metrics, |state, _| state.ready()),
+                        _ => tiny_http::Response::from_string(
+                            "kafray: metrics are at /metrics, probes at /healthz and /readyz\n",
+                        )
+                        .with_status_code(404),
                     };
                     let _ = request.respond(response);
                 }

@@ -47,6 +47,90 @@ pub struct Metrics {
     pub frame_times: FrameTimers,
     /// Produce timestamp -> acknowledged, ms: since start, and since the last status line.
     latency: Mutex<Option<Latency>>,
+    /// The frame whose delivery failed for good last (partition, offset), if one did.
+    pub delivery_failed_at: Mutex<Option<(i32, i64)>>,
+    /// Per input partition: the next offset stored for commit, and when it last advanced.
+    pub partition_progress: Mutex<std::collections::HashMap<i32, Progress>>,
+    /// Owned partitions stalled now (lag, and no progress for `stall_after_s`).
+    pub stalled_partitions: Mutex<Vec<i32>>,
+    /// Times a partition was found stalled.
+    pub partition_stalls: AtomicU64,
+    /// What the worker is doing, for its status, `/healthz` and `/readyz`.
+    pub health: Mutex<Health>,
+}
+
+/// Where an input partition has got to.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// The next offset to read, as stored for the next commit.
+    pub stored: i64,
+    pub at: std::time::Instant,
+}
+
+/// A worker's state, as Kubernetes-style probes and the controller see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerState {
+    /// Loading and warming the model, joining the group.
+    #[default]
+    Starting,
+    /// The model is loaded and warmed, and the worker is a member of its group.
+    Ready,
+    /// Running, with a problem named in the reason: backpressure held too long, a partition
+    /// stalled, the broker unreachable.
+    Degraded,
+    /// Finishing what is in flight after a stop request.
+    Draining,
+    /// Stopped by an error (the reason names it).
+    Failed,
+    /// Stopped cleanly.
+    Stopped,
+}
+
+impl WorkerState {
+    pub const ALL: [WorkerState; 6] = [
+        WorkerState::Starting,
+        WorkerState::Ready,
+        WorkerState::Degraded,
+        WorkerState::Draining,
+        WorkerState::Failed,
+        WorkerState::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Degraded => "degraded",
+            WorkerState::Draining => "draining",
+            WorkerState::Failed => "failed",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+
+    /// Liveness: alive unless failed (a stalled partition fails it too; see [`Health::live`]).
+    pub fn live(self) -> bool {
+        self != WorkerState::Failed
+    }
+
+    /// Readiness: doing its work (degraded still is, and says why).
+    pub fn ready(self) -> bool {
+        matches!(self, WorkerState::Ready | WorkerState::Degraded)
+    }
+}
+
+/// The state with why, and since when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub state: WorkerState,
+    /// Why it is degraded or failed; `None` otherwise.
+    pub reason: Option<String>,
+    pub since: std::time::Instant,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health { state: WorkerState::Starting, reason: None, since: std::time::Instant::now() }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -263,6 +347,40 @@ impl Snapshot {
 impl Metrics {
     pub fn new() -> Self {
         Metrics { lag: AtomicI64::new(-1), ..Default::default() }
+    }
+
+    pub fn health(&self) -> Health {
+        self.health.lock().unwrap().clone()
+    }
+
+    /// Moves to `state`; logs a change of state or of reason.
+    pub fn set_state(&self, state: WorkerState, reason: Option<String>) {
+        let mut health = self.health.lock().unwrap();
+        if health.state == state && health.reason == reason {
+            return;
+        }
+        // A worker that failed or stopped stays so: only a new worker starts again.
+        if matches!(health.state, WorkerState::Failed | WorkerState::Stopped) && state != WorkerState::Failed {
+            return;
+        }
+        match (&reason, state) {
+            (Some(why), WorkerState::Failed) => tracing::error!("worker {}: {why}", state.as_str()),
+            (Some(why), _) => tracing::warn!("worker {}: {why}", state.as_str()),
+            (None, _) => tracing::info!("worker {}", state.as_str()),
+        }
+        *health = Health { state, reason, since: std::time::Instant::now() };
+    }
+
+    /// `partition`'s offsets were stored up to `next`.
+    pub fn progressed(&self, partition: i32, next: i64) {
+        let mut progress = self.partition_progress.lock().unwrap();
+        let now = std::time::Instant::now();
+        match progress.get(&partition) {
+            Some(p) if p.stored >= next => {}
+            _ => {
+                progress.insert(partition, Progress { stored: next, at: now });
+            }
+        }
     }
 
     /// A prediction was acknowledged: adds its frame's path to [`FrameTimers`].

@@ -8,15 +8,16 @@ use crate::batch::{BatchPolicy, BatchQueue, FrameMeta, Next};
 use crate::config::WorkerConfig;
 use crate::error::{Error, Result};
 use crate::frame::{self, FrameHeaders, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
-use crate::metrics::{DeadLetterReason, FrameTiming, Metrics, Snapshot, StageTimers};
+use crate::metrics::{DeadLetterReason, FrameTiming, Health, Metrics, Snapshot, StageTimers, WorkerState};
 use crate::model::{Device, Model, ModelSpec};
 use crate::offsets::OffsetTracker;
-use crate::sink::{now_ms, Ack, Prediction, ResultSink, Sink, TopEntry};
+use crate::sink::{now_ms, Ack, Prediction, Refused, ResultSink, Sink, TopEntry};
 use crate::source::{self, ConsumerError, FrameSource, SourceContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Message;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,27 +30,89 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL_SLICE: Duration = Duration::from_millis(100);
 /// How long the input topic may be reported missing before the worker gives up on it.
 const MISSING_TOPIC_GRACE: Duration = Duration::from_secs(30);
-/// How often safe offsets are stored for the next auto-commit (every second): often enough that
-/// a commit carries what was acknowledged, without a store call per polled frame.
+/// How often safe offsets are stored for the next auto-commit (which runs every second): every
+/// 10 ms, so a commit carries what was acknowledged, without a store call per polled frame.
 const STORE_EVERY: Duration = Duration::from_millis(10);
-/// Restarts after undelivered results, in a row without a prediction between them, before the
-/// worker gives up (waiting 1, 2, 4 s): enough to ride out one broker fault, not to loop on one.
+/// Restarts after undelivered results, in a row without progress past the frame that failed,
+/// before the worker gives up (waiting 1, 2, 4 s): enough to ride out one broker fault, not to
+/// loop on one frame.
 const RESTARTS_IN_A_ROW: u32 = 3;
+/// At `max_in_flight` the worker first just stops polling: librdkafka keeps what it prefetched,
+/// and the next frame is there the moment an acknowledgement makes room. Only a hold this long
+/// pauses the partitions, so that polling can go on serving the group (rebalances, the poll
+/// interval). A pause is not free: librdkafka drops the prefetched frames, and after a resume
+/// its fetcher wakes on its next 1 s tick (bench/backpressure.py measures the difference).
+const PAUSE_AFTER: Duration = Duration::from_secs(2);
+/// How often the worker's state and the stall watchdog are evaluated.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+/// How long after the consumer last said the broker was unreachable the worker stays degraded
+/// for it (librdkafka says so when it loses the brokers, not when it finds them again).
+const BROKER_TROUBLE_WINDOW: Duration = Duration::from_secs(10);
 
-/// Loads the model named in `config` and runs until `stop` is set.
+/// Serves the metrics and probes at `config.metrics_addr`, and loads and warms the model named
+/// in `config`, then runs until `stop` is set.
 pub fn run(config: &WorkerConfig, stop: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Result<Snapshot> {
     config.validate()?;
-    let model = Model::load_on(&config.model, config.threads, config.top_k, Device::parse(&config.device)?)?;
-    run_with_model(config, model, stop, metrics)
+    let _metrics_server = serve_metrics(config, &metrics);
+    let loaded = Device::parse(&config.device)
+        .and_then(|device| Model::load_on(&config.model, config.threads, config.top_k, device));
+    match loaded {
+        Ok(model) => run_with_model(config, model, stop, metrics),
+        Err(e) => Err(failed(&metrics, e)),
+    }
+}
+
+/// The worker's `/metrics`, `/healthz` and `/readyz` at `config.metrics_addr`, until dropped;
+/// `None` where it is off. The endpoint is a window on the worker, not part of its work: a port
+/// already taken (a second worker on the host) is a warning, and the stream goes on.
+pub fn serve_metrics(config: &WorkerConfig, metrics: &Arc<Metrics>) -> Option<crate::exporter::MetricsServer> {
+    if config.metrics_addr.is_empty() {
+        return None;
+    }
+    let labels = vec![("worker".to_string(), config.worker_id())];
+    let registry = crate::exporter::registry(metrics.clone(), labels);
+    match crate::exporter::MetricsServer::start(&config.metrics_addr, registry, metrics.clone()) {
+        Ok(server) => {
+            tracing::info!("metrics at http://{}/metrics, probes at /healthz and /readyz", server.addr);
+            *metrics.endpoint.lock().unwrap() = Some(server.addr.to_string());
+            Some(server)
+        }
+        Err(e) => {
+            tracing::warn!("no metrics endpoint: {e}");
+            None
+        }
+    }
+}
+
+/// Marks the worker failed with `e` as the cause, and gives `e` back.
+fn failed(metrics: &Metrics, e: Error) -> Error {
+    metrics.set_state(WorkerState::Failed, Some(e.to_string()));
+    e
 }
 
 /// Runs one worker with a loaded model until `stop` is set; then finishes what is in flight,
-/// commits and leaves the group. Returns the final counters.
+/// commits and leaves the group. Returns the final counters. The metrics endpoint is the
+/// caller's ([`serve_metrics`]), so that its probes outlive a failure and say so.
 pub fn run_with_model(
     config: &WorkerConfig,
     model: Model,
     stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+) -> Result<Snapshot> {
+    match run_restarting(config, model, stop, &metrics) {
+        Ok(last) => {
+            metrics.set_state(WorkerState::Stopped, None);
+            Ok(last)
+        }
+        Err(e) => Err(failed(&metrics, e)),
+    }
+}
+
+fn run_restarting(
+    config: &WorkerConfig,
+    model: Model,
+    stop: Arc<AtomicBool>,
+    metrics: &Arc<Metrics>,
 ) -> Result<Snapshot> {
     config.validate()?;
     let dead_letter_topic = config.dead_letter_topic();
@@ -71,50 +134,25 @@ pub fn run_with_model(
         &dead_letter_topic,
         &config.kafka,
     )?;
-    // The endpoint is a window on the worker, not part of its work: a port already taken (a
-    // second worker on the host) is a warning, and the stream goes on.
-    let _metrics_server = (!config.metrics_addr.is_empty())
-        .then(|| {
-            let labels = vec![("worker".to_string(), config.worker_id())];
-            match crate::exporter::MetricsServer::start(
-                &config.metrics_addr,
-                crate::exporter::registry(metrics.clone(), labels),
-            ) {
-                Ok(server) => {
-                    tracing::info!("metrics at http://{}/metrics", server.addr);
-                    *metrics.endpoint.lock().unwrap() = Some(server.addr.to_string());
-                    Some(server)
-                }
-                Err(e) => {
-                    tracing::warn!("no metrics endpoint: {e}");
-                    None
-                }
-            }
-        })
-        .flatten();
     let (path, device) = (model.path.clone(), model.device);
-    let (mut model, mut restarts) = (Some(model), 0);
+    let (mut model, mut budget) = (Some(model), RestartBudget::default());
     loop {
         let model = match model.take() {
             Some(m) => m,
             None => Model::load_on(&path, config.threads, config.top_k, device)?,
         };
-        let predicted_before = metrics.predicted.load(Relaxed);
         match run_connected(config, model, stop.clone(), metrics.clone()) {
             // Undelivered results were not stored past, so new clients read those frames again.
             Err(e @ Error::Delivery(_)) if !stop.load(Relaxed) => {
-                if metrics.predicted.load(Relaxed) > predicted_before {
-                    restarts = 0;
-                }
-                if restarts == RESTARTS_IN_A_ROW {
+                let failed_at = metrics.delivery_failed_at.lock().unwrap().take();
+                let Some(backoff) = budget.after_failure(failed_at, metrics) else {
                     return Err(e);
-                }
-                let backoff = Duration::from_secs(1 << restarts);
-                restarts += 1;
+                };
                 metrics.restarts.fetch_add(1, Relaxed);
                 tracing::warn!(
-                    "{e}; starting again in {} s with new clients ({restarts} of {RESTARTS_IN_A_ROW})",
-                    backoff.as_secs()
+                    "{e}; starting again in {} s with new clients ({} of {RESTARTS_IN_A_ROW})",
+                    backoff.as_secs(),
+                    budget.in_a_row
                 );
                 let waited = Instant::now();
                 while waited.elapsed() < backoff && !stop.load(Relaxed) {
@@ -123,6 +161,44 @@ pub fn run_with_model(
             }
             other => return other,
         }
+    }
+}
+
+/// Restarts after undelivered results. The count resets only once the worker stored an offset
+/// past the frame that failed before: predictions of other frames are no proof that the
+/// failing one can ever be delivered, and resetting on them would loop for ever on it.
+#[derive(Default)]
+struct RestartBudget {
+    in_a_row: u32,
+    last_failure: Option<LastFailure>,
+}
+
+/// The frame whose delivery failed last time (when known), and the offsets stored then.
+struct LastFailure {
+    frame: Option<(i32, i64)>,
+    stored: HashMap<i32, i64>,
+}
+
+impl RestartBudget {
+    /// After a failure at `failed_at` (when known): how long to wait before starting again, or
+    /// `None` to give up.
+    fn after_failure(&mut self, failed_at: Option<(i32, i64)>, metrics: &Metrics) -> Option<Duration> {
+        let stored: HashMap<i32, i64> =
+            metrics.partition_progress.lock().unwrap().iter().map(|(&p, progress)| (p, progress.stored)).collect();
+        let moved_past = |last: &LastFailure| match last.frame {
+            Some((partition, offset)) => stored.get(&partition).is_some_and(|&next| next > offset),
+            // No frame named (the producer itself failed): any partition's progress counts.
+            None => stored.iter().any(|(p, next)| last.stored.get(p).is_none_or(|b| next > b)),
+        };
+        if self.last_failure.as_ref().is_some_and(moved_past) {
+            self.in_a_row = 0;
+        }
+        self.last_failure = Some(LastFailure { frame: failed_at, stored });
+        if self.in_a_row == RESTARTS_IN_A_ROW {
+            return None;
+        }
+        self.in_a_row += 1;
+        Some(Duration::from_secs(1 << (self.in_a_row - 1)))
     }
 }
 
@@ -135,12 +211,14 @@ fn run_connected(
 ) -> Result<Snapshot> {
     let dead_letter_topic = config.dead_letter_topic();
     let tracker = Arc::new(OffsetTracker::new());
-    // librdkafka's statistics carry the lag: often enough for the status line and for scrapes.
-    let stats_ms = match (config.status_interval_s, config.metrics_addr.is_empty()) {
-        (0, true) => 0,
-        (0, false) => 5000,
-        (s, true) => s * 1000,
-        (s, false) => (s * 1000).min(5000),
+    // librdkafka's statistics carry the lag: often enough for the status line, for scrapes and
+    // for the stall watchdog.
+    let watched = config.stall_after_s > 0 || !config.metrics_addr.is_empty();
+    let stats_ms = match (config.status_interval_s, watched) {
+        (0, false) => 0,
+        (0, true) => 5000,
+        (s, false) => s * 1000,
+        (s, true) => (s * 1000).min(5000),
     };
     let consumer = source::subscribe(
         &config.brokers,
@@ -212,10 +290,18 @@ pub fn run_pipeline<S: FrameSource>(
         queue: &queue,
         tensor: vec![0.0; spec.input_len()],
         infer_stopped: &infer_stopped,
-        paused: false,
+        paused: BTreeSet::new(),
+        held_since: None,
+        owned: HashMap::new(),
+        assignment_seen: None,
         input_missing_since: None,
+        broker_trouble: None,
+        stalled: Vec::new(),
     };
     let outcome = intake.run(&stop);
+    if outcome.is_ok() {
+        metrics.set_state(WorkerState::Draining, None);
+    }
     // Finish in-flight work: the last partial batch, inference, then every acknowledgement.
     queue.close();
     let inferred = infer.join().map_err(|_| Error::Internal("the inference thread panicked".into()))?;
@@ -265,10 +351,22 @@ struct Intake<'a, S> {
     /// One preprocessed frame, before it joins the batch.
     tensor: Vec<f32>,
     infer_stopped: &'a AtomicBool,
-    /// The assignment is paused because `max_in_flight` frames are in flight.
-    paused: bool,
+    /// Partitions kafray paused. librdkafka keeps an application's pause across a revoke and a
+    /// re-assignment, so kafray owns each pause: a partition that comes (back) is resumed unless
+    /// a long hold is on, and every pause it made is undone when the hold ends.
+    paused: BTreeSet<i32>,
+    /// Since when `max_in_flight` frames have been in flight, while they are (backpressure).
+    held_since: Option<Instant>,
+    /// The partitions owned, each with when it came: the stall watchdog's clock starts there.
+    owned: HashMap<i32, Instant>,
+    /// The source's count of assignment changes when `owned` was last brought up to date.
+    assignment_seen: Option<u64>,
     /// Since when the consumer has reported the input topic missing, without a frame between.
     input_missing_since: Option<Instant>,
+    /// When the consumer last said the broker was unreachable, and what it said.
+    broker_trouble: Option<(Instant, String)>,
+    /// Partitions found stalled at the last health check.
+    stalled: Vec<i32>,
 }
 
 /// Marks the inference thread as stopped however it ends (error or panic), and wakes the
@@ -292,18 +390,28 @@ impl<S: FrameSource> Intake<'_, S> {
     fn run(&mut self, stop: &AtomicBool) -> Result<()> {
         let status_every = Duration::from_secs(self.config.status_interval_s);
         let mut status = StatusLine::new(self.metrics.snapshot());
-        let mut stored = Instant::now();
+        let (mut stored, mut checked) = (Instant::now(), Instant::now());
         while !stop.load(Relaxed) {
             if stored.elapsed() >= STORE_EVERY {
-                source::store_safe(self.source, &self.config.input_topic, self.tracker);
+                self.store_safe();
                 stored = Instant::now();
             }
             if let Some(failure) = self.sink.failure() {
                 return Err(Error::Delivery(failure));
             }
             self.dead_letter_refused()?;
+            if checked.elapsed() >= HEALTH_EVERY {
+                self.check_health();
+                checked = Instant::now();
+            }
             if self.config.status_interval_s > 0 && status.at.elapsed() >= status_every {
-                status.print(self.metrics.snapshot(), self.metrics.take_window_latency(), self.tracker.in_flight());
+                let health = self.metrics.health();
+                status.print(
+                    self.metrics.snapshot(),
+                    self.metrics.take_window_latency(),
+                    self.tracker.in_flight(),
+                    &health,
+                );
             }
             if self.infer_stopped.load(Relaxed) {
                 return Err(Error::Internal("the inference thread stopped".into()));
@@ -317,22 +425,30 @@ impl<S: FrameSource> Intake<'_, S> {
             if !room {
                 continue;
             }
-            let mut wait = POLL_SLICE;
-            // Backpressure with hysteresis: pause at max_in_flight, resume at half of it, so the
-            // consumer does not flip between pause and resume (each resume restarts fetching).
-            let resume_at = self.config.max_in_flight / 2;
+            self.follow_assignment();
             let in_flight = self.tracker.in_flight();
             self.metrics.in_flight.store(in_flight, Relaxed);
-            let hold = if self.paused { in_flight > resume_at } else { in_flight >= self.config.max_in_flight };
-            self.set_paused(hold);
             let waited = Instant::now();
-            if hold {
-                // Paused: keep polling (without waiting) so the group's rebalances and liveness
-                // are still served while acknowledgements make room.
-                self.tracker.wait_below(resume_at + 1, wait);
-                wait = Duration::ZERO;
-            }
-            let polled = self.source.poll(wait);
+            let polled = if in_flight >= self.config.max_in_flight {
+                // Backpressure: wait for acknowledgements without polling, so nothing that
+                // librdkafka prefetched is dropped; a long hold pauses, and polls to serve the group.
+                let since = *self.held_since.get_or_insert_with(|| {
+                    self.metrics.backpressure_pauses.fetch_add(1, Relaxed);
+                    waited
+                });
+                if since.elapsed() >= PAUSE_AFTER {
+                    self.pause_owned();
+                }
+                let room = self.tracker.wait_below(self.config.max_in_flight, POLL_SLICE);
+                if room || self.paused.is_empty() {
+                    StageTimers::add(&stages.poll_us, waited);
+                    continue;
+                }
+                self.source.poll(Duration::ZERO)
+            } else {
+                self.release_hold();
+                self.source.poll(POLL_SLICE)
+            };
             StageTimers::add(&stages.poll_us, waited);
             match polled {
                 Some(Ok(msg)) => {
@@ -363,6 +479,10 @@ impl<S: FrameSource> Intake<'_, S> {
                             }
                             tracing::warn!("consumer: {e}");
                         }
+                        ConsumerError::Unreachable => {
+                            tracing::warn!("consumer: {e}");
+                            self.broker_trouble = Some((Instant::now(), e.to_string()));
+                        }
                         ConsumerError::Transient => tracing::warn!("consumer: {e}"),
                     }
                 }
@@ -372,32 +492,146 @@ impl<S: FrameSource> Intake<'_, S> {
         Ok(())
     }
 
-    /// Dead-letters the frames whose predictions the broker refused for what they are. Their
-    /// values are gone by now (the frame stays in the input topic at the offset named in the
-    /// dead letter's headers), so these count as dead-letter fallbacks.
-    fn dead_letter_refused(&self) -> Result<()> {
-        for (ack, reason) in self.sink.take_refused() {
-            self.metrics.dead_letter_fallbacks.fetch_add(1, Relaxed);
-            let reason = format!("{reason} (the frame's value is left out: it stays in the input topic)");
-            let ack = Ack { timing: None, ..ack };
-            self.sink.dead_letter(None, &[], None, &reason, DeadLetterReason::ResultRefused, ack)?;
+    /// Stores what became safe, and notes each partition's progress for the watchdog.
+    fn store_safe(&self) {
+        for (partition, next) in source::store_safe(self.source, &self.config.input_topic, self.tracker) {
+            self.metrics.progressed(partition, next);
         }
-        Ok(())
     }
 
-    /// Pauses the whole assignment while held (again each turn: a rebalance may have added
-    /// partitions), resumes it once released.
-    fn set_paused(&mut self, hold: bool) {
-        if !hold && !self.paused {
+    /// Brings `owned` up to date after a rebalance. A partition that came (back) may carry a
+    /// pause from before it was revoked (librdkafka keeps it): it is resumed, or paused as the
+    /// others are if a long hold is on.
+    fn follow_assignment(&mut self) {
+        let (changes, assigned) = self.source.owned_partitions();
+        if self.assignment_seen == Some(changes) {
             return;
         }
-        if hold && !self.paused {
-            self.metrics.backpressure_pauses.fetch_add(1, Relaxed);
+        self.assignment_seen = Some(changes);
+        let now = Instant::now();
+        self.owned.retain(|p, _| assigned.contains(p));
+        self.paused.retain(|p| assigned.contains(p));
+        let came: Vec<i32> = assigned.iter().copied().filter(|p| !self.owned.contains_key(p)).collect();
+        if came.is_empty() {
+            return;
         }
-        if let Err(e) = self.source.set_paused(hold) {
-            tracing::warn!("consumer {}: {e}", if hold { "pause" } else { "resume" });
+        for &p in &came {
+            self.owned.insert(p, now);
         }
-        self.paused = hold;
+        if self.paused.is_empty() {
+            if let Err(e) = self.source.resume_partitions(&self.config.input_topic, &came) {
+                tracing::warn!(partitions = ?came, "consumer resume: {e}");
+            }
+        } else {
+            self.pause_owned();
+        }
+    }
+
+    /// Pauses every owned partition not paused yet.
+    fn pause_owned(&mut self) {
+        let more: Vec<i32> = self.owned.keys().copied().filter(|p| !self.paused.contains(p)).collect();
+        if more.is_empty() {
+            return;
+        }
+        tracing::debug!(partitions = ?more, in_flight = self.tracker.in_flight(), "backpressure: pausing");
+        match self.source.pause_partitions(&self.config.input_topic, &more) {
+            Ok(()) => self.paused.extend(more),
+            Err(e) => tracing::warn!(partitions = ?more, "consumer pause: {e}"),
+        }
+    }
+
+    /// Room again: the hold is over, and every partition kafray paused is resumed.
+    fn release_hold(&mut self) {
+        self.held_since = None;
+        if self.paused.is_empty() {
+            return;
+        }
+        let paused: Vec<i32> = std::mem::take(&mut self.paused).into_iter().collect();
+        if let Err(e) = self.source.resume_partitions(&self.config.input_topic, &paused) {
+            tracing::warn!(partitions = ?paused, "consumer resume: {e}");
+            // Tried again on the next release.
+            self.paused.extend(paused);
+        }
+    }
+
+    /// The worker's state, and the stall watchdog: an owned partition with lag that stored
+    /// nothing new for `stall_after_s`, while backpressure is not holding the worker, is stalled.
+    fn check_health(&mut self) {
+        let now = Instant::now();
+        let stall_after = Duration::from_secs(self.config.stall_after_s);
+        let mut problems = Vec::new();
+        let mut stalled = Vec::new();
+        if self.config.stall_after_s > 0 {
+            if let Some(since) = self.held_since.filter(|s| now.duration_since(*s) >= stall_after) {
+                problems.push(format!(
+                    "backpressure has held for {} s: {} frames in flight wait for the broker's acknowledgement",
+                    now.duration_since(since).as_secs(),
+                    self.tracker.in_flight()
+                ));
+            }
+            if self.held_since.is_none() {
+                let progress = self.metrics.partition_progress.lock().unwrap().clone();
+                let lags = self.metrics.partition_lag.lock().unwrap().clone();
+                for (partition, lag) in lags {
+                    let Some(&came) = self.owned.get(&partition) else { continue };
+                    let last = progress.get(&partition).map_or(came, |p| p.at.max(came));
+                    if lag > 0 && now.duration_since(last) >= stall_after {
+                        stalled.push(partition);
+                    }
+                }
+            }
+        }
+        stalled.sort_unstable();
+        for p in stalled.iter().filter(|p| !self.stalled.contains(p)) {
+            self.metrics.partition_stalls.fetch_add(1, Relaxed);
+            tracing::warn!(
+                partition = p,
+                paused_by_kafray = self.paused.contains(p),
+                "partition {p} stalled: it has lag, and no frame of it got a durable result for {} s",
+                stall_after.as_secs()
+            );
+        }
+        for p in self.stalled.iter().filter(|p| !stalled.contains(p)) {
+            tracing::info!(partition = p, "partition {p} makes progress again");
+        }
+        if !stalled.is_empty() {
+            problems.push(format!(
+                "partition(s) {stalled:?} stalled: lag, and no progress for {} s",
+                stall_after.as_secs()
+            ));
+        }
+        self.stalled = stalled;
+        *self.metrics.stalled_partitions.lock().unwrap() = self.stalled.clone();
+        if let Some((at, why)) = &self.broker_trouble {
+            if now.duration_since(*at) < BROKER_TROUBLE_WINDOW {
+                problems.push(format!("the broker is unreachable: {why}"));
+            }
+        }
+        let state = match (self.metrics.joined.load(Relaxed), problems.is_empty()) {
+            (false, _) => WorkerState::Starting,
+            (true, true) => WorkerState::Ready,
+            (true, false) => WorkerState::Degraded,
+        };
+        let reason = match state {
+            WorkerState::Starting => Some(format!("joining the group {:?}", self.config.group)),
+            _ => (!problems.is_empty()).then(|| problems.join("; ")),
+        };
+        self.metrics.set_state(state, reason);
+    }
+
+    /// Dead-letters, without their values, the frames whose results the broker refused for what
+    /// they are (a prediction, or a dead letter with the frame's value). The values are gone by
+    /// now (the frame stays in the input topic at the offset named in the dead letter's
+    /// headers), so these count as dead-letter fallbacks.
+    fn dead_letter_refused(&self) -> Result<()> {
+        for Refused { ack, reason } in self.sink.take_refused() {
+            self.metrics.dead_letter_fallbacks.fetch_add(1, Relaxed);
+            let reason = format!("{reason} (the frame's value is left out: it stays in the input topic)");
+            let class = ack.dead_letter.unwrap_or(DeadLetterReason::ResultRefused);
+            let ack = Ack { timing: None, dead_letter: None, ..ack };
+            self.sink.dead_letter(None, &[], None, &reason, class, ack)?;
+        }
+        Ok(())
     }
 
     /// Decodes a frame into the batch being built, or sends it to the dead-letter topic.
@@ -432,7 +666,7 @@ impl<S: FrameSource> Intake<'_, S> {
             }
             Err(rejection) => {
                 tracing::debug!(partition, offset, "dead letter: {rejection}");
-                let ack = Ack { partition, offset, ts_produce_ms, dead_letter: None, timing: None };
+                let ack = Ack::new(partition, offset, ts_produce_ms);
                 let headers = msg.headers().map(owned_headers);
                 self.sink.dead_letter(msg.key(), value, headers, &rejection.0, DeadLetterReason::Undecodable, ack)?;
             }
@@ -498,13 +732,7 @@ fn infer_loop(
         let infer_us = inferred_at.duration_since(dispatched).as_micros() as u64;
         let ts_done_ms = now_ms();
         for (meta, result) in batch.frames.iter().zip(results) {
-            let ack = Ack {
-                partition: meta.partition,
-                offset: meta.offset,
-                ts_produce_ms: meta.ts_produce_ms,
-                dead_letter: None,
-                timing: None,
-            };
+            let ack = Ack::new(meta.partition, meta.offset, meta.ts_produce_ms);
             let result = match result {
                 Ok(result) => result,
                 Err(reason) => {
@@ -579,13 +807,13 @@ impl StatusLine {
         StatusLine { at: Instant::now(), last }
     }
 
-    fn print(&mut self, now: Snapshot, latency: Option<(u64, u64)>, in_flight: usize) {
+    fn print(&mut self, now: Snapshot, latency: Option<(u64, u64)>, in_flight: usize, health: &Health) {
         let secs = self.at.elapsed().as_secs_f64().max(1e-3);
         let batches = now.batches - self.last.batches;
         let mean_batch =
             if batches == 0 { 0.0 } else { (now.batched_frames - self.last.batched_frames) as f64 / batches as f64 };
         tracing::info!(
-            "status: {:.0} frames/s, {} predicted, {} dead-lettered, mean batch {:.1} (limit {}), lag {}, in flight {}, latency {}",
+            "status: {:.0} frames/s, {} predicted, {} dead-lettered, mean batch {:.1} (limit {}), lag {}, in flight {}, latency {}, {}{}",
             (now.predicted - self.last.predicted) as f64 / secs,
             now.predicted,
             now.dead_lettered,
@@ -594,6 +822,8 @@ impl StatusLine {
             if now.lag < 0 { "?".to_string() } else { now.lag.to_string() },
             in_flight,
             latency.map_or_else(|| "-".to_string(), |(p50, p99)| format!("p50 {p50} ms p99 {p99} ms")),
+            health.state.as_str(),
+            health.reason.as_ref().map_or_else(String::new, |why| format!(": {why}")),
         );
         *self = StatusLine::new(now);
     }
@@ -605,6 +835,7 @@ impl StatusLine {
 mod tests {
     use super::*;
     use crate::model::testing::{pixel_model, Pixel, POISON};
+    use crate::sink::SinkContext;
     use rdkafka::error::KafkaResult;
     use rdkafka::message::{OwnedMessage, Timestamp};
     use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -620,12 +851,17 @@ mod tests {
         Assign(Vec<i32>),
     }
 
-    /// Serves events in order; a revoke runs the same handler as the Kafka consumer's.
+    /// Serves events in order; a revoke runs the same handler as the Kafka consumer's. Pauses
+    /// are kept per partition across a revoke and an assignment, as librdkafka keeps them: a
+    /// paused partition's frames wait in the queue, and only a resume lets them through.
     struct FakeSource {
         events: Mutex<VecDeque<Event>>,
         arrived: Condvar,
         tracker: Arc<OffsetTracker>,
+        metrics: Arc<Metrics>,
         assigned: Mutex<BTreeSet<i32>>,
+        assignment_changes: AtomicUsize,
+        paused: Mutex<BTreeSet<i32>>,
         stored: Mutex<HashMap<i32, i64>>,
         committed: Mutex<HashMap<i32, i64>>,
         failing_stores: AtomicUsize,
@@ -640,29 +876,63 @@ mod tests {
         fn stored(&self, partition: i32) -> Option<i64> {
             self.stored.lock().unwrap().get(&partition).copied()
         }
+        fn paused(&self) -> BTreeSet<i32> {
+            self.paused.lock().unwrap().clone()
+        }
+        /// The first event that can be served now: a frame of a paused partition waits.
+        fn next_event(&self, events: &mut VecDeque<Event>) -> Option<Event> {
+            let paused = self.paused.lock().unwrap();
+            let i = events.iter().position(|e| !matches!(e, Event::Frame(m) if paused.contains(&m.partition())))?;
+            events.remove(i)
+        }
     }
 
     impl FrameSource for FakeSource {
         type Frame<'a> = OwnedMessage;
 
         fn poll(&self, timeout: Duration) -> Option<KafkaResult<OwnedMessage>> {
-            let events = self.events.lock().unwrap();
-            let (mut events, _) = self.arrived.wait_timeout_while(events, timeout, |e| e.is_empty()).unwrap();
-            match events.pop_front()? {
+            let deadline = Instant::now() + timeout;
+            let mut events = self.events.lock().unwrap();
+            let event = loop {
+                if let Some(event) = self.next_event(&mut events) {
+                    break event;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                events = self.arrived.wait_timeout(events, left).unwrap().0;
+            };
+            drop(events);
+            match event {
                 Event::Frame(m) => Some(Ok(m)),
                 Event::Revoke(parts) => {
-                    drop(events);
                     source::on_revoke(self, TOPIC, &self.tracker, &parts);
-                    self.assigned.lock().unwrap().retain(|p| !parts.contains(p));
+                    let mut assigned = self.assigned.lock().unwrap();
+                    assigned.retain(|p| !parts.contains(p));
+                    self.metrics.joined.store(!assigned.is_empty(), SeqCst);
+                    self.assignment_changes.fetch_add(1, SeqCst);
                     None
                 }
                 Event::Assign(parts) => {
                     self.assigned.lock().unwrap().extend(parts);
+                    self.metrics.joined.store(true, SeqCst);
+                    self.assignment_changes.fetch_add(1, SeqCst);
                     None
                 }
             }
         }
-        fn set_paused(&self, _paused: bool) -> KafkaResult<()> {
+        fn owned_partitions(&self) -> (u64, Vec<i32>) {
+            let changes = self.assignment_changes.load(SeqCst) as u64;
+            (changes, self.assigned.lock().unwrap().iter().copied().collect())
+        }
+        fn pause_partitions(&self, _topic: &str, partitions: &[i32]) -> KafkaResult<()> {
+            self.paused.lock().unwrap().extend(partitions);
+            Ok(())
+        }
+        fn resume_partitions(&self, _topic: &str, partitions: &[i32]) -> KafkaResult<()> {
+            self.paused.lock().unwrap().retain(|p| !partitions.contains(p));
+            self.arrived.notify_all();
             Ok(())
         }
         fn store_offset(&self, _topic: &str, partition: i32, next: i64) -> KafkaResult<()> {
@@ -685,30 +955,46 @@ mod tests {
     }
 
     /// Acknowledges at once, or holds acknowledgements for the test to release; can fail the
-    /// delivery of one frame for good.
+    /// delivery of one frame for good, or have the broker refuse one frame's prediction or its
+    /// dead letter. The broker's answers are settled by the Kafka sink's own [`SinkContext`].
     struct FakeSink {
-        tracker: Arc<OffsetTracker>,
-        metrics: Arc<Metrics>,
+        context: SinkContext,
         hold: AtomicBool,
         held: Mutex<Vec<Ack>>,
         fail_offset: Option<i64>,
-        failure: Mutex<Option<String>>,
         refuse_offset: Option<i64>,
-        refused: Mutex<Vec<(Ack, String)>>,
+        /// The broker refuses the dead letter of this frame while it carries the frame's value
+        /// (and without it too, if `refuse_bare`).
+        refuse_dead_letter_offset: Option<i64>,
+        refuse_bare: bool,
         predicted: Mutex<Vec<(i64, usize)>>,
-        dead: Mutex<Vec<(i64, String)>>,
+        /// Dead letters sent: offset, reason, and whether the frame's value was left out.
+        dead: Mutex<Vec<(i64, String, bool)>>,
     }
 
     impl FakeSink {
         fn send(&self, ack: Ack) {
+            let refuse = |code| self.context.settle(&ack, Err(&KafkaError::MessageProduction(code)), TOPIC, None);
             if Some(ack.offset) == self.refuse_offset && ack.dead_letter.is_none() {
-                self.refused.lock().unwrap().push((ack, "the broker refused its prediction: too large".into()));
+                refuse(RDKafkaErrorCode::MessageSizeTooLarge);
+            } else if Some(ack.offset) == self.refuse_dead_letter_offset
+                && ack.dead_letter.is_some()
+                && (!ack.bare || self.refuse_bare)
+            {
+                let reason = self.dead.lock().unwrap().last().map(|d| d.1.clone());
+                let error = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+                self.context.settle(&ack, Err(&error), "frames.dlq", reason.as_deref());
             } else if Some(ack.offset) == self.fail_offset {
-                *self.failure.lock().unwrap() = Some(format!("delivery failed for frame {}", ack.offset));
+                self.context.settle(
+                    &ack,
+                    Err(&KafkaError::MessageProduction(RDKafkaErrorCode::RequestTimedOut)),
+                    TOPIC,
+                    None,
+                );
             } else if self.hold.load(SeqCst) {
                 self.held.lock().unwrap().push(ack);
             } else {
-                crate::sink::acknowledged(&self.tracker, &self.metrics, &ack);
+                self.context.settle(&ack, Ok(()), TOPIC, None);
             }
         }
         /// Acknowledges the held results, in the order given by offset.
@@ -716,8 +1002,12 @@ mod tests {
             let mut held = self.held.lock().unwrap();
             for o in offsets {
                 let i = held.iter().position(|a| a.offset == *o).expect("held");
-                crate::sink::acknowledged(&self.tracker, &self.metrics, &held.remove(i));
+                self.context.settle(&held.remove(i), Ok(()), TOPIC, None);
             }
+        }
+        fn release_all(&self) {
+            let offsets: Vec<i64> = self.held.lock().unwrap().iter().map(|a| a.offset).collect();
+            self.release(&offsets);
         }
     }
 
@@ -730,26 +1020,25 @@ mod tests {
         fn dead_letter(
             &self,
             _key: Option<&[u8]>,
-            _value: &[u8],
+            value: &[u8],
             _headers: Option<OwnedHeaders>,
             reason: &str,
             class: DeadLetterReason,
             ack: Ack,
         ) -> Result<()> {
-            self.dead.lock().unwrap().push((ack.offset, reason.to_string()));
-            self.send(Ack { dead_letter: Some(class), ..ack });
+            self.dead.lock().unwrap().push((ack.offset, reason.to_string(), value.is_empty()));
+            self.send(Ack { dead_letter: Some(class), bare: value.is_empty(), ..ack });
             Ok(())
         }
         fn flush(&self, _timeout: Duration) -> Result<()> {
-            let offsets: Vec<i64> = self.held.lock().unwrap().iter().map(|a| a.offset).collect();
-            self.release(&offsets);
+            self.release_all();
             Ok(())
         }
         fn failure(&self) -> Option<String> {
-            self.failure.lock().unwrap().clone()
+            self.context.failure()
         }
-        fn take_refused(&self) -> Vec<(Ack, String)> {
-            std::mem::take(&mut *self.refused.lock().unwrap())
+        fn take_refused(&self) -> Vec<Refused> {
+            self.context.take_refused()
         }
     }
 
@@ -769,54 +1058,71 @@ mod tests {
         source: Arc<FakeSource>,
         sink: Arc<FakeSink>,
         tracker: Arc<OffsetTracker>,
+        metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
         worker: JoinHandle<Result<Snapshot>>,
     }
 
-    fn start(backend: Pixel, hold: bool, fail_offset: Option<i64>, events: Vec<Event>) -> Harness {
-        start_refusing(backend, hold, fail_offset, None, events)
-    }
-
-    fn start_refusing(
-        backend: Pixel,
+    /// What a test changes of the fake broker and the worker's settings.
+    #[derive(Default)]
+    struct Setup {
         hold: bool,
         fail_offset: Option<i64>,
         refuse_offset: Option<i64>,
-        events: Vec<Event>,
-    ) -> Harness {
-        let model = pixel_model(backend);
+        refuse_dead_letter_offset: Option<i64>,
+        refuse_bare: bool,
+        max_in_flight: Option<usize>,
+        stall_after_s: Option<u64>,
+    }
+
+    fn start(model: Model, hold: bool, fail_offset: Option<i64>, events: Vec<Event>) -> Harness {
+        start_with(model, Setup { hold, fail_offset, ..Setup::default() }, events)
+    }
+
+    fn start_with(model: Model, setup: Setup, events: Vec<Event>) -> Harness {
         let (tracker, metrics) = (Arc::new(OffsetTracker::new()), Arc::new(Metrics::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let source = Arc::new(FakeSource {
             events: Mutex::new(VecDeque::new()),
             arrived: Condvar::new(),
             tracker: tracker.clone(),
+            metrics: metrics.clone(),
             assigned: Mutex::new([0, 1].into()),
+            assignment_changes: AtomicUsize::new(1),
+            paused: Default::default(),
             stored: Default::default(),
             committed: Default::default(),
             failing_stores: AtomicUsize::new(0),
             store_calls: AtomicUsize::new(0),
         });
+        metrics.joined.store(true, SeqCst);
         source.push(events);
         let sink = Arc::new(FakeSink {
-            tracker: tracker.clone(),
-            metrics: metrics.clone(),
-            hold: AtomicBool::new(hold),
+            context: SinkContext::new(tracker.clone(), metrics.clone()),
+            hold: AtomicBool::new(setup.hold),
             held: Default::default(),
-            fail_offset,
-            failure: Default::default(),
-            refuse_offset,
-            refused: Default::default(),
+            fail_offset: setup.fail_offset,
+            refuse_offset: setup.refuse_offset,
+            refuse_dead_letter_offset: setup.refuse_dead_letter_offset,
+            refuse_bare: setup.refuse_bare,
             predicted: Default::default(),
             dead: Default::default(),
         });
-        let config =
-            WorkerConfig { batch_size: 4, status_interval_s: 0, worker_id: Some("fake".into()), ..Default::default() };
+        let defaults = WorkerConfig::default();
+        let config = WorkerConfig {
+            batch_size: 4,
+            status_interval_s: 0,
+            worker_id: Some("fake".into()),
+            max_in_flight: setup.max_in_flight.unwrap_or(defaults.max_in_flight),
+            stall_after_s: setup.stall_after_s.unwrap_or(defaults.stall_after_s),
+            ..defaults
+        };
         let worker = {
-            let (source, sink, tracker, stop) = (source.clone(), sink.clone(), tracker.clone(), stop.clone());
+            let (source, sink, tracker, stop, metrics) =
+                (source.clone(), sink.clone(), tracker.clone(), stop.clone(), metrics.clone());
             std::thread::spawn(move || run_pipeline(&config, model, source.as_ref(), sink, tracker, stop, metrics))
         };
-        Harness { source, sink, tracker, stop, worker }
+        Harness { source, sink, tracker, metrics, stop, worker }
     }
 
     /// Polls a condition (the worker runs on its own threads) until it holds, or fails.
@@ -848,7 +1154,7 @@ mod tests {
 
     #[test]
     fn acknowledgements_out_of_order_store_only_below_the_oldest_unacknowledged_frame() {
-        let h = start(Pixel::default(), true, None, frames(0, 0..8));
+        let h = start(pixel_model(Pixel::default()), true, None, frames(0, 0..8));
         wait_until("8 results sent", || h.held() == 8);
         h.sink.release(&[7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(h.tracker.in_flight(), 1);
@@ -863,7 +1169,7 @@ mod tests {
 
     #[test]
     fn a_revoke_with_frames_in_flight_forgets_them_and_the_partition_can_come_back() {
-        let h = start(Pixel::default(), true, None, frames(0, 0..4));
+        let h = start(pixel_model(Pixel::default()), true, None, frames(0, 0..4));
         wait_until("4 results sent", || h.held() == 4);
         h.source.push([Event::Revoke(vec![0])]);
         wait_until("the revoked frames forgotten", || h.tracker.in_flight() == 0);
@@ -881,17 +1187,19 @@ mod tests {
 
     #[test]
     fn a_failed_delivery_stops_the_worker_and_nothing_past_it_is_stored() {
-        let h = start(Pixel::default(), false, Some(2), frames(0, 0..6));
+        let h = start(pixel_model(Pixel::default()), false, Some(2), frames(0, 0..6));
         let (outcome, committed) = h.ended();
         let err = outcome.unwrap_err().to_string();
-        assert!(err.contains("delivery failed for frame 2"), "{err}");
+        assert!(err.contains("failed for frame 0@2"), "{err}");
         assert_eq!(committed.get(&0), Some(&2), "frames 0 and 1 are safe; 2 must be read again");
     }
 
     #[test]
     fn a_broken_model_stops_the_worker_without_storing_its_frames() {
-        let h =
-            start(Pixel { broken: Arc::new(AtomicBool::new(true)), ..Pixel::default() }, false, None, frames(0, 0..4));
+        let backend = Pixel::default();
+        let model = pixel_model(backend.clone());
+        backend.broken.store(true, SeqCst);
+        let h = start(model, false, None, frames(0, 0..4));
         let (outcome, committed) = h.ended();
         assert!(outcome.unwrap_err().to_string().contains("the device is gone"));
         assert_eq!(committed.get(&0), None, "the frames are read again after a restart");
@@ -900,7 +1208,7 @@ mod tests {
     #[test]
     fn a_poison_frame_is_dead_lettered_and_the_stream_goes_on() {
         let events = vec![frame(0, 0, 1), frame(0, 1, POISON as u8), frame(0, 2, 2), frame(0, 3, 3)];
-        let h = start(Pixel::default(), false, None, events);
+        let h = start(pixel_model(Pixel::default()), false, None, events);
         wait_until("offset 4 stored", || h.source.stored(0) == Some(4));
         let dead = h.sink.dead.lock().unwrap().clone();
         let mut predicted = h.sink.predicted.lock().unwrap().clone();
@@ -916,7 +1224,10 @@ mod tests {
 
     #[test]
     fn a_short_model_answer_stops_the_worker_instead_of_stalling_it() {
-        let h = start(Pixel { short: true, ..Pixel::default() }, false, None, frames(0, 0..4));
+        let backend = Pixel::default();
+        let model = pixel_model(backend.clone());
+        backend.short.store(true, SeqCst);
+        let h = start(model, false, None, frames(0, 0..4));
         let (outcome, committed) = h.ended();
         let err = outcome.unwrap_err().to_string();
         assert!(err.contains("scores for a batch of"), "{err}");
@@ -925,7 +1236,8 @@ mod tests {
 
     #[test]
     fn a_prediction_the_broker_refuses_dead_letters_its_frame_and_the_stream_goes_on() {
-        let h = start_refusing(Pixel::default(), false, None, Some(1), frames(0, 0..4));
+        let setup = Setup { refuse_offset: Some(1), ..Setup::default() };
+        let h = start_with(pixel_model(Pixel::default()), setup, frames(0, 0..4));
         wait_until("offset 4 stored", || h.source.stored(0) == Some(4));
         let dead = h.sink.dead.lock().unwrap().clone();
         let (outcome, committed) = h.finish();
@@ -939,7 +1251,7 @@ mod tests {
 
     #[test]
     fn a_failed_offset_store_is_tried_again() {
-        let h = start(Pixel::default(), false, None, Vec::new());
+        let h = start(pixel_model(Pixel::default()), false, None, Vec::new());
         h.source.failing_stores.store(3, SeqCst);
         h.source.push(frames(1, 10..14));
         wait_until("offset 14 stored", || h.source.stored(1) == Some(14));
@@ -947,5 +1259,136 @@ mod tests {
         let (outcome, committed) = h.finish();
         outcome.unwrap();
         assert_eq!(committed[&1], 14);
+    }
+
+    #[test]
+    fn a_poison_frame_that_comes_first_is_dead_lettered_and_the_stream_goes_on() {
+        // The model has classified nothing yet when the poison frame comes, alone in its batch.
+        let events = vec![frame(0, 0, POISON as u8), frame(0, 1, 1), frame(0, 2, 2)];
+        let h = start(pixel_model(Pixel::default()), false, None, events);
+        wait_until("offset 3 stored", || h.source.stored(0) == Some(3));
+        let dead = h.sink.dead.lock().unwrap().clone();
+        let (outcome, committed) = h.finish();
+        let last = outcome.unwrap();
+        assert_eq!((last.predicted, last.dead_lettered), (2, 1));
+        assert_eq!(dead[0].0, 0);
+        assert_eq!(committed[&0], 3);
+    }
+
+    #[test]
+    fn a_dead_letter_the_broker_refuses_goes_again_without_the_value_and_the_stream_goes_on() {
+        let events = vec![frame(0, 0, 1), frame(0, 1, POISON as u8), frame(0, 2, 2), frame(0, 3, 3)];
+        let setup = Setup { refuse_dead_letter_offset: Some(1), ..Setup::default() };
+        let h = start_with(pixel_model(Pixel::default()), setup, events);
+        wait_until("offset 4 stored", || h.source.stored(0) == Some(4) || h.worker.is_finished());
+        let dead = h.sink.dead.lock().unwrap().clone();
+        let (outcome, committed) = h.finish();
+        let last = outcome.expect("a refused dead letter is no reason to stop");
+        assert_eq!((last.predicted, last.dead_lettered, last.dead_letter_fallbacks), (3, 1, 1));
+        assert_eq!(dead.len(), 2, "the dead letter with the value, then the bare one: {dead:?}");
+        let (offset, reason, bare) = &dead[1];
+        assert_eq!((*offset, *bare), (1, true), "{dead:?}");
+        assert!(
+            reason.contains("the model failed on this frame") && reason.contains("refused its dead letter"),
+            "the bare dead letter keeps the first reason and says why it is bare: {reason}"
+        );
+        assert_eq!(committed[&0], 4);
+    }
+
+    #[test]
+    fn a_bare_dead_letter_the_broker_refuses_stops_the_worker_without_storing_past_it() {
+        // Refused even without its value: nothing is left to try, and the frame must be read again.
+        let events = vec![frame(0, 0, 1), frame(0, 1, POISON as u8), frame(0, 2, 2)];
+        let setup = Setup { refuse_dead_letter_offset: Some(1), refuse_bare: true, ..Setup::default() };
+        let h = start_with(pixel_model(Pixel::default()), setup, events);
+        let (outcome, committed) = h.ended();
+        let err = outcome.unwrap_err().to_string();
+        assert!(err.contains("frames.dlq failed for frame 0@1"), "{err}");
+        assert_eq!(committed.get(&0), Some(&1));
+    }
+
+    #[test]
+    fn the_restart_budget_resets_only_past_the_frame_that_failed() {
+        let metrics = Metrics::new();
+        let mut budget = RestartBudget::default();
+        metrics.progressed(0, 10);
+        assert_eq!(budget.after_failure(Some((0, 10)), &metrics), Some(Duration::from_secs(1)));
+        // Other partitions (and frames of this one before it) go on; the failing frame does not.
+        metrics.progressed(1, 500);
+        assert_eq!(budget.after_failure(Some((0, 10)), &metrics), Some(Duration::from_secs(2)));
+        metrics.progressed(1, 900);
+        assert_eq!(budget.after_failure(Some((0, 10)), &metrics), Some(Duration::from_secs(4)));
+        metrics.progressed(1, 1200);
+        assert_eq!(budget.after_failure(Some((0, 10)), &metrics), None, "the same frame, three times: give up");
+        // Progress past the frame that failed: a later failure starts a new count.
+        let mut budget = RestartBudget::default();
+        budget.after_failure(Some((0, 10)), &metrics);
+        budget.after_failure(Some((0, 10)), &metrics);
+        metrics.progressed(0, 11);
+        assert_eq!(budget.after_failure(Some((0, 40)), &metrics), Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_small_in_flight_bound_drains_a_backlog_without_pausing() {
+        let setup = Setup { max_in_flight: Some(4), ..Setup::default() };
+        let h = start_with(pixel_model(Pixel::default()), setup, frames(0, 0..400));
+        wait_until("offset 400 stored", || h.source.stored(0) == Some(400));
+        assert!(h.source.paused().is_empty());
+        let (outcome, _) = h.finish();
+        let last = outcome.unwrap();
+        assert_eq!(last.predicted, 400);
+    }
+
+    /// librdkafka keeps an application's pause across a revoke and a re-assignment (the fake
+    /// does too): a partition paused under a long hold, taken away and given back must flow.
+    #[test]
+    fn a_partition_paused_then_revoked_and_given_back_is_resumed() {
+        let setup = Setup { hold: true, max_in_flight: Some(4), ..Setup::default() };
+        let mut events = frames(0, 0..2);
+        events.extend(frames(1, 0..2));
+        let h = start_with(pixel_model(Pixel::default()), setup, events);
+        wait_until("4 results held", || h.sink.held.lock().unwrap().len() == 4);
+        // A hold longer than PAUSE_AFTER pauses both partitions.
+        wait_until("both partitions paused", || h.source.paused() == [0, 1].into());
+        h.source.push([Event::Revoke(vec![0])]);
+        wait_until("partition 0's frames forgotten", || h.tracker.in_flight() == 2);
+        h.sink.hold.store(false, SeqCst);
+        h.sink.release_all();
+        // At light load now: nothing holds, and partition 0 comes back with more frames.
+        let mut back = vec![Event::Assign(vec![0])];
+        back.extend(frames(0, 2..6));
+        back.extend(frames(1, 2..4));
+        h.source.push(back);
+        wait_until("partition 0 read to offset 6", || h.source.stored(0) == Some(6));
+        wait_until("partition 1 read to offset 4", || h.source.stored(1) == Some(4));
+        assert!(h.source.paused().is_empty(), "{:?}", h.source.paused());
+        let (outcome, _) = h.finish();
+        outcome.unwrap();
+    }
+
+    #[test]
+    fn a_partition_with_lag_and_no_progress_is_stalled_and_the_worker_degraded() {
+        let setup = Setup { stall_after_s: Some(1), ..Setup::default() };
+        let h = start_with(pixel_model(Pixel::default()), setup, frames(0, 0..3));
+        wait_until("offset 3 stored", || h.source.stored(0) == Some(3));
+        wait_until("ready", || h.metrics.health().state == WorkerState::Ready);
+        // Partition 1 has lag (librdkafka's statistics say so) and not one frame of it comes:
+        // paused behind kafray's back, as hole 1 left partitions.
+        h.source.pause_partitions(TOPIC, &[1]).unwrap();
+        h.source.push(frames(1, 0..3));
+        *h.metrics.partition_lag.lock().unwrap() = vec![(0, 0), (1, 3)];
+        wait_until("partition 1 stalled", || *h.metrics.stalled_partitions.lock().unwrap() == vec![1]);
+        let health = h.metrics.health();
+        assert_eq!(health.state, WorkerState::Degraded);
+        assert!(health.reason.as_deref().unwrap_or_default().contains("partition(s) [1] stalled"), "{health:?}");
+        assert_eq!(h.metrics.partition_stalls.load(SeqCst), 1);
+        // It flows again: the stall clears, and the worker is ready.
+        h.source.resume_partitions(TOPIC, &[1]).unwrap();
+        wait_until("offset 3 stored on partition 1", || h.source.stored(1) == Some(3));
+        *h.metrics.partition_lag.lock().unwrap() = vec![(0, 0), (1, 0)];
+        wait_until("ready again", || h.metrics.health().state == WorkerState::Ready);
+        assert!(h.metrics.stalled_partitions.lock().unwrap().is_empty());
+        let (outcome, _) = h.finish();
+        outcome.unwrap();
     }
 }

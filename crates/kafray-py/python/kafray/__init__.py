@@ -51,9 +51,11 @@ class Worker:
     Keyword arguments are the worker's configuration, as in ``kafray worker`` and its TOML file:
     ``brokers``, ``input_topic``, ``output_topic``, ``dead_letter_topic``, ``group``, ``model``,
     ``batch_size``, ``max_wait_ms``, ``latency_target_ms``, ``threads``, ``device`` (``cpu``,
-    ``cuda``, ``cuda:N`` or ``auto``), ``top_k``, ``max_in_flight``,
+    ``cuda``, ``cuda:N`` or ``auto``), ``top_k``, ``max_in_flight``, ``stall_after_s`` (the
+    stall watchdog: seconds an owned partition with lag may make no progress; 0 for off),
     ``status_interval_s``, ``worker_id``, ``kafka`` (a dict of librdkafka properties),
-    ``metrics_addr`` (the Prometheus endpoint, ``host:port``; ``""`` for none) and
+    ``metrics_addr`` (the Prometheus endpoint with the probes ``/healthz`` and ``/readyz``,
+    ``host:port``; ``""`` for none) and
     ``create_topics`` (create missing input/output topics with this many partitions at start).
     An unknown name raises ValueError naming it.
     """
@@ -82,7 +84,8 @@ class Worker:
         return self._native.stats()
 
     def stop(self, timeout: float | None = None) -> dict:
-        """Finishes in-flight frames, commits, leaves the group; returns the final stats."""
+        """Finishes in-flight frames, commits, leaves the group; returns the final stats. Waits
+        at most ``timeout`` seconds (None: 120 s); Ctrl-C interrupts the wait."""
         return self._native.stop(timeout)
 
     def __enter__(self) -> "Worker":

@@ -42,6 +42,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 import kafray
 from kafray import _native, batch, shipping
 from kafray.autoscale import DOWNSCALE_DELAY_S, UPSCALE_DELAY_S, LagAutoscaler, parse_bounds
+from kafray.files import write_file_atomically
 
 NAMESPACE = "kafray"
 # An actor that cannot be placed waits forever in Ray; we wait this long, then say why.
@@ -91,14 +92,17 @@ class KafrayWorkerActor:
         self.restarts = _restarts_so_far()
         if self.restarts:
             time.sleep(RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S)) - 1])
-        kafka = {"group.instance.id": instance_id, **config.get("kafka", {})}
+        # Its own id last: it wins over the user's settings (refused on the driver anyway).
+        kafka = {**dict(config.get("kafka") or {}), "group.instance.id": instance_id}
         if "metrics_addr" not in config:
             # On the node's address (a Prometheus on another host scrapes it), on a free port:
             # several actors share a node. The controller lists each in its service discovery.
             config = {**config, "metrics_addr": f"{ray.util.get_node_ip_address()}:0"}
+        self.model_fetched = None  # "cache" or "ray": how this actor got its shipped model
         if placement.get("model"):
             # The model as shipped, from this host's cache: the driver's path need not exist here.
-            config = {**config, "model": _model_here(instance_id.rsplit("-worker-", 1)[0], **placement["model"])}
+            path, self.model_fetched = _model_here(instance_id.rsplit("-worker-", 1)[0], **placement["model"])
+            config = {**config, "model": path}
         # Predictions name the actor (or the given prefix and the actor's number).
         worker_id = f"{config['worker_id']}-{instance_id.rsplit('-', 1)[1]}" if config.get("worker_id") else instance_id
         self.model_path = config["model"]
@@ -111,7 +115,7 @@ class KafrayWorkerActor:
     def ready(self) -> dict:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "worker_id": self.worker.worker_id,
-                "model_path": self.model_path}
+                "model_path": self.model_path, "model_fetched": self.model_fetched}
 
     def stats(self) -> dict:
         s = self.worker.stats()
@@ -124,15 +128,24 @@ class KafrayWorkerActor:
         return self.worker.stop(timeout)
 
 
-def _model_here(deployment: str, digest: str, entry: str) -> str:
+def _model_here(deployment: str, digest: str, entry: str) -> tuple[str, str]:
     """The shipped model's path in this host's cache, fetched from the controller (through Ray's
-    object store) the first time a worker on this host needs it."""
+    object store) the first time a worker on this host needs it; and how: "cache" or "ray"."""
     path = shipping.cached(digest, entry)
-    if path is None:
-        controller = ray.get_actor(f"{deployment}-controller")
-        ref, = ray.get(controller.model_ref.remote(digest), timeout=READY_TIMEOUT_S)
-        path = shipping.store(ray.get(ref, timeout=READY_TIMEOUT_S))
-    return path
+    if path is not None:
+        return path, "cache"
+    controller = ray.get_actor(f"{deployment}-controller")
+    ref, = ray.get(controller.model_ref.remote(digest), timeout=READY_TIMEOUT_S)
+    return shipping.store(ray.get(ref, timeout=READY_TIMEOUT_S)), "ray"
+
+
+def check_kafka_for_ray(config: dict) -> None:
+    """Each actor joins its group as a static member under its own `group.instance.id` (its
+    name): one id given to all would have them fence one another out of the group."""
+    kafka = dict(config.get("kafka") or {})  # a dict, or (key, value) pairs as the worker takes
+    if "group.instance.id" in kafka:
+        raise ValueError(f"-X group.instance.id={kafka['group.instance.id']}: on Ray each worker is a static "
+                         f"member under its own id (the actor's name); remove it")
 
 
 def _death_cause(e: Exception) -> str:
@@ -232,6 +245,7 @@ class Deployment:
         The model (with its TOML and labels) is read here and shipped: the controller puts it in
         Ray's object store once, and each host keeps it in a cache named by its content, so no
         host needs a copy of its own."""
+        check_kafka_for_ray(config)  # before anything starts
         connect(address)
         config.setdefault("group", name)
         config.setdefault("threads", max(1, int(num_cpus)))
@@ -344,6 +358,7 @@ class Deployment:
             changes["model"] = kafray.find_model(changes["model"])
             shipped = shipping.bundle(changes["model"])
         kafray.Worker(**{**self.config, **changes})  # a bad field fails here, before any worker is touched
+        check_kafka_for_ray({**self.config, **changes})
         controller = self.controller()
         if controller is None:
             raise ValueError(f"deployment {self.name!r} has no controller: stop it and start it again")
@@ -568,10 +583,9 @@ class DeploymentController:
         groups += [{"targets": [w["metrics_endpoint"]],
                     "labels": {"kafray_deployment": self.name, "kafray_role": "worker", "actor": w["actor"]}}
                    for w in per_worker if w.get("metrics_endpoint")]
-        tmp = f"{self.targets_file}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(groups, f)
-        os.replace(tmp, self.targets_file)  # Prometheus never reads half a file
+        # Whole (Prometheus never reads half a file), and through a temporary file of a random
+        # name: others can write parts of /tmp/ray, so a predictable one could be a planted link.
+        write_file_atomically(self.targets_file, json.dumps(groups).encode())
 
     def status(self) -> dict:
         return {"policy": self.policy.settings() if self.policy else None, "last": self.last,
@@ -701,12 +715,16 @@ def _add_worker_flags(up: argparse.ArgumentParser) -> None:
     w.add_argument("--top-k", dest="top_k", type=int, help="classes listed per prediction (5)")
     w.add_argument("--max-in-flight", dest="max_in_flight", type=int,
                    help="frames between poll and acknowledgement per worker (1000)")
+    w.add_argument("--stall-after-s", dest="stall_after_s", type=int, metavar="S",
+                   help="seconds an owned partition with lag may make no progress before it counts as stalled: "
+                        "logged, counted, /healthz fails (30; 0 turns the watchdog off)")
     w.add_argument("--status-interval", dest="status_interval_s", type=int,
                    help="seconds between each worker's status lines in its log (5)")
     w.add_argument("--worker-id", dest="worker_id",
                    help="prefix of the workers' names in predictions (default: the actor's name)")
     w.add_argument("--metrics-addr", dest="metrics_addr", metavar="ADDR",
-                   help="each worker's Prometheus endpoint (default on Ray: a free loopback port, logged)")
+                   help="each worker's Prometheus endpoint (default on Ray: its node's address, on a free "
+                        "port, listed in the deployment's Prometheus targets file)")
     w.add_argument("--create-topics", dest="create_topics", type=int, metavar="P",
                    help="create missing input/output topics with P partitions (else a missing one fails the start)")
     w.add_argument("-X", dest="kafka", action="append", metavar="KEY=VALUE", help="librdkafka property (repeatable)")

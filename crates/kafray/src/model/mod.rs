@@ -79,9 +79,11 @@ pub struct Model {
     top_k: usize,
     /// Where it runs (never `Auto`: what `Auto` became).
     pub device: Device,
-    /// One input the model classified last time it succeeded: a failing batch is the batch's
-    /// fault if the model still classifies this, and the model's own if it does not.
-    canary: Option<Vec<f32>>,
+    /// An input the model classified at load (its warm-up): a batch that fails is the batch's
+    /// fault only while the model still classifies this.
+    canary: Vec<f32>,
+    /// How long the warm-up took (the first inference's one-off cost, kept out of any frame).
+    pub warm_up: std::time::Duration,
 }
 
 /// Why the model rejected one frame of a batch that it otherwise classified.
@@ -118,7 +120,33 @@ impl Model {
             }
         }
         let top_k = top_k.clamp(1, backend.classes());
-        Ok(Model { spec, path: path.to_path_buf(), backend, top_k, device: Device::Cpu, canary: None })
+        let canary = vec![0.0; spec.input_len()];
+        let mut model = Model {
+            spec,
+            path: path.to_path_buf(),
+            backend,
+            top_k,
+            device: Device::Cpu,
+            canary,
+            warm_up: Default::default(),
+        };
+        model.warm_up(path)?;
+        Ok(model)
+    }
+
+    /// Classifies a synthetic input (all zeros: the mean image under most normalisations), as
+    /// Triton's model warm-up does: the first inference's one-off cost is paid here, not by the
+    /// first frame, and the worker has a canary before its first frame (without one, a poison
+    /// frame that came first could not be told from a broken model). A model that cannot
+    /// classify it cannot be served.
+    fn warm_up(&mut self, path: &Path) -> Result<()> {
+        let started = std::time::Instant::now();
+        let canary = std::mem::take(&mut self.canary);
+        let outcome = self.classify(&canary);
+        self.canary = canary;
+        outcome.map_err(|e| crate::Error::model(path, format!("it failed its warm-up on a zero input: {e}")))?;
+        self.warm_up = started.elapsed();
+        Ok(())
     }
 
     pub fn input_len(&self) -> usize {
@@ -155,62 +183,53 @@ impl Model {
     /// Classifies a batch and, where the model fails on it, finds the frames that make it fail,
     /// so that one poison frame cannot stop the stream. One entry per frame.
     ///
-    /// A failing batch is tried once more (a transient fault), then the canary (an input the
-    /// model classified before) tells a broken model from a broken batch: if the canary fails
-    /// too, or if there is none and not one frame of the batch can be classified, the error is
-    /// the model's and is returned. Otherwise the batch is split in halves until each failing
-    /// frame stands alone, and those frames get their rejection.
+    /// A failing batch is tried once more (a transient fault). Then the canary (the warm-up
+    /// input) tells a broken model or device from a broken batch: if it fails, the error is the
+    /// model's. Otherwise the batch is split in halves until each failing frame stands alone. A
+    /// frame is poison only if it fails alone while the canary passes both before and after it:
+    /// a device that fails, recovers, then fails again makes this an error (its frames are read
+    /// again after a restart), never a dead letter of a good frame.
     pub fn classify_isolating(&mut self, input: &[f32]) -> Result<Vec<Result<Classification, FrameRejection>>> {
-        let per_image = self.input_len();
-        let n = input.len() / per_image;
+        let n = input.len() / self.input_len();
         let error = match self.classify(input).or_else(|_| self.classify(input)) {
-            Ok(results) => {
-                self.remember_canary(&input[..per_image]);
-                return Ok(results.into_iter().map(Ok).collect());
-            }
+            Ok(results) => return Ok(results.into_iter().map(Ok).collect()),
             Err(e) => e,
         };
-        if let Some(canary) = self.canary.take() {
-            let healthy = self.classify(&canary).is_ok();
-            self.canary = Some(canary);
-            if !healthy {
-                return Err(error);
-            }
-        }
+        self.check_canary(&error)?;
         let mut out = Vec::with_capacity(n);
-        if n == 1 {
-            out.push(Err(error.to_string()));
-        } else {
-            let half = n / 2 * per_image;
-            self.isolate(&input[..half], &mut out);
-            self.isolate(&input[half..], &mut out);
-        }
-        if self.canary.is_none() && out.iter().all(Result::is_err) {
-            return Err(error);
-        }
+        self.isolate(input, &mut out)?;
         Ok(out)
     }
 
-    fn isolate(&mut self, input: &[f32], out: &mut Vec<Result<Classification, FrameRejection>>) {
+    fn isolate(&mut self, input: &[f32], out: &mut Vec<Result<Classification, FrameRejection>>) -> Result<()> {
         let per_image = self.input_len();
         match self.classify(input) {
-            Ok(results) => {
-                self.remember_canary(&input[..per_image]);
-                out.extend(results.into_iter().map(Ok));
+            Ok(results) => out.extend(results.into_iter().map(Ok)),
+            Err(e) if input.len() == per_image => {
+                self.check_canary(&e)?;
+                out.push(Err(e.to_string()));
             }
-            Err(e) if input.len() == per_image => out.push(Err(e.to_string())),
             Err(_) => {
                 let half = input.len() / per_image / 2 * per_image;
-                self.isolate(&input[..half], out);
-                self.isolate(&input[half..], out);
+                self.isolate(&input[..half], out)?;
+                self.isolate(&input[half..], out)?;
             }
         }
+        Ok(())
     }
 
-    fn remember_canary(&mut self, image: &[f32]) {
-        if self.canary.is_none() {
-            self.canary = Some(image.to_vec());
-        }
+    /// The model still classifies its canary; if not, `failure` was the model's (or the
+    /// device's), not the frames'.
+    fn check_canary(&mut self, failure: &crate::Error) -> Result<()> {
+        let canary = std::mem::take(&mut self.canary);
+        let outcome = self.classify(&canary);
+        self.canary = canary;
+        outcome.map(drop).map_err(|canary_error| {
+            crate::Error::Inference(format!(
+                "{failure}; the model then failed on its warm-up input too ({canary_error}): the model or its device \
+                 is at fault, not the frames"
+            ))
+        })
     }
 
     fn top(&self, scores: &[f32]) -> Classification {
@@ -273,9 +292,25 @@ mod tests {
         let out = m.classify_isolating(&[1.0, 2.0, POISON, 3.0, 4.0, POISON, 5.0]).unwrap();
         assert_eq!(classes(&out), vec![Some(1), Some(2), None, Some(3), Some(4), None, Some(5)]);
         assert!(out[2].as_ref().unwrap_err().contains("cannot take pixel 13"), "{:?}", out[2]);
-        // A single-frame batch that fails while the canary (digit 1 or 2 above) passes: poison too.
         let out = m.classify_isolating(&[POISON]).unwrap();
         assert_eq!(classes(&out), vec![None]);
+    }
+
+    #[test]
+    fn a_poison_frame_that_comes_first_is_poison_not_a_broken_model() {
+        // The warm-up at load is the canary: no frame needs to have been classified before.
+        let mut fresh = pixel_model(Pixel::default());
+        let out = fresh.classify_isolating(&[POISON]).unwrap();
+        assert_eq!(classes(&out), vec![None]);
+        assert_eq!(classes(&fresh.classify_isolating(&[3.0]).unwrap()), vec![Some(3)]);
+    }
+
+    #[test]
+    fn a_model_that_fails_its_warm_up_does_not_load() {
+        let backend = Pixel::default();
+        backend.broken.store(true, SeqCst);
+        let err = testing::try_pixel_model(backend).err().expect("a model that cannot classify anything").to_string();
+        assert!(err.contains("warm-up") && err.contains("the device is gone"), "{err}");
     }
 
     #[test]
@@ -287,24 +322,44 @@ mod tests {
         broken.store(true, SeqCst);
         let err = m.classify_isolating(&[1.0, 2.0, 3.0]).unwrap_err().to_string();
         assert!(err.contains("the device is gone"), "{err}");
-        // Without a canary, a batch of which no frame can be classified is the model's fault too.
+        assert!(m.classify_isolating(&[POISON]).is_err());
+    }
+
+    #[test]
+    fn a_device_that_fails_recovers_and_fails_again_dead_letters_nothing() {
         let backend = Pixel::default();
-        backend.broken.store(true, SeqCst);
-        assert!(pixel_model(backend).classify_isolating(&[1.0, 2.0]).is_err());
-        let mut fresh = pixel_model(Pixel::default());
-        assert!(fresh.classify_isolating(&[POISON]).is_err(), "one frame, no canary: cannot tell, so it is retried");
+        let script = backend.script.clone();
+        let mut m = pixel_model(backend);
+        // The batch fails twice, the canary passes, the batch fails again in isolation, then the
+        // first half's single frame fails alone, and the canary fails after it: the device, not
+        // the frame.
+        script.lock().unwrap().extend([false, false, true, false, false, false]);
+        let err = m.classify_isolating(&[1.0, 2.0]).expect_err("no frame may be called poison").to_string();
+        assert!(err.contains("the device faltered") && err.contains("warm-up input too"), "{err}");
+        // A single-frame batch: it fails (twice), the canary passes, it fails alone again, and
+        // the canary then fails.
+        script.lock().unwrap().extend([false, false, true, false, false]);
+        assert!(m.classify_isolating(&[4.0]).is_err());
+        // Healthy again: the same frames classify.
+        assert_eq!(classes(&m.classify_isolating(&[1.0, 2.0]).unwrap()), vec![Some(1), Some(2)]);
     }
 
     #[test]
     fn a_transient_failure_is_retried_whole() {
-        let mut m = pixel_model(Pixel { transient: 1, ..Pixel::default() });
+        let backend = Pixel::default();
+        let transient = backend.transient.clone();
+        let mut m = pixel_model(backend);
+        transient.store(1, SeqCst);
         let out = m.classify_isolating(&[1.0, 2.0, 3.0]).unwrap();
         assert_eq!(classes(&out), vec![Some(1), Some(2), Some(3)]);
     }
 
     #[test]
     fn a_short_answer_is_an_error() {
-        let mut m = pixel_model(Pixel { short: true, ..Pixel::default() });
+        let backend = Pixel::default();
+        let short = backend.short.clone();
+        let mut m = pixel_model(backend);
+        short.store(true, SeqCst);
         let err = m.classify(&[1.0, 2.0, 3.0]).unwrap_err().to_string();
         assert!(err.contains("returned 32 scores for a batch of 3 x 16 classes"), "{err}");
     }
@@ -327,20 +382,26 @@ mod tests {
 pub(crate) mod testing {
     use super::{Backend, Model};
     use crate::error::{Error, Result};
-    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-    use std::sync::Arc;
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
 
     /// The pixel value that the model cannot take (a poison frame).
     pub(crate) const POISON: f32 = 13.0;
 
     /// Classifies an image as its pixel value (mod 16). It fails on any batch holding
     /// [`POISON`], on every batch while `broken`, and on its next `transient` calls whatever
-    /// they hold; while `short`, it answers one image fewer than it was given.
-    #[derive(Default)]
+    /// they hold; `script` scripts its next calls (`false`: the device fails, `true`: it
+    /// behaves as above); while `short`, it answers one image fewer than it was given. The
+    /// shared fields can be changed after the model loaded (its warm-up is one call).
+    #[derive(Default, Clone)]
     pub(crate) struct Pixel {
         pub broken: Arc<AtomicBool>,
-        pub transient: usize,
-        pub short: bool,
+        pub transient: Arc<AtomicUsize>,
+        pub script: Arc<Mutex<VecDeque<bool>>>,
+        pub short: Arc<AtomicBool>,
+        /// Calls of `infer` so far.
+        pub calls: Arc<AtomicUsize>,
     }
 
     impl Backend for Pixel {
@@ -354,8 +415,12 @@ pub(crate) mod testing {
             None
         }
         fn infer(&mut self, input: &[f32], _shape: [usize; 4]) -> Result<Vec<f32>> {
-            if self.transient > 0 {
-                self.transient -= 1;
+            self.calls.fetch_add(1, SeqCst);
+            if self.script.lock().unwrap().pop_front() == Some(false) {
+                return Err(Error::Inference("the device faltered".into()));
+            }
+            if self.transient.load(SeqCst) > 0 {
+                self.transient.fetch_sub(1, SeqCst);
                 return Err(Error::Inference("transient".into()));
             }
             if self.broken.load(SeqCst) {
@@ -364,7 +429,7 @@ pub(crate) mod testing {
             if input.contains(&POISON) {
                 return Err(Error::Inference("cannot take pixel 13".into()));
             }
-            let n = if self.short { input.len() - 1 } else { input.len() };
+            let n = if self.short.load(SeqCst) { input.len() - 1 } else { input.len() };
             Ok(input[..n]
                 .iter()
                 .flat_map(|&v| (0..16).map(move |c| if c == v as usize % 16 { 9.0 } else { 0.0 }))
@@ -374,9 +439,13 @@ pub(crate) mod testing {
 
     /// A [`Model`] over the backend, with its spec written beside a stand-in graph path.
     pub(crate) fn pixel_model(backend: Pixel) -> Model {
+        try_pixel_model(backend).unwrap()
+    }
+
+    pub(crate) fn try_pixel_model(backend: Pixel) -> Result<Model> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pixel.onnx");
         std::fs::write(dir.path().join("pixel.toml"), "layout='nchw'\ncolor='gray'\nscale=1.0\n").unwrap();
-        Model::with_backend(&path, Box::new(backend), 1).unwrap()
+        Model::with_backend(&path, Box::new(backend), 1)
     }
 }

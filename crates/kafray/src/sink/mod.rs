@@ -10,7 +10,7 @@ use crate::metrics::{DeadLetterReason, FrameTiming, Metrics};
 use crate::offsets::OffsetTracker;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message};
@@ -28,16 +28,85 @@ pub struct Ack {
     pub dead_letter: Option<DeadLetterReason>,
     /// A prediction's path so far, completed by the ack (see [`crate::metrics::FrameTimes`]).
     pub timing: Option<FrameTiming>,
+    /// A dead letter published without the frame's value: the last resort, so a refusal of it
+    /// is a failure, not a reason to try again.
+    pub bare: bool,
 }
 
+impl Ack {
+    pub fn new(partition: i32, offset: i64, ts_produce_ms: Option<i64>) -> Self {
+        Ack { partition, offset, ts_produce_ms, dead_letter: None, timing: None, bare: false }
+    }
+}
+
+/// A result the broker refused for what it is: its frame is still in flight and is
+/// dead-lettered without its value (see [`ResultSink::take_refused`]).
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub ack: Ack,
+    /// Why, for the dead letter's `kafray.error` header.
+    pub reason: String,
+}
+
+/// What becomes of each result once the broker answered: the frame is done, refused (dead-letter
+/// it without its value), or the delivery failed for good (the worker stops without storing
+/// past it). Shared by the Kafka sink and the tests' sinks, so both settle results alike.
 pub struct SinkContext {
     tracker: Arc<OffsetTracker>,
     metrics: Arc<Metrics>,
     /// The first delivery that failed for good; the worker stops on it without storing past it.
     failure: Mutex<Option<String>>,
-    /// Predictions the broker refused for what they are (too large for the topic, invalid):
-    /// they would be refused again after every restart, so their frames are dead-lettered.
-    refused: Mutex<Vec<(Ack, String)>>,
+    /// Results the broker refused for what they are (too large for the topic, invalid): they
+    /// would be refused again after every restart, so their frames are dead-lettered bare.
+    refused: Mutex<Vec<Refused>>,
+}
+
+impl SinkContext {
+    pub fn new(tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>) -> Self {
+        SinkContext { tracker, metrics, failure: Mutex::new(None), refused: Mutex::new(Vec::new()) }
+    }
+
+    /// The broker's answer for one result. `topic` is where it went; `error_header` the
+    /// `kafray.error` a dead letter carried.
+    pub fn settle(&self, ack: &Ack, outcome: Result<(), &KafkaError>, topic: &str, error_header: Option<&str>) {
+        match outcome {
+            Ok(()) => acknowledged(&self.tracker, &self.metrics, ack),
+            Err(KafkaError::MessageProduction(code)) if !ack.bare && refuses_the_record(*code) => {
+                let reason = match (ack.dead_letter, error_header) {
+                    (None, _) => format!("the broker refused its prediction on {topic}: {code}"),
+                    (Some(_), why) => format!(
+                        "{} (the broker refused its dead letter on {topic} with the frame's value: {code})",
+                        why.unwrap_or("dead-lettered")
+                    ),
+                };
+                tracing::warn!(
+                    partition = ack.partition,
+                    offset = ack.offset,
+                    "{reason}; dead-lettering the frame bare"
+                );
+                self.refused.lock().unwrap().push(Refused { ack: *ack, reason });
+            }
+            Err(e) => {
+                // The frame stays in flight: its offset is never stored, so it is read again after a restart.
+                self.metrics.delivery_failures.fetch_add(1, Relaxed);
+                let reason = format!("delivery to {topic} failed for frame {}@{}: {e}", ack.partition, ack.offset);
+                tracing::error!("{reason}");
+                let mut failure = self.failure.lock().unwrap();
+                if failure.is_none() {
+                    *failure = Some(reason);
+                    *self.metrics.delivery_failed_at.lock().unwrap() = Some((ack.partition, ack.offset));
+                }
+            }
+        }
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap().clone()
+    }
+
+    pub fn take_refused(&self) -> Vec<Refused> {
+        std::mem::take(&mut *self.refused.lock().unwrap())
+    }
 }
 
 impl ClientContext for SinkContext {}
@@ -47,21 +116,14 @@ impl ProducerContext for SinkContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, ack: Box<Ack>) {
         match result {
-            Ok(_) => acknowledged(&self.tracker, &self.metrics, &ack),
-            Err((KafkaError::MessageProduction(code), msg))
-                if ack.dead_letter.is_none() && refuses_the_record(*code) =>
-            {
-                let reason = format!("the broker refused its prediction on {}: {code}", msg.topic());
-                tracing::warn!(partition = ack.partition, offset = ack.offset, "{reason}; dead-lettering the frame");
-                self.refused.lock().unwrap().push((*ack, reason));
-            }
+            Ok(_) => self.settle(&ack, Ok(()), "", None),
             Err((e, msg)) => {
-                // The frame stays in flight: its offset is never stored, so it is read again after a restart.
-                self.metrics.delivery_failures.fetch_add(1, Relaxed);
-                let reason =
-                    format!("delivery to {} failed for frame {}@{}: {e}", msg.topic(), ack.partition, ack.offset);
-                tracing::error!("{reason}");
-                self.failure.lock().unwrap().get_or_insert(reason);
+                let error_header = msg
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == HEADER_ERROR))
+                    .and_then(|h| h.value)
+                    .map(String::from_utf8_lossy);
+                self.settle(&ack, Err(e), msg.topic(), error_header.as_deref());
             }
         }
     }
@@ -112,9 +174,9 @@ pub trait ResultSink: Send + Sync {
     fn flush(&self, timeout: Duration) -> Result<()>;
     /// The first delivery that failed for good, if any: the worker stops on it.
     fn failure(&self) -> Option<String>;
-    /// Predictions the broker refused for what they are, since the last call: their frames
-    /// are still in flight, and the worker dead-letters them.
-    fn take_refused(&self) -> Vec<(Ack, String)>;
+    /// Results the broker refused for what they are, since the last call: their frames are
+    /// still in flight, and the worker dead-letters them without their value.
+    fn take_refused(&self) -> Vec<Refused>;
 }
 
 pub struct Sink {
@@ -137,7 +199,7 @@ impl Sink {
         metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
     ) -> Result<Self> {
-        let context = SinkContext { tracker, metrics, failure: Mutex::new(None), refused: Mutex::new(Vec::new()) };
+        let context = SinkContext::new(tracker, metrics);
         let producer = producer_config(brokers, extra)
             .create_with_context(context)
             .kafka_context(|| format!("producer for {brokers}"))?;
@@ -204,7 +266,7 @@ impl ResultSink for Sink {
         class: DeadLetterReason,
         ack: Ack,
     ) -> Result<()> {
-        let ack = Ack { dead_letter: Some(class), ..ack };
+        let ack = Ack { dead_letter: Some(class), bare: value.is_empty(), ..ack };
         let (partition, offset) = (ack.partition.to_string(), ack.offset.to_string());
         let with_reason = |reason: &str| {
             headers
@@ -225,7 +287,7 @@ impl ResultSink for Sink {
                     value.len()
                 );
                 self.producer.context().metrics.dead_letter_fallbacks.fetch_add(1, Relaxed);
-                self.send(&self.dead_letter_topic, key, &[], Some(with_reason(&reason)), ack)
+                self.send(&self.dead_letter_topic, key, &[], Some(with_reason(&reason)), Ack { bare: true, ..ack })
             }
             other => other,
         }
@@ -236,11 +298,11 @@ impl ResultSink for Sink {
     }
 
     fn failure(&self) -> Option<String> {
-        self.producer.context().failure.lock().unwrap().clone()
+        self.producer.context().failure()
     }
 
-    fn take_refused(&self) -> Vec<(Ack, String)> {
-        std::mem::take(&mut *self.producer.context().refused.lock().unwrap())
+    fn take_refused(&self) -> Vec<Refused> {
+        self.producer.context().take_refused()
     }
 }
 

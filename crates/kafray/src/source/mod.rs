@@ -22,11 +22,13 @@ pub struct SourceContext {
     /// Partitions owned now. librdkafka's statistics keep listing a partition after it was
     /// revoked, with its last lag: counted, that stale lag would never fall to 0.
     pub owned: std::sync::Mutex<Vec<i32>>,
+    /// Counts changes of the assignment, so the worker notices one without asking each turn.
+    pub assignment_changes: AtomicU64,
 }
 
 impl SourceContext {
     pub fn new(tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>) -> Self {
-        SourceContext { tracker, metrics, owned: Default::default() }
+        SourceContext { tracker, metrics, owned: Default::default(), assignment_changes: AtomicU64::new(0) }
     }
 }
 
@@ -57,9 +59,6 @@ impl ConsumerContext for SourceContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(_) = rebalance {
-            self.metrics.joined.store(true, Relaxed);
-        }
         match rebalance {
             Rebalance::Assign(tpl) if tpl.count() > 0 => {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -75,7 +74,16 @@ impl ConsumerContext for SourceContext {
         let owned: Vec<i32> =
             consumer.assignment().map(|a| a.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
         self.metrics.assigned_partitions.store(owned.len(), Relaxed);
+        // A member from its first assignment (maybe empty) until everything is revoked, or it
+        // leaves; a revoke of some partitions (cooperative) keeps it one.
+        let member = match rebalance {
+            Rebalance::Assign(_) => true,
+            Rebalance::Revoke(_) => !owned.is_empty(),
+            Rebalance::Error(_) => self.metrics.joined.load(Relaxed),
+        };
+        self.metrics.joined.store(member, Relaxed);
         *self.owned.lock().unwrap() = owned;
+        self.assignment_changes.fetch_add(1, Relaxed);
     }
 }
 
@@ -90,8 +98,12 @@ pub trait FrameSource {
     /// The next frame, an error the consumer reports instead, or nothing within `timeout`.
     /// Rebalances happen inside a poll (and call [`on_revoke`] for what is taken away).
     fn poll(&self, timeout: Duration) -> Option<KafkaResult<Self::Frame<'_>>>;
-    /// Pauses (`true`) or resumes every partition owned now.
-    fn set_paused(&self, paused: bool) -> KafkaResult<()>;
+    /// The input partitions owned now, and a count that changes whenever they change.
+    fn owned_partitions(&self) -> (u64, Vec<i32>);
+    /// Stops fetching these partitions until [`resume_partitions`](Self::resume_partitions). As librdkafka's
+    /// application pause, it outlives a revoke and a re-assignment: resume is the only way out.
+    fn pause_partitions(&self, topic: &str, partitions: &[i32]) -> KafkaResult<()>;
+    fn resume_partitions(&self, topic: &str, partitions: &[i32]) -> KafkaResult<()>;
     /// Stores `next` (the next offset to read) for the partition's next commit.
     fn store_offset(&self, topic: &str, partition: i32, next: i64) -> KafkaResult<()>;
     /// Commits what is stored, now (at shutdown).
@@ -107,13 +119,19 @@ impl FrameSource for Source {
         BaseConsumer::poll(self, timeout)
     }
 
-    fn set_paused(&self, paused: bool) -> KafkaResult<()> {
-        let assignment = self.assignment()?;
-        if paused {
-            self.pause(&assignment)
-        } else {
-            self.resume(&assignment)
-        }
+    fn owned_partitions(&self) -> (u64, Vec<i32>) {
+        let context = self.context();
+        // The count first: a change racing with this read is seen again on the next turn.
+        let changes = context.assignment_changes.load(Relaxed);
+        (changes, context.owned.lock().unwrap().clone())
+    }
+
+    fn pause_partitions(&self, topic: &str, partitions: &[i32]) -> KafkaResult<()> {
+        Consumer::pause(self, &partition_list(topic, partitions)?)
+    }
+
+    fn resume_partitions(&self, topic: &str, partitions: &[i32]) -> KafkaResult<()> {
+        Consumer::resume(self, &partition_list(topic, partitions)?)
     }
 
     fn store_offset(&self, topic: &str, partition: i32, next: i64) -> KafkaResult<()> {
@@ -133,7 +151,16 @@ impl FrameSource for Source {
 
     fn leave(&self) {
         self.unsubscribe();
+        self.context().metrics.joined.store(false, Relaxed);
     }
+}
+
+fn partition_list(topic: &str, partitions: &[i32]) -> KafkaResult<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for &p in partitions {
+        tpl.add_partition(topic, p);
+    }
+    Ok(tpl)
 }
 
 /// Partitions were taken away: store what is already safe, so the commit on revocation carries
@@ -187,11 +214,12 @@ pub fn subscribe(
 }
 
 /// Stores (for the next auto-commit) the offsets that became safe, and confirms to the tracker
-/// those that were stored; the others are offered again on the next call.
-pub fn store_safe<S: FrameSource + ?Sized>(source: &S, topic: &str, tracker: &OffsetTracker) {
+/// those that were stored; the others are offered again on the next call. Returns what was
+/// stored, as (partition, next offset).
+pub fn store_safe<S: FrameSource + ?Sized>(source: &S, topic: &str, tracker: &OffsetTracker) -> Vec<(i32, i64)> {
     let offsets = tracker.committable();
     if offsets.is_empty() {
-        return;
+        return Vec::new();
     }
     // One partition per call, so one partition's failure does not hide the others' success.
     let mut stored = Vec::with_capacity(offsets.len());
@@ -213,6 +241,7 @@ pub fn store_safe<S: FrameSource + ?Sized>(source: &S, topic: &str, tracker: &Of
         }
     }
     tracker.stored(&stored);
+    stored
 }
 
 /// What an error the consumer reports instead of a frame means for the worker.
@@ -222,7 +251,10 @@ pub enum ConsumerError {
     Fatal,
     /// The input topic is not there; fatal if it lasts.
     TopicMissing,
-    /// A broker down, a timeout: librdkafka retries by itself.
+    /// No broker answers (all down, or the connection failed): librdkafka retries by itself,
+    /// and the worker says it is degraded meanwhile.
+    Unreachable,
+    /// A timeout, a coordinator moving: librdkafka retries by itself.
     Transient,
 }
 
@@ -240,6 +272,7 @@ pub fn classify_error(e: &KafkaError) -> ConsumerError {
             | C::InvalidGroupId
             | C::InconsistentGroupProtocol => ConsumerError::Fatal,
             C::UnknownTopicOrPartition | C::UnknownTopic => ConsumerError::TopicMissing,
+            C::AllBrokersDown | C::BrokerTransportFailure | C::Resolve => ConsumerError::Unreachable,
             _ => ConsumerError::Transient,
         },
         _ => ConsumerError::Transient,
@@ -258,7 +291,10 @@ mod tests {
         assert_eq!(classify_error(&consumption(C::TopicAuthorizationFailed)), ConsumerError::Fatal);
         assert_eq!(classify_error(&consumption(C::GroupAuthorizationFailed)), ConsumerError::Fatal);
         assert_eq!(classify_error(&consumption(C::UnknownTopicOrPartition)), ConsumerError::TopicMissing);
-        for transient in [C::AllBrokersDown, C::BrokerTransportFailure, C::RequestTimedOut, C::NotCoordinator] {
+        for unreachable in [C::AllBrokersDown, C::BrokerTransportFailure] {
+            assert_eq!(classify_error(&consumption(unreachable)), ConsumerError::Unreachable, "{unreachable:?}");
+        }
+        for transient in [C::RequestTimedOut, C::NotCoordinator] {
             assert_eq!(classify_error(&consumption(transient)), ConsumerError::Transient, "{transient:?}");
         }
     }
