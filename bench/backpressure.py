@@ -31,12 +31,14 @@ def drain(cli: str, brokers: str, frames: int, bound: int, timeout: float) -> di
         raise RuntimeError(produced.stderr)
     started = time.monotonic()
     worker = subprocess.Popen([cli, "worker", "-b", brokers, "--max-in-flight", str(bound), "--batch-size", "10",
-                               "--status-interval", "0", "--metrics-addr", ""], cwd=ROOT, stderr=subprocess.PIPE,
-                              text=True)
+                               "--create-topics", "4", "--status-interval", "0", "--metrics-addr", ""], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True)
     joined: list[float] = []
+    log: list[str] = []
 
     def watch() -> None:
         for line in worker.stderr:
+            log.append(line)
             if "partitions assigned" in line and not joined:
                 joined.append(time.monotonic())
 
@@ -46,6 +48,8 @@ def drain(cli: str, brokers: str, frames: int, bound: int, timeout: float) -> di
                               "--idle", str(int(timeout)), "--json"], cwd=ROOT, capture_output=True, text=True)
         finished = time.monotonic()
         report = json.loads(out.stdout)
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker ended (exit {worker.returncode}):\n{''.join(log[-20:])}")
     finally:
         worker.terminate()
         worker.wait(60)

@@ -129,6 +129,12 @@ impl Worker {
             }
         };
         state.device = Some(model.device.to_string());
+        if self.stop.load(Relaxed) {
+            // stop() came while the model loaded: there is nothing to finish.
+            self.metrics.set_state(kafray::metrics::WorkerState::Stopped, None);
+            state.outcome = Some(Ok(self.metrics.snapshot()));
+            return Ok(());
+        }
         let (stop, metrics) = (self.stop.clone(), self.metrics.clone());
         let thread = std::thread::Builder::new()
             .name("kafray-worker".into())
@@ -146,8 +152,9 @@ impl Worker {
     #[pyo3(signature = (timeout=None))]
     fn stop<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyDict>> {
         self.stop.store(true, Relaxed);
-        let waited = timeout.map_or(STOP_WAIT, |t| Duration::from_secs_f64(t.max(0.0)));
-        let deadline = Instant::now() + waited;
+        let waited = timeout.map_or(Some(STOP_WAIT), |t| Duration::try_from_secs_f64(t.max(0.0)).ok());
+        // A timeout too large to count to (inf) waits as long as it takes, Ctrl-C still answered.
+        let deadline = waited.and_then(|w| Instant::now().checked_add(w));
         loop {
             let finished = py.detach(|| {
                 let slice = Instant::now() + Duration::from_millis(100);
@@ -155,14 +162,14 @@ impl Worker {
                     let mut state = self.state.lock().unwrap();
                     state.reap();
                     let now = Instant::now();
-                    if state.thread.is_none() || now >= deadline || now >= slice {
+                    if state.thread.is_none() || deadline.is_some_and(|d| now >= d) || now >= slice {
                         return state.thread.is_none();
                     }
                     drop(state);
                     std::thread::sleep(Duration::from_millis(10));
                 }
             });
-            if finished || Instant::now() >= deadline {
+            if finished || deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
             py.check_signals()?;
@@ -174,7 +181,7 @@ impl Worker {
             _ if state.thread.is_some() => Err(PyRuntimeError::new_err(format!(
                 "worker {} did not stop within {:.1} s; it is still finishing",
                 self.worker_id,
-                waited.as_secs_f64()
+                waited.unwrap_or_default().as_secs_f64()
             ))),
             _ => Ok(stats),
         }
@@ -302,15 +309,26 @@ impl Drop for Worker {
         self.stop.store(true, Relaxed);
         let Some(thread) = self.state.get_mut().unwrap().thread.take() else { return };
         let deadline = Instant::now() + STOP_WAIT;
-        let wait = || {
-            while !thread.is_finished() && Instant::now() < deadline {
+        let wait = |slice: Duration| {
+            let until = (Instant::now() + slice).min(deadline);
+            while !thread.is_finished() && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(20));
             }
         };
-        // The drain may take seconds: other Python threads run meanwhile. While the
-        // interpreter shuts down there is no GIL to give back, and nothing else to run.
-        if Python::try_attach(|py| py.detach(wait)).is_none() {
-            wait();
+        // The drain may take seconds: other Python threads run meanwhile, and a Ctrl-C ends the
+        // wait (raised once this returns). While the interpreter shuts down there is no GIL to
+        // give back, and nothing else to run.
+        let attached = Python::try_attach(|py| {
+            while !thread.is_finished() && Instant::now() < deadline {
+                py.detach(|| wait(Duration::from_millis(100)));
+                if let Err(interrupted) = py.check_signals() {
+                    interrupted.restore(py);
+                    break;
+                }
+            }
+        });
+        if attached.is_none() {
+            wait(STOP_WAIT);
         }
         if thread.is_finished() {
             let _ = thread.join();

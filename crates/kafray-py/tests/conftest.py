@@ -49,6 +49,18 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.5):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def probe(endpoint: str, path: str) -> tuple[int, dict]:
+    """GET a worker's probe (/healthz, /readyz) with a real HTTP client: (status, the JSON body)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}{path}", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def actor_ready(actor) -> dict | None:
     """The actor's ready() answer, or None while it is dead or restarting."""
     import ray

@@ -7,7 +7,7 @@ import time
 import pytest
 import ray
 
-from conftest import actor_ready, evaluate, produce_mnist, produce_photos, wait_for
+from conftest import actor_ready, evaluate, probe as _probe, produce_mnist, produce_photos, wait_for
 from kafray import ray as kray
 
 
@@ -44,6 +44,11 @@ def test_actors_land_on_both_nodes_and_predict_all_10000_digits(ray_cluster, bro
     stats = d.stats()
     assert (stats["predicted"], stats["nodes"], stats["running"]) == (10_000, 2, 2), stats
     assert stats["mean_batch"] > 1 and stats["latency_p99_ms"] > 0, stats
+    # Each actor answers the probes on its node's address, with a real HTTP client.
+    for w in d.workers():
+        for path in ("/healthz", "/readyz"):
+            status, body = _probe(w["metrics_endpoint"], path)
+            assert (status, body["state"]) == (200, "ready"), (w["metrics_endpoint"], path, body)
     finals = d.stop()
     assert sum(f["predicted"] for f in finals) == 10_000 and all(f["error"] is None for f in finals), finals
 

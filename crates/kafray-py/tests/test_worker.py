@@ -5,7 +5,7 @@ import sys
 import pytest
 
 import kafray
-from conftest import REPO, evaluate, produce_mnist
+from conftest import REPO, evaluate, probe as _probe, produce_mnist
 
 
 def test_unknown_config_field_and_bad_model_name_the_problem():
@@ -95,19 +95,6 @@ def test_every_worker_setting_is_offered_by_kafray_ray_up_and_documented():
     assert not [f for f in kafray.WORKER_CONFIG_FIELDS if f"``{f}``" not in kafray.Worker.__doc__]
     with pytest.raises(ValueError, match="unknown field `batchsize`"):
         kafray.Worker(batchsize=10)
-
-
-def _probe(endpoint: str, path: str) -> tuple[int, dict]:
-    """GET a probe with a real HTTP client: (status, the JSON body)."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://{endpoint}{path}", timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_probes_follow_the_worker_from_start_through_a_stall_to_its_stop():

@@ -60,7 +60,7 @@ impl Collector for Live {
             ("kafray_delivery_failures", "Results whose delivery failed for good.", &m.delivery_failures),
             (
                 "kafray_backpressure_pauses",
-                "Times polling paused because max_in_flight frames were in flight.",
+                "Times polling waited because max_in_flight frames were in flight (backpressure).",
                 &m.backpressure_pauses,
             ),
             ("kafray_rebalances", "Rebalances that changed this worker's partitions.", &m.rebalances),

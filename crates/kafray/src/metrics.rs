@@ -16,7 +16,8 @@ pub struct Metrics {
     pub dead_lettered_by: [AtomicU64; DeadLetterReason::ALL.len()],
     /// Dead letters published without the frame's value, which was too large to republish.
     pub dead_letter_fallbacks: AtomicU64,
-    /// Times polling paused because `max_in_flight` frames were in flight.
+    /// Times polling waited because `max_in_flight` frames were in flight (a long wait also
+    /// pauses the partitions).
     pub backpressure_pauses: AtomicU64,
     /// Times the worker started again after its results could not be delivered (see
     /// [`crate::Error::Delivery`]). Ray's restarts of an actor are added in `kafray.ray`'s stats.
@@ -25,6 +26,10 @@ pub struct Metrics {
     pub in_flight: AtomicUsize,
     /// Frames behind the log end per assigned partition (librdkafka statistics).
     pub partition_lag: Mutex<Vec<(i32, i64)>>,
+    /// Frames not yet fetched per assigned partition: the last stable offset less the
+    /// consumer's position (librdkafka statistics). Unlike the lag, it falls to 0 when the
+    /// worker has read everything, even past a transaction marker it never stores.
+    pub partition_backlog: Mutex<Vec<(i32, i64)>>,
     /// Distributions for the Prometheus endpoint.
     pub histograms: Histograms,
     /// Errors the consumer reported instead of a frame (logged; see the worker's log).
@@ -51,7 +56,7 @@ pub struct Metrics {
     pub delivery_failed_at: Mutex<Option<(i32, i64)>>,
     /// Per input partition: the next offset stored for commit, and when it last advanced.
     pub partition_progress: Mutex<std::collections::HashMap<i32, Progress>>,
-    /// Owned partitions stalled now (lag, and no progress for `stall_after_s`).
+    /// Owned partitions stalled now (see [`crate::config::WorkerConfig::stall_after_s`]).
     pub stalled_partitions: Mutex<Vec<i32>>,
     /// Times a partition was found stalled.
     pub partition_stalls: AtomicU64,
@@ -353,12 +358,13 @@ impl Metrics {
         self.health.lock().unwrap().clone()
     }
 
-    /// Moves to `state`; logs a change of state or of reason.
+    /// Moves to `state`; logs a change of state or of reason (`since` counts from the state's start).
     pub fn set_state(&self, state: WorkerState, reason: Option<String>) {
         let mut health = self.health.lock().unwrap();
         if health.state == state && health.reason == reason {
             return;
         }
+        let since = if health.state == state { health.since } else { std::time::Instant::now() };
         // A worker that failed or stopped stays so: only a new worker starts again.
         if matches!(health.state, WorkerState::Failed | WorkerState::Stopped) && state != WorkerState::Failed {
             return;
@@ -368,7 +374,7 @@ impl Metrics {
             (Some(why), _) => tracing::warn!("worker {}: {why}", state.as_str()),
             (None, _) => tracing::info!("worker {}", state.as_str()),
         }
-        *health = Health { state, reason, since: std::time::Instant::now() };
+        *health = Health { state, reason, since };
     }
 
     /// `partition`'s offsets were stored up to `next`.

@@ -5,13 +5,16 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Default)]
 struct PartitionState {
     in_flight: BTreeSet<i64>,
     next_unseen: i64,
     last_stored: i64,
+    /// Since when the oldest frame in flight has waited for its result (or since the last
+    /// result before it); `None` with nothing in flight. The stall watchdog reads it.
+    waiting_since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -44,6 +47,7 @@ impl OffsetTracker {
         });
         if p.in_flight.insert(offset) {
             p.next_unseen = p.next_unseen.max(offset + 1);
+            p.waiting_since.get_or_insert_with(Instant::now);
             s.in_flight += 1;
         }
     }
@@ -51,7 +55,16 @@ impl OffsetTracker {
     /// A frame's result was acknowledged. Unknown frames (of a partition revoked meanwhile) are ignored.
     pub fn done(&self, partition: i32, offset: i64) {
         let mut s = self.state.lock().unwrap();
-        let removed = s.partitions.get_mut(&partition).is_some_and(|p| p.in_flight.remove(&offset));
+        let removed = s.partitions.get_mut(&partition).is_some_and(|p| {
+            let oldest = p.in_flight.first() == Some(&offset);
+            let removed = p.in_flight.remove(&offset);
+            if p.in_flight.is_empty() {
+                p.waiting_since = None;
+            } else if oldest {
+                p.waiting_since = Some(Instant::now());
+            }
+            removed
+        });
         if removed {
             s.in_flight -= 1;
             self.room.notify_all();
@@ -98,6 +111,20 @@ impl OffsetTracker {
     /// Wakes waiters of [`wait_below`](Self::wait_below) early (the inference thread stopped).
     pub fn wake(&self) {
         self.room.notify_all();
+    }
+
+    /// Partitions whose oldest frame in flight has waited at least `limit` for a result, with
+    /// no result of that partition in between.
+    pub fn waiting_longer_than(&self, limit: Duration) -> Vec<i32> {
+        let s = self.state.lock().unwrap();
+        let mut out: Vec<i32> = s
+            .partitions
+            .iter()
+            .filter(|(_, p)| p.waiting_since.is_some_and(|t| t.elapsed() >= limit))
+            .map(|(&partition, _)| partition)
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     pub fn in_flight(&self) -> usize {
@@ -168,6 +195,24 @@ mod tests {
         t.stored(&[(3, 5)]); // an older confirmation never moves the mark back
         t.done(3, 8);
         assert_eq!(t.committable(), vec![(3, 9)]);
+    }
+
+    #[test]
+    fn a_partition_waits_from_its_oldest_frame_and_a_result_restarts_the_clock() {
+        let t = OffsetTracker::new();
+        let zero = Duration::ZERO;
+        assert!(t.waiting_longer_than(zero).is_empty());
+        t.begin(0, 5);
+        t.begin(0, 6);
+        t.begin(1, 9);
+        assert_eq!(t.waiting_longer_than(zero), vec![0, 1]);
+        assert!(t.waiting_longer_than(Duration::from_secs(3600)).is_empty());
+        t.done(1, 9);
+        assert_eq!(t.waiting_longer_than(zero), vec![0], "nothing in flight on 1");
+        t.done(0, 5);
+        let s = t.state.lock().unwrap();
+        let since = s.partitions[&0].waiting_since.unwrap();
+        assert!(since.elapsed() < Duration::from_secs(60), "the result of 5 restarted the clock for 6");
     }
 
     #[test]

@@ -149,6 +149,8 @@ fn run_restarting(
                     return Err(e);
                 };
                 metrics.restarts.fetch_add(1, Relaxed);
+                let why = format!("starting again with new clients after undelivered results: {e}");
+                metrics.set_state(WorkerState::Degraded, Some(why));
                 tracing::warn!(
                     "{e}; starting again in {} s with new clients ({} of {RESTARTS_IN_A_ROW})",
                     backoff.as_secs(),
@@ -219,6 +221,11 @@ fn run_connected(
         (0, true) => 5000,
         (s, false) => s * 1000,
         (s, true) => (s * 1000).min(5000),
+    };
+    // Fresh enough that the watchdog never judges a partition on figures older than half its limit.
+    let stats_ms = match config.stall_after_s {
+        0 => stats_ms,
+        s => stats_ms.min((s * 500).max(500)),
     };
     let consumer = source::subscribe(
         &config.brokers,
@@ -297,6 +304,8 @@ pub fn run_pipeline<S: FrameSource>(
         input_missing_since: None,
         broker_trouble: None,
         stalled: Vec::new(),
+        last_polled: HashMap::new(),
+        last_idle_poll: None,
     };
     let outcome = intake.run(&stop);
     if outcome.is_ok() {
@@ -321,7 +330,9 @@ pub fn run_pipeline<S: FrameSource>(
             Err(e) => Err(e),
         };
     }
-    source::store_safe(source, &config.input_topic, &tracker);
+    store_safe(source, &config.input_topic, &tracker, &metrics);
+    // Nothing of this life stalls any more; a restart starts its own watch.
+    metrics.stalled_partitions.lock().unwrap().clear();
     if let Err(e) = source.commit_now() {
         tracing::warn!("final commit failed (the group re-reads from the last commit): {e}");
     }
@@ -367,6 +378,10 @@ struct Intake<'a, S> {
     broker_trouble: Option<(Instant, String)>,
     /// Partitions found stalled at the last health check.
     stalled: Vec<i32>,
+    /// When each owned partition last gave the worker a frame.
+    last_polled: HashMap<i32, Instant>,
+    /// When a poll last came back empty: the consumer had nothing to give at that moment.
+    last_idle_poll: Option<Instant>,
 }
 
 /// Marks the inference thread as stopped however it ends (error or panic), and wakes the
@@ -440,7 +455,9 @@ impl<S: FrameSource> Intake<'_, S> {
                     self.pause_owned();
                 }
                 let room = self.tracker.wait_below(self.config.max_in_flight, POLL_SLICE);
-                if room || self.paused.is_empty() {
+                // A long hold polls (without waiting) even where nothing could be paused (no
+                // partition owned just now): the group's rebalances must be served.
+                if room || (self.paused.is_empty() && since.elapsed() < PAUSE_AFTER) {
                     StageTimers::add(&stages.poll_us, waited);
                     continue;
                 }
@@ -486,17 +503,14 @@ impl<S: FrameSource> Intake<'_, S> {
                         ConsumerError::Transient => tracing::warn!("consumer: {e}"),
                     }
                 }
-                None => {}
+                None => self.last_idle_poll = Some(Instant::now()),
             }
         }
         Ok(())
     }
 
-    /// Stores what became safe, and notes each partition's progress for the watchdog.
     fn store_safe(&self) {
-        for (partition, next) in source::store_safe(self.source, &self.config.input_topic, self.tracker) {
-            self.metrics.progressed(partition, next);
-        }
+        store_safe(self.source, &self.config.input_topic, self.tracker, self.metrics);
     }
 
     /// Brings `owned` up to date after a rebalance. A partition that came (back) may carry a
@@ -554,28 +568,39 @@ impl<S: FrameSource> Intake<'_, S> {
         }
     }
 
-    /// The worker's state, and the stall watchdog: an owned partition with lag that stored
-    /// nothing new for `stall_after_s`, while backpressure is not holding the worker, is stalled.
+    /// The worker's state, and the stall watchdog. While backpressure is not holding the
+    /// worker, an owned partition is stalled when for `stall_after_s`:
+    /// - its oldest frame in flight got no durable result (nor any frame of it after that one), or
+    /// - it has frames not yet read (librdkafka's statistics), gave the worker none, and the
+    ///   consumer meanwhile had nothing else to give (a poll came back empty): it is not merely
+    ///   waiting for its turn behind the other partitions' frames.
     fn check_health(&mut self) {
         let now = Instant::now();
         let stall_after = Duration::from_secs(self.config.stall_after_s);
         let mut problems = Vec::new();
         let mut stalled = Vec::new();
         if self.config.stall_after_s > 0 {
-            if let Some(since) = self.held_since.filter(|s| now.duration_since(*s) >= stall_after) {
+            if self.held_since.is_some_and(|since| now.duration_since(since) >= stall_after) {
                 problems.push(format!(
-                    "backpressure has held for {} s: {} frames in flight wait for the broker's acknowledgement",
-                    now.duration_since(since).as_secs(),
-                    self.tracker.in_flight()
+                    "backpressure has held for over {} s: max_in_flight frames wait for the broker's acknowledgement",
+                    stall_after.as_secs()
                 ));
             }
             if self.held_since.is_none() {
-                let progress = self.metrics.partition_progress.lock().unwrap().clone();
-                let lags = self.metrics.partition_lag.lock().unwrap().clone();
-                for (partition, lag) in lags {
-                    let Some(&came) = self.owned.get(&partition) else { continue };
-                    let last = progress.get(&partition).map_or(came, |p| p.at.max(came));
-                    if lag > 0 && now.duration_since(last) >= stall_after {
+                let quiet_since = |partition: i32, last: Option<&Instant>| {
+                    let came = self.owned.get(&partition).copied().unwrap_or(now);
+                    now.duration_since(last.map_or(came, |t| (*t).max(came)))
+                };
+                stalled = self.tracker.waiting_longer_than(stall_after);
+                stalled.retain(|p| self.owned.get(p).is_some_and(|came| now.duration_since(*came) >= stall_after));
+                let idle_lately = self.last_idle_poll.is_some_and(|t| now.duration_since(t) < stall_after);
+                let backlog = self.metrics.partition_backlog.lock().unwrap().clone();
+                for (partition, frames) in backlog {
+                    let starved = frames > 0
+                        && idle_lately
+                        && self.owned.contains_key(&partition)
+                        && quiet_since(partition, self.last_polled.get(&partition)) >= stall_after;
+                    if starved && !stalled.contains(&partition) {
                         stalled.push(partition);
                     }
                 }
@@ -587,7 +612,8 @@ impl<S: FrameSource> Intake<'_, S> {
             tracing::warn!(
                 partition = p,
                 paused_by_kafray = self.paused.contains(p),
-                "partition {p} stalled: it has lag, and no frame of it got a durable result for {} s",
+                in_flight = self.tracker.in_flight(),
+                "partition {p} stalled: no progress for {} s (frames wait for a result, or frames wait unread)",
                 stall_after.as_secs()
             );
         }
@@ -595,10 +621,7 @@ impl<S: FrameSource> Intake<'_, S> {
             tracing::info!(partition = p, "partition {p} makes progress again");
         }
         if !stalled.is_empty() {
-            problems.push(format!(
-                "partition(s) {stalled:?} stalled: lag, and no progress for {} s",
-                stall_after.as_secs()
-            ));
+            problems.push(format!("partition(s) {stalled:?} stalled: no progress for {} s", stall_after.as_secs()));
         }
         self.stalled = stalled;
         *self.metrics.stalled_partitions.lock().unwrap() = self.stalled.clone();
@@ -637,6 +660,8 @@ impl<S: FrameSource> Intake<'_, S> {
     /// Decodes a frame into the batch being built, or sends it to the dead-letter topic.
     fn accept(&mut self, msg: &impl Message) -> Result<()> {
         let (partition, offset) = (msg.partition(), msg.offset());
+        let polled_at = Instant::now();
+        self.last_polled.insert(partition, polled_at);
         self.tracker.begin(partition, offset);
         self.metrics.consumed.fetch_add(1, Relaxed);
         let headers = read_headers(msg);
@@ -672,6 +697,13 @@ impl<S: FrameSource> Intake<'_, S> {
             }
         }
         Ok(())
+    }
+}
+
+/// Stores what became safe, and notes each partition's progress (for the restart budget).
+fn store_safe<S: FrameSource>(source: &S, topic: &str, tracker: &OffsetTracker, metrics: &Metrics) {
+    for (partition, next) in source::store_safe(source, topic, tracker) {
+        metrics.progressed(partition, next);
     }
 }
 
@@ -1367,16 +1399,16 @@ mod tests {
     }
 
     #[test]
-    fn a_partition_with_lag_and_no_progress_is_stalled_and_the_worker_degraded() {
+    fn a_partition_left_unread_while_the_worker_idles_is_stalled_and_the_worker_degraded() {
         let setup = Setup { stall_after_s: Some(1), ..Setup::default() };
         let h = start_with(pixel_model(Pixel::default()), setup, frames(0, 0..3));
         wait_until("offset 3 stored", || h.source.stored(0) == Some(3));
         wait_until("ready", || h.metrics.health().state == WorkerState::Ready);
-        // Partition 1 has lag (librdkafka's statistics say so) and not one frame of it comes:
-        // paused behind kafray's back, as hole 1 left partitions.
+        // Partition 1 has frames to read (librdkafka's statistics say so) and not one comes:
+        // paused behind kafray's back, as hole 1 left partitions, while the worker idles.
         h.source.pause_partitions(TOPIC, &[1]).unwrap();
         h.source.push(frames(1, 0..3));
-        *h.metrics.partition_lag.lock().unwrap() = vec![(0, 0), (1, 3)];
+        *h.metrics.partition_backlog.lock().unwrap() = vec![(0, 0), (1, 3)];
         wait_until("partition 1 stalled", || *h.metrics.stalled_partitions.lock().unwrap() == vec![1]);
         let health = h.metrics.health();
         assert_eq!(health.state, WorkerState::Degraded);
@@ -1385,9 +1417,41 @@ mod tests {
         // It flows again: the stall clears, and the worker is ready.
         h.source.resume_partitions(TOPIC, &[1]).unwrap();
         wait_until("offset 3 stored on partition 1", || h.source.stored(1) == Some(3));
-        *h.metrics.partition_lag.lock().unwrap() = vec![(0, 0), (1, 0)];
+        *h.metrics.partition_backlog.lock().unwrap() = vec![(0, 0), (1, 0)];
         wait_until("ready again", || h.metrics.health().state == WorkerState::Ready);
         assert!(h.metrics.stalled_partitions.lock().unwrap().is_empty());
+        let (outcome, _) = h.finish();
+        outcome.unwrap();
+    }
+
+    #[test]
+    fn frames_that_get_no_result_stall_their_partition_until_results_come() {
+        let setup = Setup { stall_after_s: Some(1), hold: true, ..Setup::default() };
+        let h = start_with(pixel_model(Pixel::default()), setup, frames(1, 0..2));
+        wait_until("partition 1 stalled", || *h.metrics.stalled_partitions.lock().unwrap() == vec![1]);
+        assert_eq!(h.metrics.health().state, WorkerState::Degraded);
+        h.sink.hold.store(false, SeqCst);
+        h.sink.release_all();
+        wait_until("ready again", || h.metrics.health().state == WorkerState::Ready);
+        assert!(h.metrics.stalled_partitions.lock().unwrap().is_empty());
+        let (outcome, _) = h.finish();
+        outcome.unwrap();
+    }
+
+    #[test]
+    fn a_partition_that_has_read_everything_is_no_stall_however_long_it_is_quiet() {
+        // Lag by the commit can stay above 0 for good (a transaction marker kafray never stores,
+        // data deleted below an old commit): the watchdog judges by what is left to read.
+        let setup = Setup { stall_after_s: Some(1), ..Setup::default() };
+        let h = start_with(pixel_model(Pixel::default()), setup, frames(0, 0..3));
+        wait_until("offset 3 stored", || h.source.stored(0) == Some(3));
+        *h.metrics.partition_lag.lock().unwrap() = vec![(0, 1), (1, 7)];
+        *h.metrics.partition_backlog.lock().unwrap() = vec![(0, 0), (1, 0)];
+        // Three health checks, a second each, past the limit.
+        let checks = Instant::now();
+        wait_until("3 s quiet", || checks.elapsed() >= Duration::from_secs(3));
+        assert!(h.metrics.stalled_partitions.lock().unwrap().is_empty());
+        assert_eq!(h.metrics.health().state, WorkerState::Ready);
         let (outcome, _) = h.finish();
         outcome.unwrap();
     }

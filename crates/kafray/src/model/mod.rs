@@ -103,9 +103,16 @@ impl Model {
             return Err(crate::Error::model(path, "no such file"));
         }
         let backend = OnnxBackend::load_on(path, threads, device)?;
-        let device = backend.device;
-        let mut model = Self::with_backend(path, Box::new(backend), top_k)?;
-        model.device = device;
+        let ran_on = backend.device;
+        let mut model = match Self::with_backend(path, Box::new(backend), top_k) {
+            // `auto` falls back to the CPU where CUDA starts but cannot run the model.
+            Err(e) if device == Device::Auto && ran_on != Device::Cpu => {
+                tracing::warn!("--device auto: {e}; running on the CPU");
+                return Self::load_on(path, threads, top_k, Device::Cpu);
+            }
+            other => other?,
+        };
+        model.device = ran_on;
         Ok(model)
     }
 
@@ -161,21 +168,35 @@ impl Model {
     pub fn classify(&mut self, input: &[f32]) -> Result<Vec<Classification>> {
         let per_image = self.input_len();
         let n = input.len() / per_image;
-        let chunk = self.backend.max_batch().unwrap_or(n.max(1));
+        let fixed = self.backend.max_batch();
+        let chunk = fixed.unwrap_or(n.max(1));
         let mut results = Vec::with_capacity(n);
+        let mut padded = Vec::new();
         for part in input.chunks(chunk * per_image) {
             let batch = part.len() / per_image;
-            let scores = self.backend.infer(part, self.spec.input_shape(batch))?;
+            // A graph exported with a fixed batch takes only that: a short last chunk (or the
+            // warm-up's single image) is padded with zero images, whose scores are dropped.
+            let (part, shape) = match fixed {
+                Some(size) if batch < size => {
+                    padded.clear();
+                    padded.extend_from_slice(part);
+                    padded.resize(size * per_image, 0.0);
+                    (&padded[..], self.spec.input_shape(size))
+                }
+                _ => (part, self.spec.input_shape(batch)),
+            };
+            let scores = self.backend.infer(part, shape)?;
             let classes = self.backend.classes();
             // One result per frame, or none: a short answer would leave frames that are never
             // acknowledged, and the worker would stall at max_in_flight.
-            if scores.len() != batch * classes {
+            let given = shape[0];
+            if scores.len() != given * classes {
                 return Err(crate::Error::Inference(format!(
-                    "the backend returned {} scores for a batch of {batch} x {classes} classes",
+                    "the backend returned {} scores for a batch of {given} x {classes} classes",
                     scores.len()
                 )));
             }
-            results.extend(scores.chunks(classes).map(|s| self.top(s)));
+            results.extend(scores.chunks(classes).take(batch).map(|s| self.top(s)));
         }
         Ok(results)
     }
@@ -186,9 +207,9 @@ impl Model {
     /// A failing batch is tried once more (a transient fault). Then the canary (the warm-up
     /// input) tells a broken model or device from a broken batch: if it fails, the error is the
     /// model's. Otherwise the batch is split in halves until each failing frame stands alone. A
-    /// frame is poison only if it fails alone while the canary passes both before and after it:
-    /// a device that fails, recovers, then fails again makes this an error (its frames are read
-    /// again after a restart), never a dead letter of a good frame.
+    /// frame is poison only if it fails alone twice, with the canary passing just before and just
+    /// after its second try: a device that fails, recovers, then fails again makes this an error
+    /// (its frames are read again after a restart), never a dead letter of a good frame.
     pub fn classify_isolating(&mut self, input: &[f32]) -> Result<Vec<Result<Classification, FrameRejection>>> {
         let n = input.len() / self.input_len();
         let error = match self.classify(input).or_else(|_| self.classify(input)) {
@@ -205,9 +226,17 @@ impl Model {
         let per_image = self.input_len();
         match self.classify(input) {
             Ok(results) => out.extend(results.into_iter().map(Ok)),
+            // Alone, it failed: poison only if the canary passes, the frame fails once more, and
+            // the canary passes again; a device that falters and recovers cannot make it so.
             Err(e) if input.len() == per_image => {
                 self.check_canary(&e)?;
-                out.push(Err(e.to_string()));
+                match self.classify(input) {
+                    Ok(results) => out.extend(results.into_iter().map(Ok)),
+                    Err(again) => {
+                        self.check_canary(&again)?;
+                        out.push(Err(again.to_string()));
+                    }
+                }
             }
             Err(_) => {
                 let half = input.len() / per_image / 2 * per_image;
@@ -261,7 +290,8 @@ fn softmax(x: &[f32]) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    /// A backend that scores class = first pixel value: enough to test the plumbing.
+    /// A backend that scores class = first pixel value, exported with a fixed batch of 2 (as
+    /// ONNX Runtime, it refuses any other): enough to test the plumbing.
     struct Echo;
     impl Backend for Echo {
         fn graph_input(&self) -> Vec<i64> {
@@ -274,7 +304,7 @@ mod tests {
             Some(2)
         }
         fn infer(&mut self, input: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
-            assert!(shape[0] <= 2, "batch larger than the graph allows");
+            assert_eq!((shape[0], input.len()), (2, 2), "a fixed-batch graph takes exactly its batch");
             Ok(input.iter().flat_map(|&v| (0..4).map(move |c| if c == v as usize { 10.0 } else { 0.0 })).collect())
         }
     }
@@ -333,13 +363,16 @@ mod tests {
         // The batch fails twice, the canary passes, the batch fails again in isolation, then the
         // first half's single frame fails alone, and the canary fails after it: the device, not
         // the frame.
-        script.lock().unwrap().extend([false, false, true, false, false, false]);
+        script.lock().unwrap().extend([false, false, true, false, false, true, false, false]);
         let err = m.classify_isolating(&[1.0, 2.0]).expect_err("no frame may be called poison").to_string();
         assert!(err.contains("the device faltered") && err.contains("warm-up input too"), "{err}");
-        // A single-frame batch: it fails (twice), the canary passes, it fails alone again, and
-        // the canary then fails.
-        script.lock().unwrap().extend([false, false, true, false, false]);
+        // A single-frame batch: it fails (twice), the canary passes, it fails alone twice with
+        // the canary passing between, and the canary then fails.
+        script.lock().unwrap().extend([false, false, true, false, true, false, false]);
         assert!(m.classify_isolating(&[4.0]).is_err());
+        // The device falters once on the frame alone and then recovers: the frame is classified.
+        script.lock().unwrap().extend([false, false, true, false, false, true]);
+        assert_eq!(classes(&m.classify_isolating(&[1.0, 2.0]).unwrap()), vec![Some(1), Some(2)]);
         // Healthy again: the same frames classify.
         assert_eq!(classes(&m.classify_isolating(&[1.0, 2.0]).unwrap()), vec![Some(1), Some(2)]);
     }

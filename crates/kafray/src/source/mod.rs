@@ -44,6 +44,19 @@ impl ClientContext for SourceContext {
             .collect();
         self.metrics.lag.store(lags.iter().map(|(_, lag)| lag).sum(), Relaxed);
         *self.metrics.partition_lag.lock().unwrap() = lags;
+        let backlog: Vec<(i32, i64)> = stats
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| owned.contains(&p.partition))
+            .filter_map(|p| {
+                // Where the consumer reads next: its position, else where it will start.
+                let position = [p.app_offset, p.committed_offset, p.lo_offset].into_iter().find(|&o| o >= 0)?;
+                let end = if p.ls_offset >= 0 { p.ls_offset } else { p.hi_offset };
+                (end >= 0).then(|| (p.partition, (end - position).max(0)))
+            })
+            .collect();
+        *self.metrics.partition_backlog.lock().unwrap() = backlog;
     }
 }
 
@@ -272,7 +285,8 @@ pub fn classify_error(e: &KafkaError) -> ConsumerError {
             | C::InvalidGroupId
             | C::InconsistentGroupProtocol => ConsumerError::Fatal,
             C::UnknownTopicOrPartition | C::UnknownTopic => ConsumerError::TopicMissing,
-            C::AllBrokersDown | C::BrokerTransportFailure | C::Resolve => ConsumerError::Unreachable,
+            // One broker's connection failing (a rolling restart) is not all of them.
+            C::AllBrokersDown => ConsumerError::Unreachable,
             _ => ConsumerError::Transient,
         },
         _ => ConsumerError::Transient,
@@ -291,10 +305,8 @@ mod tests {
         assert_eq!(classify_error(&consumption(C::TopicAuthorizationFailed)), ConsumerError::Fatal);
         assert_eq!(classify_error(&consumption(C::GroupAuthorizationFailed)), ConsumerError::Fatal);
         assert_eq!(classify_error(&consumption(C::UnknownTopicOrPartition)), ConsumerError::TopicMissing);
-        for unreachable in [C::AllBrokersDown, C::BrokerTransportFailure] {
-            assert_eq!(classify_error(&consumption(unreachable)), ConsumerError::Unreachable, "{unreachable:?}");
-        }
-        for transient in [C::RequestTimedOut, C::NotCoordinator] {
+        assert_eq!(classify_error(&consumption(C::AllBrokersDown)), ConsumerError::Unreachable);
+        for transient in [C::BrokerTransportFailure, C::RequestTimedOut, C::NotCoordinator] {
             assert_eq!(classify_error(&consumption(transient)), ConsumerError::Transient, "{transient:?}");
         }
     }
