@@ -139,6 +139,7 @@ def test_probes_follow_the_worker_from_start_through_a_stall_to_its_stop():
         final = worker.stop(timeout=60)
         assert report["distinct_frames"] == 3000, report
         assert final["state"] == "stopped", final
+        assert final["joined"] is False, "a worker that left its group is no member (it stayed one)"
         status, body = _probe(endpoint, "/readyz")
         assert (status, body["state"]) == (503, "stopped"), body
     finally:

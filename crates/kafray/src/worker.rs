@@ -73,7 +73,7 @@ pub fn serve_metrics(config: &WorkerConfig, metrics: &Arc<Metrics>) -> Option<cr
     let registry = crate::exporter::registry(metrics.clone(), labels);
     match crate::exporter::MetricsServer::start(&config.metrics_addr, registry, metrics.clone()) {
         Ok(server) => {
-            tracing::info!("metrics at http://{}/metrics, probes at /healthz and /readyz", server.addr);
+            tracing::info!("metrics at http://{}/metrics (probes: /healthz, /readyz)", server.addr);
             *metrics.endpoint.lock().unwrap() = Some(server.addr.to_string());
             Some(server)
         }
@@ -525,6 +525,7 @@ impl<S: FrameSource> Intake<'_, S> {
         let now = Instant::now();
         self.owned.retain(|p, _| assigned.contains(p));
         self.paused.retain(|p| assigned.contains(p));
+        self.last_polled.retain(|p, _| assigned.contains(p));
         let came: Vec<i32> = assigned.iter().copied().filter(|p| !self.owned.contains_key(p)).collect();
         if came.is_empty() {
             return;

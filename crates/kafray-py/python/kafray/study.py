@@ -73,8 +73,8 @@ def summarize(engine: str, nodes: int, partitions: int | None, records: list[dic
         "files": len(records), "images": images, "errors": sum(1 for r in records if r["error"]),
         "accuracy": round(correct / images, 4) if images else "", "wall_s": round(wall, 3),
         "task_mean_ms": round(1000 * sum(r["end"] - r["start"] for r in records) / max(1, len(records)), 3),
-        "launch_s": round(launch_s, 3), "ship_s": round(ship_s, 3), "read_s": round(read, 3),
-        "evaluate_s": round(evaluate, 3), "other_s": round(max(0.0, wall - read - evaluate), 3),
+        "launch_s": round(launch_s, 3), "ship_s": round(ship_s, 3), "read_s": round(read, 6),
+        "evaluate_s": round(evaluate, 6), "other_s": round(max(0.0, wall - read - evaluate), 3),
     }
 
 
