@@ -5,7 +5,7 @@ import sys
 import pytest
 
 import kafray
-from conftest import REPO, evaluate, probe as _probe, produce_mnist
+from conftest import KAFRAY_BIN, REPO, evaluate, probe as _probe, produce_mnist
 
 
 def test_unknown_config_field_and_bad_model_name_the_problem():
@@ -147,16 +147,20 @@ def test_probes_follow_the_worker_from_start_through_a_stall_to_its_stop():
 
 
 def test_ctrl_c_interrupts_a_stop_that_cannot_finish():
-    """With the broker frozen, the drain cannot finish; stop() must still answer Ctrl-C promptly
-    (it used to wait without bound, deaf to signals)."""
-    code = """
-import os, signal, threading, time, kafray
+    """With the broker frozen mid-stream, the drain waits for acknowledgements that cannot come;
+    stop() must still answer Ctrl-C promptly (it used to wait, deaf to signals, for the drain's
+    30 s bound)."""
+    code = f"""
+import os, signal, subprocess, threading, time, kafray
 broker = kafray.EmbeddedBroker("memory")
-w = kafray.Worker(brokers=broker.bootstrap, group="ctrl-c", create_topics=1, metrics_addr="")
+b = broker.bootstrap
+producer = subprocess.Popen([{str(KAFRAY_BIN)!r}, "produce", "mnist", "-b", b, "--limit", "5000", "--rate", "500",
+                             "--partitions", "1", "-q"], cwd={str(REPO)!r})
+w = kafray.Worker(brokers=b, group="ctrl-c", create_topics=1, metrics_addr="")
 w.start()
-while not w.stats()["joined"]:
+while w.stats()["predicted"] < 100:
     time.sleep(0.1)
-os.kill(broker.pid, signal.SIGSTOP)
+os.kill(broker.pid, signal.SIGSTOP)  # predictions now wait for acknowledgements that cannot come
 sent = []
 try:
     threading.Timer(1.0, lambda: (sent.append(time.monotonic()), os.kill(os.getpid(), signal.SIGINT))).start()
@@ -166,8 +170,9 @@ except KeyboardInterrupt:
     print("interrupted", time.monotonic() - sent[0], flush=True)
 finally:
     os.kill(broker.pid, signal.SIGCONT)
+    producer.kill()
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     words = out.stdout.split()
     assert words and words[0] == "interrupted", out
     assert float(words[1]) < 5, f"stop() answered Ctrl-C only after {words[1]} s"
