@@ -18,8 +18,9 @@ def test_a_cluster_of_three_hosts_ships_the_model_survives_a_kill_scales_and_upd
     if why:
         pytest.skip(f"no network namespaces here ({why}): the multi-host test needs root and `ip netns`")
     assert KAFRAY_BIN.is_file(), "cargo build --release first (the README's test command does)"
-    # The checkout and ../shared stay visible on every host, wherever they lie.
-    with Hosts(["broker", "head", "node2"], keep=[REPO.parent]) as h:
+    # The checkout and ../shared stay visible on every host, wherever they lie (their parent may
+    # be /tmp itself, which every host has its own of).
+    with Hosts(["broker", "head", "node2"], keep=[REPO, REPO.parent / "shared"]) as h:
         broker = start_broker_and_ray(h, str(VENV), broker_log=open(tmp_path / "broker.log", "w"))
         driver = h.run("head", [str(VENV / "python"), str(REPO / "crates/kafray-py/tests/multihost_driver.py"),
                                 h.ip["head"], broker, str(REPO)],
