@@ -138,9 +138,10 @@ struct WorkerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_in_flight: Option<usize>,
-    /// Seconds an owned partition with lag may go without progress (while backpressure is not
-    /// holding) before it counts as stalled: logged, counted, /healthz fails; 0 turns the
-    /// watchdog off [default: 30].
+    /// Seconds an owned partition may go without progress (its oldest frame in flight without a
+    /// result, or frames left unread while the worker idles; backpressure holding excepted)
+    /// before it counts as stalled: logged, counted, /healthz fails; 0 turns the watchdog off
+    /// [default: 30].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     stall_after_s: Option<u64>,

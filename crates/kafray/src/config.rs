@@ -46,8 +46,9 @@ pub struct WorkerConfig {
     /// Frames polled but not yet acknowledged; polling waits at this bound (backpressure), and
     /// a hold that lasts pauses the partitions.
     pub max_in_flight: usize,
-    /// A partition the worker owns that has lag but got no durable result for this many
-    /// seconds, while backpressure is not holding the worker, is stalled: logged, counted
+    /// While backpressure is not holding the worker, a partition it owns is stalled when for this
+    /// many seconds its oldest frame in flight got no durable result, or it had frames left
+    /// unread and gave the worker none while the consumer idled: logged, counted
     /// (`kafray_partition_stalled`), and the worker is degraded and fails `/healthz`. Backpressure
     /// held this long also degrades it. 0 turns the watchdog off.
     pub stall_after_s: u64,

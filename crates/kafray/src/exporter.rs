@@ -67,7 +67,7 @@ impl Collector for Live {
             ("kafray_batches", "Batches given to the model.", &m.batches),
             (
                 "kafray_partition_stalled",
-                "Times an owned partition was found stalled: lag, and no durable result for stall_after_s.",
+                "Times an owned partition was found stalled: no progress for stall_after_s (frames waiting for a result, or left unread).",
                 &m.partition_stalls,
             ),
         ];

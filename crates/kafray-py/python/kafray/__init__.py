@@ -52,7 +52,7 @@ class Worker:
     ``brokers``, ``input_topic``, ``output_topic``, ``dead_letter_topic``, ``group``, ``model``,
     ``batch_size``, ``max_wait_ms``, ``latency_target_ms``, ``threads``, ``device`` (``cpu``,
     ``cuda``, ``cuda:N`` or ``auto``), ``top_k``, ``max_in_flight``, ``stall_after_s`` (the
-    stall watchdog: seconds an owned partition with lag may make no progress; 0 for off),
+    stall watchdog: seconds an owned partition may make no progress; 0 for off),
     ``status_interval_s``, ``worker_id``, ``kafka`` (a dict of librdkafka properties),
     ``metrics_addr`` (the Prometheus endpoint with the probes ``/healthz`` and ``/readyz``,
     ``host:port``; ``""`` for none) and

@@ -716,8 +716,9 @@ def _add_worker_flags(up: argparse.ArgumentParser) -> None:
     w.add_argument("--max-in-flight", dest="max_in_flight", type=int,
                    help="frames between poll and acknowledgement per worker (1000)")
     w.add_argument("--stall-after-s", dest="stall_after_s", type=int, metavar="S",
-                   help="seconds an owned partition with lag may make no progress before it counts as stalled: "
-                        "logged, counted, /healthz fails (30; 0 turns the watchdog off)")
+                   help="seconds an owned partition may make no progress (frames without a result, or left "
+                        "unread while the worker idles) before it counts as stalled: logged, counted, /healthz "
+                        "fails (30; 0 turns the watchdog off)")
     w.add_argument("--status-interval", dest="status_interval_s", type=int,
                    help="seconds between each worker's status lines in its log (5)")
     w.add_argument("--worker-id", dest="worker_id",

@@ -264,8 +264,8 @@ pub enum ConsumerError {
     Fatal,
     /// The input topic is not there; fatal if it lasts.
     TopicMissing,
-    /// No broker answers (all down, or the connection failed): librdkafka retries by itself,
-    /// and the worker says it is degraded meanwhile.
+    /// No broker answers (all down): librdkafka retries by itself, and the worker says it is
+    /// degraded meanwhile.
     Unreachable,
     /// A timeout, a coordinator moving: librdkafka retries by itself.
     Transient,
