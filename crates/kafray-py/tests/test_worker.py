@@ -176,3 +176,28 @@ finally:
     words = out.stdout.split()
     assert words and words[0] == "interrupted", out
     assert float(words[1]) < 5, f"stop() answered Ctrl-C only after {words[1]} s"
+
+
+def test_frames_compressed_with_every_codec_a_producer_may_use_are_predicted(broker):
+    """An ordinary producer (confluent-kafka, librdkafka built with every codec) compresses its
+    batches with each of Kafka's five codecs. A worker whose librdkafka lacked one (zstd) logged a
+    decompression error on every fetch and predicted nothing of those frames, for ever."""
+    from confluent_kafka import Producer
+
+    from conftest import wait_for
+
+    worker = kafray.Worker(brokers=broker, group="codecs", create_topics=1, metrics_addr="").start()
+    try:
+        wait_for(lambda: worker.stats()["joined"], 60, "the worker to join its group")
+        headers = [("kafray.format", b"raw"), ("kafray.shape", b"28x28x1")]
+        codecs = ["none", "gzip", "snappy", "lz4", "zstd"]
+        for codec in codecs:
+            producer = Producer({"bootstrap.servers": broker, "compression.type": codec, "linger.ms": 50})
+            for i in range(20):
+                producer.produce("frames", key=f"{codec}-{i}", value=bytes([i * 12 % 256]) * 784, headers=headers)
+            assert producer.flush(30) == 0, codec
+        report = evaluate(broker, 20 * len(codecs), timeout=60)
+    finally:
+        final = worker.stop(timeout=60)
+    assert report["distinct_frames"] == 100, report
+    assert final["predicted"] == 100 and final["dead_lettered"] == 0, final
