@@ -54,22 +54,15 @@ pub struct Metrics {
     latency: Mutex<Option<Latency>>,
     /// The frame whose delivery failed for good last (partition, offset), if one did.
     pub delivery_failed_at: Mutex<Option<(i32, i64)>>,
-    /// Per input partition: the next offset stored for commit, and when it last advanced.
-    pub partition_progress: Mutex<std::collections::HashMap<i32, Progress>>,
+    /// Per input partition: the highest next offset stored for commit (the restart budget's
+    /// measure of progress past a frame that failed).
+    pub stored_offsets: Mutex<std::collections::HashMap<i32, i64>>,
     /// Owned partitions stalled now (see [`crate::config::WorkerConfig::stall_after_s`]).
     pub stalled_partitions: Mutex<Vec<i32>>,
     /// Times a partition was found stalled.
     pub partition_stalls: AtomicU64,
     /// What the worker is doing, for its status, `/healthz` and `/readyz`.
     pub health: Mutex<Health>,
-}
-
-/// Where an input partition has got to.
-#[derive(Debug, Clone, Copy)]
-pub struct Progress {
-    /// The next offset to read, as stored for the next commit.
-    pub stored: i64,
-    pub at: std::time::Instant,
 }
 
 /// A worker's state, as Kubernetes-style probes and the controller see it.
@@ -112,7 +105,7 @@ impl WorkerState {
         }
     }
 
-    /// Liveness: alive unless failed (a stalled partition fails it too; see [`Health::live`]).
+    /// Liveness: alive unless failed (`/healthz` also fails while a partition is stalled).
     pub fn live(self) -> bool {
         self != WorkerState::Failed
     }
@@ -379,14 +372,9 @@ impl Metrics {
 
     /// `partition`'s offsets were stored up to `next`.
     pub fn progressed(&self, partition: i32, next: i64) {
-        let mut progress = self.partition_progress.lock().unwrap();
-        let now = std::time::Instant::now();
-        match progress.get(&partition) {
-            Some(p) if p.stored >= next => {}
-            _ => {
-                progress.insert(partition, Progress { stored: next, at: now });
-            }
-        }
+        let mut stored = self.stored_offsets.lock().unwrap();
+        let highest = stored.entry(partition).or_insert(next);
+        *highest = (*highest).max(next);
     }
 
     /// A prediction was acknowledged: adds its frame's path to [`FrameTimers`].

@@ -185,8 +185,7 @@ impl RestartBudget {
     /// After a failure at `failed_at` (when known): how long to wait before starting again, or
     /// `None` to give up.
     fn after_failure(&mut self, failed_at: Option<(i32, i64)>, metrics: &Metrics) -> Option<Duration> {
-        let stored: HashMap<i32, i64> =
-            metrics.partition_progress.lock().unwrap().iter().map(|(&p, progress)| (p, progress.stored)).collect();
+        let stored = metrics.stored_offsets.lock().unwrap().clone();
         let moved_past = |last: &LastFailure| match last.frame {
             Some((partition, offset)) => stored.get(&partition).is_some_and(|&next| next > offset),
             // No frame named (the producer itself failed): any partition's progress counts.
@@ -661,8 +660,6 @@ impl<S: FrameSource> Intake<'_, S> {
     /// Decodes a frame into the batch being built, or sends it to the dead-letter topic.
     fn accept(&mut self, msg: &impl Message) -> Result<()> {
         let (partition, offset) = (msg.partition(), msg.offset());
-        let polled_at = Instant::now();
-        self.last_polled.insert(partition, polled_at);
         self.tracker.begin(partition, offset);
         self.metrics.consumed.fetch_add(1, Relaxed);
         let headers = read_headers(msg);
@@ -670,6 +667,7 @@ impl<S: FrameSource> Intake<'_, S> {
         let value = msg.payload().unwrap_or_default();
         let (spec, tensor) = (self.spec, &mut self.tensor);
         let decoding = Instant::now();
+        self.last_polled.insert(partition, decoding);
         let result = frame::decode(value, &headers)
             .and_then(|pixels| crate::model::preprocess::preprocess(spec, &pixels, tensor));
         let queued_at = StageTimers::add(&self.metrics.stages.decode_us, decoding);
