@@ -82,8 +82,6 @@ pub struct Model {
     /// An input the model classified at load (its warm-up): a batch that fails is the batch's
     /// fault only while the model still classifies this.
     canary: Vec<f32>,
-    /// How long the warm-up took (the first inference's one-off cost, kept out of any frame).
-    pub warm_up: std::time::Duration,
 }
 
 /// Why the model rejected one frame of a batch that it otherwise classified.
@@ -128,15 +126,7 @@ impl Model {
         }
         let top_k = top_k.clamp(1, backend.classes());
         let canary = vec![0.0; spec.input_len()];
-        let mut model = Model {
-            spec,
-            path: path.to_path_buf(),
-            backend,
-            top_k,
-            device: Device::Cpu,
-            canary,
-            warm_up: Default::default(),
-        };
+        let mut model = Model { spec, path: path.to_path_buf(), backend, top_k, device: Device::Cpu, canary };
         model.warm_up(path)?;
         Ok(model)
     }
@@ -147,13 +137,15 @@ impl Model {
     /// frame that came first could not be told from a broken model). A model that cannot
     /// classify it cannot be served.
     fn warm_up(&mut self, path: &Path) -> Result<()> {
-        let started = std::time::Instant::now();
+        self.classify_canary()
+            .map_err(|e| crate::Error::model(path, format!("it failed its warm-up on a zero input: {e}")))
+    }
+
+    fn classify_canary(&mut self) -> Result<()> {
         let canary = std::mem::take(&mut self.canary);
         let outcome = self.classify(&canary);
         self.canary = canary;
-        outcome.map_err(|e| crate::Error::model(path, format!("it failed its warm-up on a zero input: {e}")))?;
-        self.warm_up = started.elapsed();
-        Ok(())
+        outcome.map(drop)
     }
 
     pub fn input_len(&self) -> usize {
@@ -250,10 +242,7 @@ impl Model {
     /// The model still classifies its canary; if not, `failure` was the model's (or the
     /// device's), not the frames'.
     fn check_canary(&mut self, failure: &crate::Error) -> Result<()> {
-        let canary = std::mem::take(&mut self.canary);
-        let outcome = self.classify(&canary);
-        self.canary = canary;
-        outcome.map(drop).map_err(|canary_error| {
+        self.classify_canary().map_err(|canary_error| {
             crate::Error::Inference(format!(
                 "{failure}; the model then failed on its warm-up input too ({canary_error}): the model or its device \
                  is at fault, not the frames"
