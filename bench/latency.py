@@ -86,8 +86,9 @@ def run_cell(pool: Pool, name: str, cfg: dict, model: str, kind: str, load: floa
     out = f"{topic}.predictions"
     create_topics(brokers, [(topic, args.partitions), (out, args.partitions), (f"{topic}.dlq", 1)])
     extra = {"latency_target_ms": cfg["latency_target_ms"]} if cfg.get("latency_target_ms") else {}
+    max_in_flight = max(1000, 4 * cfg["batch_size"])
     ray.get([a.start.remote(brokers, topic, out, f"{topic}-group", cfg["batch_size"], cfg["max_wait_ms"],
-                            max(1000, 4 * cfg["batch_size"]), **extra) for a in pool.actors], timeout=120)
+                            max_in_flight, **extra) for a in pool.actors], timeout=120)
 
     def settled(s):
         owned = [x.get("assigned_partitions", 0) for x in s]
@@ -133,6 +134,10 @@ def run_cell(pool: Pool, name: str, cfg: dict, model: str, kind: str, load: floa
         "worker_cpu_cores": round((cpu1 - cpu0) / wall, 2),
         "machine_cpu_cores": round((busy1[0] - busy0[0]) / (busy1[1] - busy0[1]) * (os.cpu_count() or 1), 2),
         "batch_limit_end": max((x.get("batch_limit", 0) for x in final), default=""),
+        # A worker that starts again (after results the broker would not take) reads again what
+        # was in flight: duplicates are bounded by restarts x max_in_flight.
+        "restarts": sum(x.get("restarts", 0) for x in final) - sum(x.get("restarts", 0) for x in before),
+        "max_in_flight": max_in_flight,
     }
     # Where a frame's time went (kafray): means over this cell's acknowledged predictions.
     if cfg["system"] == "kafray":
