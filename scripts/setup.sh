@@ -4,8 +4,10 @@
 #    (kafray loads it at run time; ORT_DYLIB_PATH overrides);
 #  - the local Kafka-protocol broker for the demo and tests: Tansu (crates.io `nisshi`),
 #    built with cargo into ~/.cargo/bin (about 20 minutes on 2 cores, the first time only);
-#  - kcat, for the test that any Kafka client can use kafray's formats, and prometheus (Debian's),
-#    for the test that a real Prometheus server scrapes a worker.
+#  - from Debian: OpenSSL's headers (libssl-dev) and pkg-config, which librdkafka is built
+#    against (TLS, SASL/SCRAM); openssl, with which the tests make a CA for a secured broker;
+#    kcat, for the test that any Kafka client can use kafray's formats; and prometheus, for the
+#    test that a real Prometheus server scrapes a worker.
 # With --python (the test command passes it) also:
 #  - Ray, PySpark, matplotlib, maturin and pytest in .venv (about 1 GB, once), and numpy and
 #    Pillow for the Python peer of the benchmarks (bench/peer.py);
@@ -56,19 +58,14 @@ rdkafka_lib=$(ls .venv/lib/python3*/site-packages/confluent_kafka.libs/librdkafk
 mkdir -p .venv/kcat-lib
 ln -sf "$(realpath "$rdkafka_lib")" .venv/kcat-lib/librdkafka.so.1
 
-if ! command -v nisshi >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/nisshi" ]; then
-  echo "setup: building the local broker (Tansu, crates.io nisshi $NISSHI_VERSION); about 20 minutes on 2 cores, once" >&2
-  # Plain --locked fails: a dependency of the default features wants a newer rustc.
-  cargo install nisshi --version "$NISSHI_VERSION" --locked --ignore-rust-version \
-    --no-default-features --features dynostore,libsql
-fi
-
-# Debian packages: kcat (any Kafka client can use kafray's formats) and prometheus (a real server
-# scrapes a worker in a test).
+# Debian packages: OpenSSL's headers and pkg-config (librdkafka is built with TLS and SASL/SCRAM
+# against them), openssl (the tests make a CA for a TLS broker), kcat (any Kafka client can use
+# kafray's formats) and prometheus (a real server scrapes a worker in a test).
 apt_install() {
   local missing=()
   for pkg in "$@"; do
-    command -v "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    command -v "$pkg" >/dev/null 2>&1 && continue
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
   [ "${#missing[@]}" = 0 ] && return 0
   local sudo=""
@@ -82,7 +79,15 @@ apt_install() {
   fi
   $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
-apt_install kcat prometheus
+apt_install libssl-dev pkg-config openssl kcat prometheus
+
+if ! command -v nisshi >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/nisshi" ]; then
+  echo "setup: building the local broker (Tansu, crates.io nisshi $NISSHI_VERSION); about 20 minutes on 2 cores, once" >&2
+  # Plain --locked fails: a dependency of the default features wants a newer rustc.
+  cargo install nisshi --version "$NISSHI_VERSION" --locked --ignore-rust-version \
+    --no-default-features --features dynostore,libsql
+fi
+
 if [ "$with_python" = 1 ]; then
   want="ray==$RAY_VERSION pyspark==$PYSPARK_VERSION matplotlib==$MATPLOTLIB_VERSION maturin==$MATURIN_VERSION pytest==$PYTEST_VERSION numpy==$NUMPY_VERSION pillow==$PILLOW_VERSION grafana-foundation-sdk==$GRAFANA_SDK_VERSION"
   if ! .venv/bin/python - $want <<'PY' 2>/dev/null

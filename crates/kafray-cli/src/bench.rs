@@ -23,9 +23,8 @@ pub struct BenchArgs {
     /// broker; `sqlite` commits each produce to disk first (slow acknowledgements).
     #[arg(long, default_value = "memory", value_parser = ["memory", "sqlite"])]
     broker_storage: String,
-    /// librdkafka property for the worker's consumer and producer (repeatable).
-    #[arg(short = 'X', value_name = "KEY=VALUE")]
-    properties: Vec<String>,
+    #[command(flatten)]
+    connection: crate::ConnectionArgs,
     /// Models to measure.
     #[arg(long, value_delimiter = ',', default_value = "mnist,mobilenet_v2")]
     models: Vec<String>,
@@ -61,7 +60,7 @@ struct Row {
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Parsed once, before the broker starts or anything is measured, so a bad -X fails at once.
-    let kafka = args.properties.iter().map(|p| kafray::config::parse_property(p)).collect::<Result<Vec<_>, _>>()?;
+    let kafka = args.connection.properties()?;
     let broker = match &args.brokers {
         Some(_) => None,
         None => Some(EmbeddedBroker::start_with(match args.broker_storage.as_str() {
@@ -175,8 +174,8 @@ fn pipeline_throughput(
     let threads = args.threads;
     let topic = format!("bench-{run_id}-{model}-b{batch}");
     let (out, dlq) = (format!("{topic}.predictions"), format!("{topic}.dlq"));
-    kafray::admin::ensure_topics(brokers, &[(&topic, 4), (&out, 4), (&dlq, 1)], &[])?;
-    let mut publisher = Publisher::new(brokers, &topic, &[])?;
+    kafray::admin::ensure_topics(brokers, &[(&topic, 4), (&out, 4), (&dlq, 1)], kafka)?;
+    let mut publisher = Publisher::new(brokers, &topic, kafka)?;
     for f in frames {
         publisher.send(f)?;
     }
@@ -194,6 +193,7 @@ fn pipeline_throughput(
         status_interval_s: 0,
         max_in_flight: 2000.max(batch * 4),
         kafka: kafka.to_vec(),
+        insecure_skip_tls_verify: args.connection.insecure_skip_tls_verify,
         metrics_addr: String::new(),
         ..WorkerConfig::default()
     };

@@ -1,5 +1,5 @@
 //! `kafray demo`: the whole pipeline on one machine, with nothing set up by hand.
-use crate::{BatchArgs, KafkaArgs};
+use crate::{BatchArgs, ConnectionArgs};
 use clap::Args;
 use kafray::metrics::Metrics;
 use kafray::WorkerConfig;
@@ -17,9 +17,8 @@ pub struct DemoArgs {
     /// Use this Kafka cluster instead of starting a local broker.
     #[arg(short, long, env = "KAFRAY_BROKERS")]
     brokers: Option<String>,
-    /// librdkafka property for every client, e.g. -X security.protocol=SSL (repeatable).
-    #[arg(short = 'X', value_name = "KEY=VALUE")]
-    properties: Vec<String>,
+    #[command(flatten)]
+    connection: ConnectionArgs,
     /// Number of workers (consumer-group members, one thread each).
     #[arg(short, long, default_value_t = 2)]
     workers: usize,
@@ -78,7 +77,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             (Some(broker), b, String::new())
         }
     };
-    let props = KafkaArgs { brokers: brokers.clone(), properties: args.properties.clone() }.properties()?;
+    let props = args.connection.properties()?;
     let (frames, predictions) = (format!("{prefix}frames"), format!("{prefix}predictions"));
     let dlq = format!("{frames}.dlq");
     kafray::admin::ensure_topics(
@@ -106,6 +105,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             status_interval_s: 0,
             worker_id: Some(format!("demo-worker-{i}")),
             kafka: props.clone(),
+            insecure_skip_tls_verify: args.connection.insecure_skip_tls_verify,
             // Several workers in one process: the report is the demo's output, not /metrics.
             metrics_addr: String::new(),
             ..defaults.clone()

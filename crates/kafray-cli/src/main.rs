@@ -37,20 +37,44 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// librdkafka properties, as kcat takes them.
+/// The cluster to use, as kcat takes it.
 #[derive(Args, Clone, Default)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers.
     #[arg(short, long, global = true, env = "KAFRAY_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
-    /// librdkafka property passed through, e.g. -X security.protocol=SASL_SSL (repeatable).
-    #[arg(short = 'X', global = true, value_name = "KEY=VALUE")]
-    pub properties: Vec<String>,
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
 }
 
 impl KafkaArgs {
     pub fn properties(&self) -> kafray::Result<Vec<(String, String)>> {
-        self.properties.iter().map(|p| parse_property(p)).collect()
+        self.connection.properties()
+    }
+}
+
+/// How every client connects: librdkafka properties from a file and flags (the worker's own
+/// flags of the same names set its `WorkerConfig`).
+#[derive(Args, Clone, Default)]
+pub struct ConnectionArgs {
+    /// librdkafka property passed through, e.g. -X security.protocol=SASL_SSL (repeatable); a
+    /// value may be ${env:NAME} or ${file:PATH:KEY}.
+    #[arg(short = 'X', global = true, value_name = "KEY=VALUE")]
+    pub properties: Vec<String>,
+    /// client.properties file of librdkafka properties (-X wins over it): the place for
+    /// credentials, which then appear in no process's arguments.
+    #[arg(long, global = true, env = "KAFRAY_KAFKA_CONFIG", value_name = "FILE")]
+    pub kafka_config: Option<PathBuf>,
+    /// Accept properties that turn TLS certificate or hostname verification off.
+    #[arg(long, global = true)]
+    pub insecure_skip_tls_verify: bool,
+}
+
+impl ConnectionArgs {
+    /// The properties a client gets: the file's, then -X, checked and with references resolved.
+    pub fn properties(&self) -> kafray::Result<Vec<(String, String)>> {
+        let given: Vec<_> = self.properties.iter().map(|p| parse_property(p)).collect::<Result<_, _>>()?;
+        kafray::connection::client_properties(self.kafka_config.as_deref(), &given, self.insecure_skip_tls_verify)
     }
 }
 
@@ -164,10 +188,20 @@ struct WorkerArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     create_topics: Option<usize>,
     /// librdkafka property for the consumer and producer, e.g. -X session.timeout.ms=6000
-    /// (repeatable; added to the `kafka` list of the file and the environment).
+    /// (repeatable; added to the `kafka` list of the file and the environment); a value may be
+    /// ${env:NAME} or ${file:PATH:KEY}.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     #[serde(skip)]
     properties: Vec<String>,
+    /// client.properties file of librdkafka properties (-X wins over it): the place for
+    /// credentials, which then appear in no process's arguments.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kafka_config: Option<String>,
+    /// Accept properties that turn TLS certificate or hostname verification off.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    insecure_skip_tls_verify: bool,
 }
 
 impl WorkerArgs {
@@ -327,6 +361,9 @@ mod tests {
             "127.0.0.1:0",
             "-X",
             "linger.ms=1",
+            "--kafka-config",
+            "client.properties",
+            "--insecure-skip-tls-verify",
         ])
         .unwrap();
         let Command::Worker(args) = cli.command else { unreachable!() };
@@ -335,7 +372,8 @@ mod tests {
         named.push("kafka".into());
         named.sort();
         assert_eq!(named, WorkerConfig::field_names(), "flags (left) against WorkerConfig's fields (right)");
-        let c = args.to_config().unwrap();
+        let c = WorkerConfig::layered(None, &args, &[("linger.ms".into(), "1".into())]).unwrap();
+        assert_eq!((c.kafka_config.as_deref(), c.insecure_skip_tls_verify), (Some("client.properties"), true));
         assert_eq!((c.batch_size, c.status_interval_s, c.create_topics, c.stall_after_s), (3, 1, Some(2), 7));
         assert_eq!(c.device, "auto");
         assert_eq!(c.kafka, vec![("linger.ms".to_string(), "1".to_string())]);

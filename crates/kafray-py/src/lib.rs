@@ -499,6 +499,25 @@ fn find_model(name: &str) -> PyResult<String> {
     Ok(path.display().to_string())
 }
 
+/// The librdkafka properties of a `client.properties` file (`--kafka-config`), as (key, value).
+#[pyfunction]
+fn read_kafka_config(path: PathBuf) -> PyResult<Vec<(String, String)>> {
+    kafray::connection::read_properties(&path).map_err(to_py)
+}
+
+/// Whether a librdkafka property holds a secret (a password, a key, a client secret): such a
+/// value is shown as `***` and, on Ray, never put in an actor's arguments.
+#[pyfunction]
+fn is_secret_property(key: &str) -> bool {
+    kafray::connection::is_secret(key)
+}
+
+/// Whether a value names a secret (`${env:NAME}`, `${file:PATH:KEY}`) rather than holding it.
+#[pyfunction]
+fn is_secret_reference(value: &str) -> bool {
+    kafray::connection::is_reference(value)
+}
+
 /// A local Kafka-protocol broker (Tansu, the `nisshi` binary) on a free loopback port, for tests
 /// and demos; killed when stopped or garbage-collected.
 #[pyclass(module = "kafray._native")]
@@ -510,9 +529,12 @@ struct EmbeddedBroker {
 #[pymethods]
 impl EmbeddedBroker {
     /// `storage`: "memory" (fast acknowledgements) or "sqlite" (survives a broker kill).
+    /// `users`: (name, password, mechanism) triples, mechanism `SCRAM-SHA-256` or
+    /// `SCRAM-SHA-512`: the broker then serves TLS only (its CA at `ca_location`) and requires
+    /// SASL/SCRAM as one of them, as a secured cluster does; its storage is "sqlite".
     #[new]
-    #[pyo3(signature = (storage="memory"))]
-    fn new(py: Python<'_>, storage: &str) -> PyResult<Self> {
+    #[pyo3(signature = (storage="memory", users=None))]
+    fn new(py: Python<'_>, storage: &str, users: Option<Vec<(String, String, String)>>) -> PyResult<Self> {
         let storage = match storage {
             "memory" => Storage::Memory,
             "sqlite" => Storage::Sqlite,
@@ -520,8 +542,29 @@ impl EmbeddedBroker {
                 return Err(PyValueError::new_err(format!("storage {other:?}: expected \"memory\" or \"sqlite\"")))
             }
         };
-        let broker = py.detach(|| kafray_tools::broker::EmbeddedBroker::start_with(storage)).map_err(to_py)?;
+        let broker = py
+            .detach(|| match users {
+                None => kafray_tools::broker::EmbeddedBroker::start_with(storage),
+                Some(users) => {
+                    let users: Vec<_> = users
+                        .into_iter()
+                        .map(|(name, password, mechanism)| kafray_tools::broker::ScramUser {
+                            name,
+                            password,
+                            mechanism,
+                        })
+                        .collect();
+                    kafray_tools::broker::EmbeddedBroker::start_secured(&users)
+                }
+            })
+            .map_err(to_py)?;
         Ok(EmbeddedBroker { bootstrap: broker.bootstrap(), inner: Mutex::new(Some(broker)) })
+    }
+
+    /// The CA certificate (PEM) of a broker started with `users`, for `ssl.ca.location`.
+    #[getter]
+    fn ca_location(&self) -> Option<String> {
+        self.inner.lock().unwrap().as_ref().and_then(|b| b.ca_location()).map(|p| p.display().to_string())
     }
 
     /// `host:port` for `brokers=`.
@@ -569,6 +612,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model_companions, m)?)?;
     m.add_function(wrap_pyfunction!(mnist_shard_labels, m)?)?;
     m.add_function(wrap_pyfunction!(raw_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(read_kafka_config, m)?)?;
+    m.add_function(wrap_pyfunction!(is_secret_property, m)?)?;
+    m.add_function(wrap_pyfunction!(is_secret_reference, m)?)?;
     m.add("WORKER_CONFIG_FIELDS", WorkerConfig::field_names())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

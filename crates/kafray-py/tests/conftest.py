@@ -71,8 +71,8 @@ def actor_ready(actor) -> dict | None:
         return None
 
 
-def evaluate(brokers: str, expect: int, timeout: int = 180) -> dict:
-    out = kafray_cli("eval", "--brokers", brokers, "--topic", "predictions", "--expect", str(expect),
+def evaluate(brokers: str, expect: int, timeout: int = 180, topic: str = "predictions") -> dict:
+    out = kafray_cli("eval", "--brokers", brokers, "--topic", topic, "--expect", str(expect),
                      "--timeout", str(timeout), "--json", timeout=timeout + 60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)

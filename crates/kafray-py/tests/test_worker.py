@@ -5,7 +5,7 @@ import sys
 import pytest
 
 import kafray
-from conftest import KAFRAY_BIN, REPO, evaluate, probe as _probe, produce_mnist
+from conftest import KAFRAY_BIN, REPO, evaluate, kafray_cli, probe as _probe, produce_mnist
 
 
 def test_unknown_config_field_and_bad_model_name_the_problem():
@@ -178,26 +178,46 @@ finally:
     assert float(words[1]) < 5, f"stop() answered Ctrl-C only after {words[1]} s"
 
 
-def test_frames_compressed_with_every_codec_a_producer_may_use_are_predicted(broker):
+def test_frames_compressed_with_every_codec_a_producer_may_use_are_predicted_and_predictions_can_use_each(broker):
     """An ordinary producer (confluent-kafka, librdkafka built with every codec) compresses its
     batches with each of Kafka's five codecs. A worker whose librdkafka lacked one (zstd) logged a
-    decompression error on every fetch and predicted nothing of those frames, for ever."""
+    decompression error on every fetch and predicted nothing of those frames, for ever. The
+    workers' own producers compress their predictions with each codec too."""
     from confluent_kafka import Producer
 
     from conftest import wait_for
 
-    worker = kafray.Worker(brokers=broker, group="codecs", create_topics=1, metrics_addr="").start()
+    codecs = ["none", "gzip", "snappy", "lz4", "zstd"]
+    headers = [("kafray.format", b"raw"), ("kafray.shape", b"28x28x1")]
+    workers = [kafray.Worker(brokers=broker, group=f"codec-{codec}", output_topic=f"predictions-{codec}",
+                             create_topics=1, metrics_addr="", kafka={"compression.type": codec}).start()
+               for codec in codecs]
     try:
-        wait_for(lambda: worker.stats()["joined"], 60, "the worker to join its group")
-        headers = [("kafray.format", b"raw"), ("kafray.shape", b"28x28x1")]
-        codecs = ["none", "gzip", "snappy", "lz4", "zstd"]
+        wait_for(lambda: all(w.stats()["joined"] for w in workers), 60, "the workers to join their groups")
         for codec in codecs:
             producer = Producer({"bootstrap.servers": broker, "compression.type": codec, "linger.ms": 50})
             for i in range(20):
                 producer.produce("frames", key=f"{codec}-{i}", value=bytes([i * 12 % 256]) * 784, headers=headers)
             assert producer.flush(30) == 0, codec
-        report = evaluate(broker, 20 * len(codecs), timeout=60)
+        reports = {codec: evaluate(broker, 20 * len(codecs), timeout=60, topic=f"predictions-{codec}")
+                   for codec in codecs}
     finally:
-        final = worker.stop(timeout=60)
-    assert report["distinct_frames"] == 100, report
-    assert final["predicted"] == 100 and final["dead_lettered"] == 0, final
+        finals = [w.stop(timeout=60) for w in workers]
+    for codec, report in reports.items():
+        assert report["distinct_frames"] == 100, (codec, report)
+    assert all(f["predicted"] == 100 and f["dead_lettered"] == 0 for f in finals), finals
+
+
+def test_a_batch_the_worker_cannot_decompress_stops_it_loudly_rather_than_stalling_quietly(broker):
+    """Tansu serves back an LZ4 batch with bytes after its end mark, which librdkafka cannot
+    decompress: it fetches it again every half second for ever and delivers nothing behind it.
+    A worker that only logged the error stalled on that partition without end."""
+    from rawkafka import LZ4, produce_raw_batch
+
+    assert produce_mnist(broker, 10, partitions=1).wait(60) == 0
+    produce_raw_batch(broker, "frames", 0, [b"x" * 784] * 3, codec=LZ4, corrupt="trailing")
+    out = kafray_cli("worker", "--brokers", broker, "--create-topics", "1", "--metrics-addr", "", timeout=90)
+    assert out.returncode == 1, out.stderr[-3000:]
+    said = out.stderr
+    assert "cannot read a batch of the input topic" in said, said[-3000:]
+    assert "codec this build cannot decode" in said and "--reset-offsets" in said, said[-3000:]

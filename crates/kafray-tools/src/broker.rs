@@ -26,6 +26,18 @@ pub struct EmbeddedBroker {
     dir: PathBuf,
     keep_dir: bool,
     binary: PathBuf,
+    /// Set once the broker serves TLS and requires SASL: what a client needs to connect (the
+    /// readiness check uses it too).
+    secured: Option<Vec<(String, String)>>,
+}
+
+/// A SCRAM user of a secured broker ([`EmbeddedBroker::start_secured`]).
+#[derive(Debug, Clone)]
+pub struct ScramUser {
+    pub name: String,
+    pub password: String,
+    /// `SCRAM-SHA-256` or `SCRAM-SHA-512`, as librdkafka's `sasl.mechanisms` names it.
+    pub mechanism: String,
 }
 
 /// Finds the broker binary: `$KAFRAY_BROKER_BIN`, then `nisshi` on PATH, then `~/.cargo/bin/nisshi`.
@@ -58,9 +70,64 @@ impl EmbeddedBroker {
         let dir = std::env::temp_dir().join(format!("kafray-broker-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let port = free_port()?;
-        let mut broker = EmbeddedBroker { child: None, storage, port, dir, keep_dir: false, binary: broker_binary()? };
+        let mut broker = EmbeddedBroker {
+            child: None,
+            storage,
+            port,
+            dir,
+            keep_dir: false,
+            binary: broker_binary()?,
+            secured: None,
+        };
         broker.spawn()?;
         Ok(broker)
+    }
+
+    /// Starts a broker as a secured cluster runs: TLS only, with a certificate for 127.0.0.1
+    /// signed by a CA made for it ([`Self::ca_location`]), and SASL/SCRAM authentication of
+    /// `users` required (SQLite storage, which keeps the users). The users are created while
+    /// the broker runs open, then it starts again secured, on the same port and storage.
+    pub fn start_secured(users: &[ScramUser]) -> Result<Self> {
+        let first = users.first().ok_or_else(|| Error::Config("a secured broker needs at least one user".into()))?;
+        let mut broker = Self::start_with(Storage::Sqlite)?;
+        make_certificates(&broker.dir)?;
+        for user in users {
+            let mechanism = match user.mechanism.as_str() {
+                "SCRAM-SHA-256" => "scram256",
+                "SCRAM-SHA-512" => "scram512",
+                other => return Err(Error::Config(format!("mechanism {other}: use SCRAM-SHA-256 or SCRAM-SHA-512"))),
+            };
+            let url = format!("tcp://127.0.0.1:{}", broker.port);
+            run_checked(
+                Command::new(&broker.binary)
+                    .args(["user", "create", "--broker", &url, "--mechanism", mechanism, &user.name, &user.password])
+                    .current_dir(&broker.dir),
+                "create a broker user",
+            )?;
+        }
+        broker.kill();
+        broker.secured = Some(broker.client_properties(first));
+        broker.spawn()?;
+        Ok(broker)
+    }
+
+    /// The CA certificate (PEM) of a secured broker, for `ssl.ca.location`.
+    pub fn ca_location(&self) -> Option<PathBuf> {
+        self.secured.as_ref().map(|_| self.dir.join("ca.pem"))
+    }
+
+    /// What a client of a secured broker sets to connect as `user`.
+    pub fn client_properties(&self, user: &ScramUser) -> Vec<(String, String)> {
+        [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanisms", user.mechanism.as_str()),
+            ("sasl.username", user.name.as_str()),
+            ("sasl.password", user.password.as_str()),
+            ("ssl.ca.location", &self.dir.join("ca.pem").display().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -81,6 +148,11 @@ impl EmbeddedBroker {
                     Storage::Memory => "memory://tansu/",
                 },
             ])
+            .args(if self.secured.is_some() {
+                &["--cert", "server.pem", "--key", "server-key.pem", "--authentication"][..]
+            } else {
+                &[]
+            })
             .current_dir(&self.dir)
             .env("RUST_LOG", std::env::var("KAFRAY_BROKER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -112,8 +184,12 @@ impl EmbeddedBroker {
     }
 
     fn metadata_ok(&self) -> bool {
-        let client: std::result::Result<rdkafka::producer::BaseProducer, _> =
-            rdkafka::config::ClientConfig::new().set("bootstrap.servers", self.bootstrap()).create();
+        let mut config = rdkafka::config::ClientConfig::new();
+        config.set("bootstrap.servers", self.bootstrap());
+        for (k, v) in self.secured.iter().flatten() {
+            config.set(k, v);
+        }
+        let client: std::result::Result<rdkafka::producer::BaseProducer, _> = config.create();
         use rdkafka::producer::Producer as _;
         client.is_ok_and(|c| c.client().fetch_metadata(None, Duration::from_secs(2)).is_ok())
     }
@@ -168,6 +244,76 @@ impl Drop for EmbeddedBroker {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A CA, and a certificate for 127.0.0.1 and localhost signed by it (`server.pem`, with its
+/// PKCS#8 key `server-key.pem`), made with the `openssl` command.
+fn make_certificates(dir: &Path) -> Result<()> {
+    let openssl = |args: &[&str]| run_checked(Command::new("openssl").args(args).current_dir(dir), "openssl");
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "30",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=kafray test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ])?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .map_err(|e| Error::io("write server.ext", e))?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
+    ])?;
+    // The broker takes PKCS#8 keys.
+    openssl(&["pkcs8", "-topk8", "-nocrypt", "-in", "server.key", "-out", "server-key.pem"])
+}
+
+fn run_checked(command: &mut Command, what: &str) -> Result<()> {
+    let out = command.stdin(Stdio::null()).output().map_err(|e| Error::io(format!("{what}: start"), e))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(Error::External(format!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim())))
 }
 
 fn free_port() -> Result<u16> {

@@ -1,33 +1,74 @@
 //! Topic administration through the Kafka admin API (works on any Kafka-compatible broker;
 //! brokers without topic auto-creation need it).
+use crate::connection::{cannot_mend, explain_unreachable, ErrorRecorder};
 use crate::error::{Error, KafkaContext as _, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::producer::{BaseProducer, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-fn admin(brokers: &str, extra: &[(String, String)]) -> Result<AdminClient<DefaultClientContext>> {
+/// The settings every admin request uses: the connection's (security, SASL, TLS), no more.
+fn admin_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     // An admin client is a producer to librdkafka, and a producer's metadata request asks the
     // broker to auto-create the topic: the existence check would create it with the default count.
     cfg.set("bootstrap.servers", brokers).set("allow.auto.create.topics", "false");
     for (k, v) in extra {
-        if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") || k == "client.id" {
+        if k.starts_with("security.")
+            || k.starts_with("sasl.")
+            || k.starts_with("ssl.")
+            || k.starts_with("enable.ssl.")
+            || k == "client.id"
+        {
             cfg.set(k, v);
         }
     }
-    cfg.create().kafka_context(|| format!("admin client for {brokers}"))
+    cfg
 }
 
+fn admin(brokers: &str, extra: &[(String, String)]) -> Result<AdminClient<DefaultClientContext>> {
+    admin_config(brokers, extra).create().kafka_context(|| format!("admin client for {brokers}"))
+}
+
+/// How long the first request waits for a broker that does not answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Number of partitions of `topic`, or `None` when it does not exist.
+///
+/// The first request of a worker, `produce` and `eval`: when it cannot be answered, it fails
+/// with why (authentication, TLS) and the fix, from what librdkafka reported; a failure that
+/// waiting cannot mend (a wrong password, an untrusted certificate) fails at once.
 pub fn partition_count(brokers: &str, topic: &str, extra: &[(String, String)]) -> Result<Option<usize>> {
-    let client = admin(brokers, extra)?;
-    let md = client
-        .inner()
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .kafka_context(|| format!("metadata of {topic} from {brokers}"))?;
-    Ok(md.topics().iter().find(|t| t.name() == topic && t.error().is_none()).map(|t| t.partitions().len()))
+    // A producer rather than an admin client: its poll serves the log and error events (on the
+    // main queue, which an admin client never reads), so the cause reaches the recorder.
+    let mut config = admin_config(brokers, extra);
+    // Info, whatever the log filter: a plaintext client's failure against a TLS listener is
+    // logged at this level only (the recorder passes it on to the filter).
+    config.set_log_level(RDKafkaLogLevel::Info);
+    let client: BaseProducer<ErrorRecorder> =
+        config.create_with_context(ErrorRecorder::default()).kafka_context(|| format!("client for {brokers}"))?;
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        match client.client().fetch_metadata(Some(topic), Duration::from_secs(1)) {
+            Ok(md) => {
+                return Ok(md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map(|t| t.partitions().len()))
+            }
+            Err(e) => {
+                client.poll(Duration::from_millis(50));
+                let reported = client.context().last();
+                if reported.as_deref().is_some_and(cannot_mend) || Instant::now() >= deadline {
+                    let request = format!("metadata of {topic}: {e}");
+                    return Err(Error::External(explain_unreachable(brokers, &request, reported.as_deref(), extra)));
+                }
+            }
+        }
+    }
 }
 
 /// Creates the topics that do not exist yet; existing ones are left as they are.

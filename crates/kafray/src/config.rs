@@ -56,8 +56,17 @@ pub struct WorkerConfig {
     pub status_interval_s: u64,
     /// Name reported in predictions; default `<hostname>-<pid>`.
     pub worker_id: Option<String>,
-    /// librdkafka properties passed through to the consumer and producer (`-X key=value`).
+    /// librdkafka properties passed through to the consumer and producer (`-X key=value`), over
+    /// those of `kafka_config`. A value may name a secret instead of holding it: `${env:NAME}` or
+    /// `${file:PATH:KEY}` (Kafka's config-provider syntax), resolved only when connecting.
     pub kafka: Vec<(String, String)>,
+    /// A `client.properties` file of librdkafka properties (Java's format, as `kcat -F` reads):
+    /// the place for credentials, which then appear in no process's arguments. Its secrets are
+    /// shown as `***` wherever the configuration is shown.
+    pub kafka_config: Option<String>,
+    /// Accept `enable.ssl.certificate.verification=false` or
+    /// `ssl.endpoint.identification.algorithm=none` (refused without it; warned about with it).
+    pub insecure_skip_tls_verify: bool,
     /// Serve Prometheus metrics at `http://<this>/metrics`, and the probes `/healthz` and
     /// `/readyz` (`host:port`; port 0 picks a free one, logged). Loopback by default; on Ray,
     /// each actor binds its node's address on a free port. `""` turns the endpoint off.
@@ -88,6 +97,8 @@ impl Default for WorkerConfig {
             status_interval_s: 5,
             worker_id: None,
             kafka: Vec::new(),
+            kafka_config: None,
+            insecure_skip_tls_verify: false,
             metrics_addr: "127.0.0.1:9464".into(),
             create_topics: None,
         }
@@ -149,6 +160,18 @@ impl WorkerConfig {
         self.worker_id.clone().unwrap_or_else(default_worker_id)
     }
 
+    /// The librdkafka properties the worker's clients get: `kafka_config`'s, then `kafka`, with
+    /// references resolved. [`Self::validate`] checked them.
+    pub fn client_properties(&self) -> Result<Vec<(String, String)>> {
+        let properties = crate::connection::gather(self.kafka_config.as_deref().map(Path::new), &self.kafka)?;
+        crate::connection::resolve(&properties)
+    }
+
+    /// The configuration as it may be shown: secrets in `kafka` as `***`.
+    pub fn redacted(&self) -> Self {
+        Self { kafka: crate::connection::redacted(&self.kafka), ..self.clone() }
+    }
+
     /// Checks values that would otherwise fail later and less clearly.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
@@ -188,11 +211,15 @@ impl WorkerConfig {
         if self.top_k == 0 {
             return bad("--top-k must be at least 1".into());
         }
-        for (k, v) in &self.kafka {
+        let properties = crate::connection::gather(self.kafka_config.as_deref().map(Path::new), &self.kafka)?;
+        for (k, v) in &properties {
             if let Some(why) = weakens_delivery(k, v) {
                 return bad(format!("-X {k}={v} is refused: {why}"));
             }
         }
+        crate::connection::check_tls_verification(&properties, self.insecure_skip_tls_verify)?;
+        // A reference that names nothing fails here, at start, not at the first connection.
+        crate::connection::resolve(&properties)?;
         Ok(())
     }
 }

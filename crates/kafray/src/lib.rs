@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod batch;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod exporter;
 pub mod frame;

@@ -115,6 +115,8 @@ fn run_restarting(
     metrics: &Arc<Metrics>,
 ) -> Result<Snapshot> {
     config.validate()?;
+    // Resolved here, in the process that connects: a secret named by reference travels nowhere else.
+    let properties = config.client_properties()?;
     let dead_letter_topic = config.dead_letter_topic();
     if let Some(partitions) = config.create_topics {
         crate::admin::ensure_topics(
@@ -124,7 +126,7 @@ fn run_restarting(
                 (config.output_topic.as_str(), partitions),
                 (dead_letter_topic.as_str(), 1),
             ],
-            &config.kafka,
+            &properties,
         )?;
     }
     crate::admin::check_worker_topics(
@@ -132,7 +134,7 @@ fn run_restarting(
         &config.input_topic,
         &config.output_topic,
         &dead_letter_topic,
-        &config.kafka,
+        &properties,
     )?;
     let (path, device) = (model.path.clone(), model.device);
     let (mut model, mut budget) = (Some(model), RestartBudget::default());
@@ -141,7 +143,7 @@ fn run_restarting(
             Some(m) => m,
             None => Model::load_on(&path, config.threads, config.top_k, device)?,
         };
-        match run_connected(config, model, stop.clone(), metrics.clone()) {
+        match run_connected(config, &properties, model, stop.clone(), metrics.clone()) {
             // Undelivered results were not stored past, so new clients read those frames again.
             Err(e @ Error::Delivery(_)) if !stop.load(Relaxed) => {
                 let failed_at = metrics.delivery_failed_at.lock().unwrap().take();
@@ -206,6 +208,7 @@ impl RestartBudget {
 /// One life of the worker's Kafka clients: a consumer in the group and a producer.
 fn run_connected(
     config: &WorkerConfig,
+    properties: &[(String, String)],
     model: Model,
     stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
@@ -230,7 +233,7 @@ fn run_connected(
         &config.brokers,
         &config.group,
         &config.input_topic,
-        &config.kafka,
+        properties,
         stats_ms,
         SourceContext::new(tracker.clone(), metrics.clone()),
     )?;
@@ -238,7 +241,7 @@ fn run_connected(
         &config.brokers,
         &config.output_topic,
         &dead_letter_topic,
-        &config.kafka,
+        properties,
         tracker.clone(),
         metrics.clone(),
         stop.clone(),
@@ -479,6 +482,15 @@ impl<S: FrameSource> Intake<'_, S> {
                         ConsumerError::Fatal => {
                             return Err(Error::External(format!(
                                 "the consumer cannot go on: {e} (check the input topic {:?}, the group's and the topic's ACLs, and the broker)",
+                                self.config.input_topic
+                            )))
+                        }
+                        ConsumerError::Unreadable => {
+                            return Err(Error::External(format!(
+                                "the consumer cannot read a batch of the input topic {:?}: {e}. It was compressed \
+                                 with a codec this build cannot decode (kafray reads none, gzip, snappy, lz4 and \
+                                 zstd), or it is corrupt; librdkafka would fetch it again for ever. Fix the producer, \
+                                 or move the group's offset past the batch (kafka-consumer-groups --reset-offsets)",
                                 self.config.input_topic
                             )))
                         }

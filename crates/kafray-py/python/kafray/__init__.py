@@ -53,7 +53,9 @@ class Worker:
     ``batch_size``, ``max_wait_ms``, ``latency_target_ms``, ``threads``, ``device`` (``cpu``,
     ``cuda``, ``cuda:N`` or ``auto``), ``top_k``, ``max_in_flight``, ``stall_after_s`` (the
     stall watchdog: seconds an owned partition may make no progress; 0 for off),
-    ``status_interval_s``, ``worker_id``, ``kafka`` (a dict of librdkafka properties),
+    ``status_interval_s``, ``worker_id``, ``kafka`` (a dict of librdkafka properties; a value
+    may be ``${env:NAME}`` or ``${file:PATH:KEY}``), ``kafka_config`` (a client.properties file,
+    the place for credentials), ``insecure_skip_tls_verify`` (accept turning TLS verification off),
     ``metrics_addr`` (the Prometheus endpoint with the probes ``/healthz`` and ``/readyz``,
     ``host:port``; ``""`` for none) and
     ``create_topics`` (create missing input/output topics with this many partitions at start).

@@ -40,7 +40,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import kafray
-from kafray import _native, batch, shipping
+from kafray import _native, batch, secrets, shipping
 from kafray.autoscale import DOWNSCALE_DELAY_S, UPSCALE_DELAY_S, LagAutoscaler, parse_bounds
 from kafray.files import write_file_atomically
 
@@ -92,8 +92,14 @@ class KafrayWorkerActor:
         self.restarts = _restarts_so_far()
         if self.restarts:
             time.sleep(RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S)) - 1])
+        deployment = instance_id.rsplit("-worker-", 1)[0]
+        kafka = dict(secrets.kafka_properties(config))
+        if placement.get("secrets"):
+            # From the controller, not in this actor's arguments (Ray records and shows those).
+            controller = ray.get_actor(f"{deployment}-controller")
+            kafka.update(ray.get(controller.kafka_secrets.remote(), timeout=READY_TIMEOUT_S))
         # Its own id last: it wins over the user's settings (refused on the driver anyway).
-        kafka = {**dict(config.get("kafka") or {}), "group.instance.id": instance_id}
+        kafka["group.instance.id"] = instance_id
         if "metrics_addr" not in config:
             # On the node's address (a Prometheus on another host scrapes it), on a free port:
             # several actors share a node. The controller lists each in its service discovery.
@@ -101,7 +107,7 @@ class KafrayWorkerActor:
         self.model_fetched = None  # "cache" or "ray": how this actor got its shipped model
         if placement.get("model"):
             # The model as shipped, from this host's cache: the driver's path need not exist here.
-            path, self.model_fetched = _model_here(instance_id.rsplit("-worker-", 1)[0], **placement["model"])
+            path, self.model_fetched = _model_here(deployment, **placement["model"])
             config = {**config, "model": path}
         # Predictions name the actor (or the given prefix and the actor's number).
         worker_id = f"{config['worker_id']}-{instance_id.rsplit('-', 1)[1]}" if config.get("worker_id") else instance_id
@@ -209,8 +215,10 @@ class Deployment:
     """N kafray workers as Ray actors, spread over the cluster's nodes, sharing one consumer group."""
 
     def __init__(self, name: str, config: dict, num_cpus: float, num_gpus: float, detached: bool,
-                 max_restarts: int = MAX_RESTARTS, model: dict | None = None):
+                 max_restarts: int = MAX_RESTARTS, model: dict | None = None, with_secrets: bool = False):
         self.name = name
+        # The workers fetch the Kafka secrets from the controller (see kafray.secrets).
+        self.with_secrets = with_secrets
         # The shipped model ({"digest", "entry"}): workers load it from their host's cache.
         self.model = model
         self.max_restarts = max_restarts
@@ -244,7 +252,10 @@ class Deployment:
 
         The model (with its TOML and labels) is read here and shipped: the controller puts it in
         Ray's object store once, and each host keeps it in a cache named by its content, so no
-        host needs a copy of its own."""
+        host needs a copy of its own. Kafka secrets (a password in `kafka` or in the
+        `kafka_config` file, read here) reach the workers through the controller, never in an
+        actor's arguments (see :mod:`kafray.secrets`)."""
+        config, kafka_secrets = secrets.split(config)
         check_kafka_for_ray(config)  # before anything starts
         connect(address)
         config.setdefault("group", name)
@@ -254,7 +265,7 @@ class Deployment:
         config["model"] = kafray.find_model(config.get("model", "mnist"))
         shipped = shipping.bundle(config["model"])
         config.setdefault("status_interval_s", 5)
-        d = cls(name, config, num_cpus, num_gpus, detached, max_restarts, shipped.key)
+        d = cls(name, config, num_cpus, num_gpus, detached, max_restarts, shipped.key, bool(kafka_secrets))
         existing = [n for n in ray.util.list_named_actors() if n.startswith(f"{name}-worker-")]
         if existing:
             raise ValueError(f"a deployment named {name!r} is running ({len(existing)} actors): "
@@ -264,7 +275,7 @@ class Deployment:
         try:
             # First: the workers fetch the model from it. Held: Ray ends a non-detached actor
             # once no handle to it is left.
-            d._controller = d.start_controller(autoscale, shipped)
+            d._controller = d.start_controller(autoscale, shipped, kafka_secrets)
             d.scale(workers)
         except BaseException:
             d.stop()
@@ -285,6 +296,7 @@ class Deployment:
         d.config, d.num_cpus, d.num_gpus = spec["config"], spec["num_cpus"], spec["num_gpus"]
         d.max_restarts = spec.get("max_restarts", MAX_RESTARTS)
         d.model = spec.get("model")
+        d.with_secrets = spec.get("secrets", False)
         return d
 
     def _refresh(self) -> None:
@@ -315,7 +327,7 @@ class Deployment:
         if self.detached:
             options["lifetime"] = "detached"
         placement = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": self.max_restarts,
-                     "model": model or self.model}
+                     "model": model or self.model, "secrets": self.with_secrets}
         return KafrayWorkerActor.options(**options).remote(config or self.config, placement, options["name"])
 
     def scale(self, workers: int, timeout: float = READY_TIMEOUT_S) -> None:
@@ -357,12 +369,16 @@ class Deployment:
         if "model" in changes:
             changes["model"] = kafray.find_model(changes["model"])
             shipped = shipping.bundle(changes["model"])
+        kafka_secrets = None
+        if "kafka" in changes or "kafka_config" in changes:  # new credentials replace the old
+            changes, kafka_secrets = secrets.split(changes)
+            changes.setdefault("kafka", [])
         kafray.Worker(**{**self.config, **changes})  # a bad field fails here, before any worker is touched
         check_kafka_for_ray({**self.config, **changes})
         controller = self.controller()
         if controller is None:
             raise ValueError(f"deployment {self.name!r} has no controller: stop it and start it again")
-        return ray.get(controller.update.remote(changes, shipped))
+        return ray.get(controller.update.remote(changes, shipped, kafka_secrets))
 
     def _roll(self, changes: dict, model: dict | None, timeout: float = READY_TIMEOUT_S) -> dict:
         """The rolling replacement itself (in the controller)."""
@@ -476,7 +492,7 @@ class Deployment:
         return self._stop_actors(actors)
 
     def start_controller(self, autoscale: dict | None = None, shipped: shipping.Bundle | None = None,
-                         interval_s: float = CONTROL_INTERVAL_S):
+                         kafka_secrets: dict | None = None, interval_s: float = CONTROL_INTERVAL_S):
         """Starts the deployment's controller on the head node: it lists the workers' metrics
         endpoints for Prometheus, runs rolling updates and, given `autoscale` (the arguments of
         :class:`kafray.autoscale.LagAutoscaler`), sizes the deployment to its lag."""
@@ -488,10 +504,12 @@ class Deployment:
         if self.detached:
             options["lifetime"] = "detached"
         spec = {"config": self.config, "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-                "max_restarts": self.max_restarts, "model": self.model}
+                "max_restarts": self.max_restarts, "model": self.model, "secrets": self.with_secrets}
         controller = DeploymentController.options(**options).remote(self.name, spec, autoscale, interval_s)
         if shipped is not None:
             ray.get(controller.add_model.remote(shipped), timeout=READY_TIMEOUT_S)
+        if kafka_secrets:
+            ray.get(controller.add_secrets.remote(kafka_secrets), timeout=READY_TIMEOUT_S)
         ray.get(controller.status.remote(), timeout=READY_TIMEOUT_S)
         return controller
 
@@ -510,7 +528,9 @@ class DeploymentController:
         # Workers it adds are detached: Ray would otherwise end them with this actor if it died.
         # `stop()` and `kafray-ray down` end them by name.
         self.deployment = Deployment(name, spec["config"], spec["num_cpus"], spec["num_gpus"], True,
-                                     spec["max_restarts"], spec["model"])
+                                     spec["max_restarts"], spec["model"], spec.get("secrets", False))
+        # Restarted: the secrets the driver gave, from this host (see kafray.secrets).
+        self.kafka_secrets_held = secrets.load(name)
         self.deployment._refresh()
         if self.deployment.actors:  # restarted: the workers say what they run now (after an update, say)
             newest = ray.get(self.deployment.actors[max(self.deployment.actors)].spec.remote(), timeout=30)
@@ -610,7 +630,20 @@ class DeploymentController:
             self.model_refs[digest] = ray.put(shipped)
         return [self.model_refs[digest]]
 
-    def update(self, changes: dict, shipped: shipping.Bundle | None) -> dict:
+    def add_secrets(self, kafka_secrets: dict) -> None:
+        """Keeps the Kafka secrets for the workers: in memory, and readable by this user alone on
+        this host (a restart of this actor finds them there)."""
+        secrets.store(self.name, kafka_secrets)
+        self.kafka_secrets_held = dict(kafka_secrets)
+        self.deployment.with_secrets = bool(kafka_secrets)
+
+    def kafka_secrets(self) -> dict:
+        """What a worker adds to its Kafka properties at start."""
+        return self.kafka_secrets_held
+
+    def update(self, changes: dict, shipped: shipping.Bundle | None, kafka_secrets: dict | None = None) -> dict:
+        if kafka_secrets is not None:
+            self.add_secrets(kafka_secrets)
         if shipped is not None:
             self.add_model(shipped)
         model = shipped.key if shipped else None
@@ -625,6 +658,7 @@ class DeploymentController:
             os.remove(self.targets_file)
         except FileNotFoundError:
             pass
+        secrets.remove(self.name)
         self.server.shutdown()
 
 
@@ -728,7 +762,14 @@ def _add_worker_flags(up: argparse.ArgumentParser) -> None:
                         "port, listed in the deployment's Prometheus targets file)")
     w.add_argument("--create-topics", dest="create_topics", type=int, metavar="P",
                    help="create missing input/output topics with P partitions (else a missing one fails the start)")
-    w.add_argument("-X", dest="kafka", action="append", metavar="KEY=VALUE", help="librdkafka property (repeatable)")
+    w.add_argument("-X", dest="kafka", action="append", metavar="KEY=VALUE",
+                   help="librdkafka property (repeatable); a value may be ${env:NAME} or ${file:PATH:KEY}, resolved on "
+                        "the worker's node")
+    w.add_argument("--kafka-config", dest="kafka_config", metavar="FILE",
+                   help="client.properties file of librdkafka properties, read here (-X wins over it); its "
+                        "secrets reach the workers through the controller, never in an actor's arguments")
+    w.add_argument("--insecure-skip-tls-verify", dest="insecure_skip_tls_verify", action="store_true", default=None,
+                   help="accept properties that turn TLS certificate or hostname verification off")
 
 
 def _worker_config(args) -> dict:

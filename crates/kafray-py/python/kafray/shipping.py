@@ -66,7 +66,7 @@ def _checked_digest(digest: str) -> str:
     return digest
 
 
-def _private_root(create: bool) -> Path | None:
+def private_root(create: bool) -> Path | None:
     """The cache root, created 0700; None if absent and not `create`. Refused if another user
     could write it: they could swap a model between its check and its load."""
     root = cache_root()
@@ -92,7 +92,7 @@ def _verified_files(digest: str) -> tuple[str, dict[str, bytes]] | None:
     """The cached bundle's entry and files if they still match its digest, else None. A folder
     that no longer matches (a bad disk, a stray write) is said and removed, to be fetched again."""
     _checked_digest(digest)
-    root = _private_root(create=False)
+    root = private_root(create=False)
     if root is None or not (root / digest / COMPLETE).exists():
         return None
     folder = root / digest
@@ -134,7 +134,7 @@ def store(b: Bundle) -> str:
         raise ValueError(f"model bundle {b.digest[:12]}: its files must lie in its folder and include {b.entry!r}")
     if (path := cached(b.digest, b.entry)) is not None:
         return path
-    root = _private_root(create=True)
+    root = private_root(create=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{b.digest[:12]}-", dir=root))
     try:
         for name, data in b.files.items():

@@ -262,6 +262,10 @@ pub fn store_safe<S: FrameSource + ?Sized>(source: &S, topic: &str, tracker: &Of
 pub enum ConsumerError {
     /// It cannot go on: no retry will help (an authorisation error, librdkafka's fatal error).
     Fatal,
+    /// A batch on the input topic cannot be read: compressed with a codec this build lacks, or
+    /// corrupt. librdkafka would fetch it again for ever and deliver nothing behind it on its
+    /// partition, so the worker stops and says so.
+    Unreadable,
     /// The input topic is not there; fatal if it lasts.
     TopicMissing,
     /// No broker answers (all down): librdkafka retries by itself, and the worker says it is
@@ -284,6 +288,7 @@ pub fn classify_error(e: &KafkaError) -> ConsumerError {
             | C::Authentication
             | C::InvalidGroupId
             | C::InconsistentGroupProtocol => ConsumerError::Fatal,
+            C::BadMessage | C::BadCompression | C::NotImplemented => ConsumerError::Unreadable,
             C::UnknownTopicOrPartition | C::UnknownTopic => ConsumerError::TopicMissing,
             // One broker's connection failing (a rolling restart) is not all of them.
             C::AllBrokersDown => ConsumerError::Unreachable,
@@ -305,6 +310,9 @@ mod tests {
         assert_eq!(classify_error(&consumption(C::TopicAuthorizationFailed)), ConsumerError::Fatal);
         assert_eq!(classify_error(&consumption(C::GroupAuthorizationFailed)), ConsumerError::Fatal);
         assert_eq!(classify_error(&consumption(C::UnknownTopicOrPartition)), ConsumerError::TopicMissing);
+        for unreadable in [C::BadMessage, C::BadCompression, C::NotImplemented] {
+            assert_eq!(classify_error(&consumption(unreadable)), ConsumerError::Unreadable, "{unreadable:?}");
+        }
         assert_eq!(classify_error(&consumption(C::AllBrokersDown)), ConsumerError::Unreachable);
         for transient in [C::BrokerTransportFailure, C::RequestTimedOut, C::NotCoordinator] {
             assert_eq!(classify_error(&consumption(transient)), ConsumerError::Transient, "{transient:?}");
