@@ -4,8 +4,8 @@
 #    (kafray loads it at run time; ORT_DYLIB_PATH overrides);
 #  - the local Kafka-protocol broker for the demo and tests: Tansu (crates.io `nisshi`),
 #    built with cargo into ~/.cargo/bin (about 20 minutes on 2 cores, the first time only);
-#  - from Debian: OpenSSL's headers (libssl-dev) and pkg-config, which librdkafka is built
-#    against (TLS, SASL/SCRAM); openssl, with which the tests make a CA for a secured broker;
+#  - from Debian: OpenSSL's and libcurl's headers (libssl-dev, libcurl4-openssl-dev) and
+#    pkg-config, which librdkafka is built against (TLS, SASL/SCRAM, OIDC tokens); openssl, with which the tests make a CA for a secured broker;
 #    kcat, for the test that any Kafka client can use kafray's formats; and prometheus, for the
 #    test that a real Prometheus server scrapes a worker.
 # With --python (the test command passes it) also:
@@ -58,8 +58,8 @@ rdkafka_lib=$(ls .venv/lib/python3*/site-packages/confluent_kafka.libs/librdkafk
 mkdir -p .venv/kcat-lib
 ln -sf "$(realpath "$rdkafka_lib")" .venv/kcat-lib/librdkafka.so.1
 
-# Debian packages: OpenSSL's headers and pkg-config (librdkafka is built with TLS and SASL/SCRAM
-# against them), openssl (the tests make a CA for a TLS broker), kcat (any Kafka client can use
+# Debian packages: OpenSSL's and libcurl's headers and pkg-config (librdkafka is built against
+# them: TLS, SASL/SCRAM, OAUTHBEARER tokens from an OIDC endpoint), openssl (the tests make a CA for a TLS broker), kcat (any Kafka client can use
 # kafray's formats) and prometheus (a real server scrapes a worker in a test).
 apt_install() {
   local missing=()
@@ -79,7 +79,7 @@ apt_install() {
   fi
   $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
-apt_install libssl-dev pkg-config openssl kcat prometheus
+apt_install libssl-dev libcurl4-openssl-dev pkg-config openssl kcat prometheus
 
 if ! command -v nisshi >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/nisshi" ]; then
   echo "setup: building the local broker (Tansu, crates.io nisshi $NISSHI_VERSION); about 20 minutes on 2 cores, once" >&2

@@ -230,3 +230,54 @@ def test_a_ray_deployment_over_sasl_ssl_predicts_every_frame_and_the_password_sh
     finals = d.stop()
     assert sum(f["predicted"] for f in finals) == 1000, finals
     assert not kept.exists(), "the deployment's secrets outlived it"
+
+
+def test_oauthbearer_takes_its_token_from_an_oidc_endpoint_and_keeps_the_client_secret_to_itself(secured):
+    """librdkafka is built with libcurl, so OAUTHBEARER can fetch its token from an OIDC
+    endpoint (client credentials). A real token endpoint (an HTTP server here) sees the request;
+    this broker offers SCRAM only, so the start then fails, naming the mechanism."""
+    import base64
+    import http.server
+    import threading
+
+    broker, _ = secured
+    secret = "oidc-Client-s3cret"
+    seen = []
+
+    def jwt(claims: dict) -> str:
+        part = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
+        return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+
+    class TokenEndpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+            seen.append((self.path, self.headers.get("Authorization"), body))
+            token = jwt({"sub": "kafray", "iat": int(time.time()), "exp": int(time.time()) + 3600})
+            reply = json.dumps({"access_token": token, "token_type": "bearer", "expires_in": 3600}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = kafray_cli("worker", "--brokers", broker.bootstrap, "--metrics-addr", "",
+                         "-X", "security.protocol=SASL_SSL", "-X", f"ssl.ca.location={broker.ca_location}",
+                         "-X", "sasl.mechanisms=OAUTHBEARER", "-X", "sasl.oauthbearer.method=oidc",
+                         "-X", "sasl.oauthbearer.client.id=kafray-worker",
+                         "-X", "sasl.oauthbearer.client.secret=${env:KAFRAY_TEST_OIDC_SECRET}",
+                         "-X", f"sasl.oauthbearer.token.endpoint.url=http://127.0.0.1:{server.server_port}/token",
+                         env={**os.environ, "KAFRAY_TEST_OIDC_SECRET": secret}, timeout=120)
+    finally:
+        server.shutdown()
+    assert seen, f"the token endpoint was never asked: {out.stderr[-2000:]}"
+    path, authorization, body = seen[0]
+    assert path == "/token" and "grant_type=client_credentials" in body, seen[0]
+    assert authorization == "Basic " + base64.b64encode(f"kafray-worker:{secret}".encode()).decode(), seen[0]
+    assert out.returncode == 1 and "OAUTHBEARER" in out.stderr and "kafray-worker" in out.stderr, out.stderr[-2000:]
+    assert secret not in out.stderr

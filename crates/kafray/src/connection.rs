@@ -235,7 +235,7 @@ pub fn explain_unreachable(
     let tls = protocol.ends_with("SSL");
     let fix = if said.contains("authentication") || said.contains("mechanism handshake failed") {
         let mechanism = get("sasl.mechanisms").or(get("sasl.mechanism")).unwrap_or("GSSAPI");
-        let user = get("sasl.username").unwrap_or("");
+        let user = get("sasl.username").or(get("sasl.oauthbearer.client.id")).unwrap_or("");
         format!(
             "authentication failed with SASL mechanism {mechanism} as user {user:?}: check sasl.username, \
              sasl.password and sasl.mechanisms against the broker's users"
