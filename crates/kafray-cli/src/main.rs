@@ -320,6 +320,9 @@ mod tests {
     /// through `-X`), and every flag sets a field of its own name.
     #[test]
     fn every_config_field_has_its_flag() {
+        let folder = tempfile::tempdir().unwrap();
+        let properties = folder.path().join("client.properties");
+        std::fs::write(&properties, "linger.ms=5\nenable.ssl.certificate.verification=false\n").unwrap();
         let cli = Cli::try_parse_from([
             "kafray",
             "worker",
@@ -362,7 +365,7 @@ mod tests {
             "-X",
             "linger.ms=1",
             "--kafka-config",
-            "client.properties",
+            properties.to_str().unwrap(),
             "--insecure-skip-tls-verify",
         ])
         .unwrap();
@@ -372,8 +375,11 @@ mod tests {
         named.push("kafka".into());
         named.sort();
         assert_eq!(named, WorkerConfig::field_names(), "flags (left) against WorkerConfig's fields (right)");
-        let c = WorkerConfig::layered(None, &args, &[("linger.ms".into(), "1".into())]).unwrap();
-        assert_eq!((c.kafka_config.as_deref(), c.insecure_skip_tls_verify), (Some("client.properties"), true));
+        let c = args.to_config().unwrap();
+        assert_eq!((c.kafka_config.as_deref(), c.insecure_skip_tls_verify), (properties.to_str(), true));
+        // The file's properties come first, -X over them.
+        let connected: Vec<_> = c.client_properties().unwrap().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(connected, ["enable.ssl.certificate.verification=false", "linger.ms=5", "linger.ms=1"]);
         assert_eq!((c.batch_size, c.status_interval_s, c.create_topics, c.stall_after_s), (3, 1, Some(2), 7));
         assert_eq!(c.device, "auto");
         assert_eq!(c.kafka, vec![("linger.ms".to_string(), "1".to_string())]);

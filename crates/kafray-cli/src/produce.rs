@@ -159,8 +159,10 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
         (Some((per_set, repeat)), l) => Some(l.unwrap_or(per_set.saturating_mul(repeat))),
         (None, l) => l,
     };
-    if let Some(p) = args.partitions {
-        kafray::admin::ensure_topics(&args.kafka.brokers, &[(args.topic.as_str(), p)], &props)?;
+    match args.partitions {
+        Some(p) => kafray::admin::ensure_topics(&args.kafka.brokers, &[(args.topic.as_str(), p)], &props)?,
+        // The probe: a cluster that cannot be reached says why (authentication, TLS) at once.
+        None => drop(kafray::admin::partition_count(&args.kafka.brokers, &args.topic, &props)?),
     }
     let mut publisher = Publisher::new(&args.kafka.brokers, &args.topic, &props)?;
     if args.round_robin {

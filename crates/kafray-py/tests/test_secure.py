@@ -147,6 +147,19 @@ def test_a_wrong_password_fails_the_start_naming_the_mechanism_and_the_user_but_
     assert "not-the-Right-one-42" not in said
 
 
+def test_a_property_librdkafka_refuses_is_named_without_its_secret_value(secured, tmp_path):
+    """Java's client.properties may hold properties librdkafka does not know; rdkafka's message
+    for one ends with its value."""
+    broker, properties = secured
+    java = tmp_path / "java.properties"
+    java.write_text(properties.read_text() + "ssl.truststore.password=Trust-Store-s3cret\n")
+    java.chmod(0o600)
+    out = kafray_cli("worker", "--brokers", broker.bootstrap, "--kafka-config", str(java), "--metrics-addr", "",
+                     timeout=60)
+    assert out.returncode == 1 and "ssl.truststore.password" in out.stderr, out.stderr[-2000:]
+    assert "Trust-Store-s3cret" not in out.stderr and "***" in out.stderr, out.stderr[-2000:]
+
+
 def test_plaintext_to_a_tls_listener_and_an_untrusted_certificate_each_fail_with_the_fix(secured):
     broker, _ = secured
     plaintext = kafray_cli("worker", "--brokers", broker.bootstrap, "--metrics-addr", "", timeout=120)
@@ -215,8 +228,8 @@ def test_a_ray_deployment_over_sasl_ssl_predicts_every_frame_and_the_password_sh
     for endpoint in endpoints:
         with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=5) as r:
             shown[f"metrics of {endpoint}"] = r.read().decode()
-    for actor in d.actors.values():  # what the actors were created with
-        shown[f"spec of an actor"] = json.dumps(ray.get(actor.spec.remote()))
+    for index, actor in d.actors.items():  # what the actors were created with
+        shown[f"spec of actor {index}"] = json.dumps(ray.get(actor.spec.remote()))
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     for path in logs.rglob("*"):
         if path.is_file():

@@ -67,6 +67,8 @@ pub fn read_predictions(opts: &EvalOptions) -> Result<(Vec<ReadPrediction>, usiz
     for (k, v) in &opts.kafka {
         cfg.set(k, v);
     }
+    // First the probe: a cluster that cannot be reached says why (authentication, TLS) at once.
+    kafray::admin::partition_count(&opts.brokers, &opts.topic, &opts.kafka)?;
     let consumer: BaseConsumer = cfg.create().kafka_context(|| format!("consumer for {}", opts.brokers))?;
     // Assign every partition from the beginning: no group join, nothing committed.
     let start = Instant::now();

@@ -16,12 +16,9 @@ fn admin_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
     // broker to auto-create the topic: the existence check would create it with the default count.
     cfg.set("bootstrap.servers", brokers).set("allow.auto.create.topics", "false");
     for (k, v) in extra {
-        if k.starts_with("security.")
-            || k.starts_with("sasl.")
-            || k.starts_with("ssl.")
-            || k.starts_with("enable.ssl.")
-            || k == "client.id"
-        {
+        // What connecting takes: TLS, SASL (with an OIDC endpoint's own TLS), sockets, names.
+        let connection = ["security.", "sasl.", "ssl.", "enable.ssl.", "enable.sasl.", "https.", "socket.", "client."];
+        if connection.iter().any(|prefix| k.starts_with(prefix)) || k == "broker.address.family" {
             cfg.set(k, v);
         }
     }

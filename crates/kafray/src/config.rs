@@ -167,11 +167,6 @@ impl WorkerConfig {
         crate::connection::resolve(&properties)
     }
 
-    /// The configuration as it may be shown: secrets in `kafka` as `***`.
-    pub fn redacted(&self) -> Self {
-        Self { kafka: crate::connection::redacted(&self.kafka), ..self.clone() }
-    }
-
     /// Checks values that would otherwise fail later and less clearly.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
@@ -211,15 +206,15 @@ impl WorkerConfig {
         if self.top_k == 0 {
             return bad("--top-k must be at least 1".into());
         }
-        let properties = crate::connection::gather(self.kafka_config.as_deref().map(Path::new), &self.kafka)?;
+        // Resolved first: a reference that names nothing fails here, at start, and a value given
+        // by reference is checked like any other.
+        let properties = self.client_properties()?;
         for (k, v) in &properties {
             if let Some(why) = weakens_delivery(k, v) {
-                return bad(format!("-X {k}={v} is refused: {why}"));
+                return bad(format!("-X {k}={} is refused: {why}", crate::connection::shown(k, v)));
             }
         }
         crate::connection::check_tls_verification(&properties, self.insecure_skip_tls_verify)?;
-        // A reference that names nothing fails here, at start, not at the first connection.
-        crate::connection::resolve(&properties)?;
         Ok(())
     }
 }
@@ -262,9 +257,19 @@ fn weakens_delivery(key: &str, value: &str) -> Option<String> {
     }
 }
 
-/// Every error of a layered extraction, each with where its value came from.
+/// Every error of a layered extraction, each with where its value came from. The `kafka` list
+/// may hold secrets, so an error in it names where it came from, never the value found.
 fn figment_message(e: figment::Error) -> String {
-    e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+    e.into_iter()
+        .map(|e| match e.path.first().map(String::as_str) {
+            Some("kafka") => format!(
+                "kafka{}: expected a list of [key, value] pairs, e.g. KAFRAY_KAFKA='[[\"linger.ms\", \"1\"]]'",
+                e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default()
+            ),
+            _ => e.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn default_worker_id() -> String {
@@ -278,13 +283,31 @@ fn default_worker_id() -> String {
 pub fn parse_property(s: &str) -> Result<(String, String)> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
-        _ => Err(Error::Config(format!("-X {s:?}: expected key=value, e.g. -X session.timeout.ms=6000"))),
+        // Not the whole argument: it may hold a secret after a mistyped separator.
+        _ => Err(Error::Config(format!(
+            "-X with {} characters and no `=`: expected key=value, e.g. -X session.timeout.ms=6000",
+            s.chars().count()
+        ))),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A secret given in the wrong shape is refused without being shown.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment's own error
+    fn malformed_kafka_settings_are_refused_without_their_values() {
+        let said = parse_property("sasl.password:hunter2").unwrap_err().to_string();
+        assert!(said.contains("expected key=value") && !said.contains("hunter2"), "{said}");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("KAFRAY_KAFKA", "sasl.password=hunter2");
+            let said = WorkerConfig::layered(None, &serde_json::json!({}), &[]).unwrap_err().to_string();
+            assert!(said.contains("KAFRAY_KAFKA") && !said.contains("hunter2"), "{said}");
+            Ok(())
+        });
+    }
 
     #[test]
     #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment's own error

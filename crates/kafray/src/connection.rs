@@ -5,7 +5,8 @@
 //! - A value may be a reference in Kafka's config-provider syntax, `${env:NAME}` or
 //!   `${file:PATH:KEY}`: it is resolved only in the process that connects, so the secret never
 //!   travels in arguments (a process's command line, a Ray actor's creation arguments).
-//! - Secrets (passwords, keys, client secrets) are shown as `***` wherever properties are shown.
+//! - Secrets (passwords, keys, client secrets) are shown as `***` where a message would name a
+//!   property's value ([`shown`]).
 //! - TLS certificate verification stays on unless `--insecure-skip-tls-verify` says otherwise.
 //! - A client that cannot connect says why, with the fix: [`ErrorRecorder`] keeps what
 //!   librdkafka reported, which a bare metadata timeout would hide.
@@ -22,25 +23,23 @@ use std::sync::Mutex;
 /// How a secret is shown.
 pub const REDACTED: &str = "***";
 
-/// Whether a property's value is a secret: any `*password*` or `*secret*`, and the properties
-/// that carry a private key or credentials inline.
+/// Whether a property's value is a secret: any `*password*`, `*passphrase*` or `*secret*`, and
+/// the properties that carry a private key or credentials inline (librdkafka's and Java's).
 pub fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    k.contains("password")
-        || k.contains("secret")
-        || matches!(k.as_str(), "ssl.key.pem" | "ssl_key" | "sasl.jaas.config" | "sasl.oauthbearer.config")
+    ["password", "passphrase", "secret", "private.key"].iter().any(|word| k.contains(word))
+        || k.ends_with("key.pem")
+        || matches!(k.as_str(), "ssl_key" | "ssl.keystore.key" | "sasl.jaas.config" | "sasl.oauthbearer.config")
 }
 
-/// The properties as they may be shown: secrets as `***`; a reference (`${env:...}`) is not a
-/// secret and is shown as written.
-pub fn redacted(properties: &[(String, String)]) -> Vec<(String, String)> {
-    properties
-        .iter()
-        .map(|(k, v)| {
-            let shown = if is_secret(k) && !is_reference(v) { REDACTED.to_string() } else { v.clone() };
-            (k.clone(), shown)
-        })
-        .collect()
+/// A property's value as it may be shown in a message: a secret as `***`; a reference
+/// (`${env:...}`) is not a secret and is shown as written.
+pub fn shown<'a>(key: &str, value: &'a str) -> &'a str {
+    if is_secret(key) && !is_reference(value) {
+        REDACTED
+    } else {
+        value
+    }
 }
 
 /// `file`'s properties, then `given` over them (a later one wins in librdkafka), unresolved.
@@ -59,9 +58,9 @@ pub fn client_properties(
     given: &[(String, String)],
     insecure_skip_tls_verify: bool,
 ) -> Result<Vec<(String, String)>> {
-    let properties = gather(file, given)?;
+    let properties = resolve(&gather(file, given)?)?;
     check_tls_verification(&properties, insecure_skip_tls_verify)?;
-    resolve(&properties)
+    Ok(properties)
 }
 
 /// Reads a `client.properties` file (Java's properties format: `key=value`, `key: value`,
@@ -70,13 +69,19 @@ pub fn read_properties(path: &Path) -> Result<Vec<(String, String)>> {
     let file = std::fs::File::open(path).map_err(|e| {
         Error::Config(format!("--kafka-config {}: {e}: give a readable client.properties file", path.display()))
     })?;
-    let read = java_properties::read(std::io::BufReader::new(file)).map_err(|e| {
-        // The parser's message names the line, never its content.
-        Error::Config(format!(
-            "--kafka-config {}: {e}: expected `key=value` lines, as Kafka's client.properties",
-            path.display()
-        ))
-    })?;
+    // UTF-8, as the file's other readers (kcat -F, librdkafka) take bytes; Java's escapes apply.
+    let mut read = std::collections::HashMap::new();
+    java_properties::PropertiesIter::new_with_encoding(std::io::BufReader::new(file), encoding_rs::UTF_8)
+        .read_into(|k, v| {
+            read.insert(k, v);
+        })
+        .map_err(|e| {
+            // The parser's message names the line, never its content.
+            Error::Config(format!(
+                "--kafka-config {}: {e}: expected `key=value` lines, as Kafka's client.properties",
+                path.display()
+            ))
+        })?;
     let mut properties: Vec<(String, String)> = read.into_iter().collect();
     properties.sort();
     if properties.iter().any(|(k, v)| is_secret(k) && !is_reference(v)) {
@@ -146,7 +151,8 @@ pub fn check_tls_verification(properties: &[(String, String)], insecure: bool) -
     for (k, v) in properties {
         let off = v.trim().to_ascii_lowercase();
         let weakens = match k.as_str() {
-            "enable.ssl.certificate.verification" => matches!(off.as_str(), "false" | "0" | "no" | "off"),
+            // librdkafka reads a boolean as false from "false", "f" or "0", in any case.
+            "enable.ssl.certificate.verification" => matches!(off.as_str(), "false" | "f" | "0" | "no" | "off"),
             "ssl.endpoint.identification.algorithm" => off == "none",
             _ => false,
         };
@@ -207,13 +213,17 @@ impl ProducerContext for ErrorRecorder {
     fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }
 
-/// Whether a reported failure is one that waiting cannot mend: credentials the broker refused,
-/// a certificate that is not trusted.
+/// Whether a reported failure is one that waiting cannot mend: credentials or a mechanism the
+/// broker refused, a certificate that is not trusted. A request that failed on the way (a
+/// transport failure, a timeout inside the SASL exchange) may pass on the next try.
 pub fn cannot_mend(reported: &str) -> bool {
     let said = reported.to_ascii_lowercase();
-    said.contains("authentication")
-        || said.contains("mechanism handshake failed")
-        || said.contains("certificate verify failed")
+    let transient = said.contains("transport failure") || said.contains("timed out");
+    !transient && (refused_credentials(&said) || said.contains("certificate verify failed"))
+}
+
+fn refused_credentials(said: &str) -> bool {
+    said.contains("authentication failed") || said.contains("unsupported sasl mechanism")
 }
 
 /// Why a client's `request` to `brokers` failed, from librdkafka's last report (`reported`), with
@@ -233,7 +243,12 @@ pub fn explain_unreachable(
     };
     let said = reported.to_ascii_lowercase();
     let tls = protocol.ends_with("SSL");
-    let fix = if said.contains("authentication") || said.contains("mechanism handshake failed") {
+    let fix = if said.contains("might require sasl authentication") || (protocol == "SSL" && said.contains("state up"))
+    {
+        "the broker closed the connection once it was up: it probably requires SASL authentication; set \
+         security.protocol=SASL_SSL (or SASL_PLAINTEXT) with sasl.mechanisms, sasl.username and sasl.password"
+            .to_string()
+    } else if refused_credentials(&said) {
         let mechanism = get("sasl.mechanisms").or(get("sasl.mechanism")).unwrap_or("GSSAPI");
         let user = get("sasl.username").or(get("sasl.oauthbearer.client.id")).unwrap_or("");
         format!(
@@ -246,14 +261,11 @@ pub fn explain_unreachable(
          certificate does not name the address in --brokers"
             .to_string()
     } else if !tls && (said.contains("apiversion_query") || said.contains("ssl listener")) {
-        "the broker hung up on a plaintext client: it probably speaks TLS; set security.protocol=SSL \
-         (or SASL_SSL with SASL credentials) and ssl.ca.location"
+        "the broker hung up on a plaintext client as soon as it spoke: it may speak TLS there; if so, set \
+         security.protocol=SSL (or SASL_SSL with SASL credentials) and ssl.ca.location"
             .to_string()
     } else if tls && said.contains("plaintext") {
-        "the broker does not speak TLS there: set security.protocol=PLAINTEXT (or SASL_PLAINTEXT)".to_string()
-    } else if protocol == "SSL" && said.contains("state up") {
-        "the broker closed the connection after TLS: it probably requires SASL authentication; set \
-         security.protocol=SASL_SSL with sasl.mechanisms, sasl.username and sasl.password"
+        "the broker hung up during the TLS handshake: check that this port serves TLS, and security.protocol"
             .to_string()
     } else {
         format!("check --brokers and security.protocol (now {protocol})")
@@ -271,19 +283,107 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_and_the_rest_shown_as_given() {
-        let given = props(&[
+        let given = [
             ("sasl.password", "hunter2"),
             ("ssl.key.password", "k"),
             ("sasl.oauthbearer.client.secret", "s"),
             ("ssl.keystore.password", "p"),
+            ("ssl.truststore.password", "p"),
             ("ssl.key.pem", "-----BEGIN PRIVATE KEY-----"),
+            ("sasl.oauthbearer.assertion.private.key.passphrase", "p"),
+            ("sasl.oauthbearer.assertion.private.key.pem", "-----BEGIN PRIVATE KEY-----"),
+            ("ssl.keystore.key", "-----BEGIN PRIVATE KEY-----"),
+            ("sasl.jaas.config", "ScramLoginModule required password=\"p\";"),
             ("sasl.username", "alice"),
             ("security.protocol", "SASL_SSL"),
             ("sasl.password", "${env:KAFKA_PASSWORD}"),
+        ];
+        let values: Vec<&str> = given.iter().map(|(k, v)| shown(k, v)).collect();
+        assert_eq!(values[..10], ["***"; 10]);
+        assert_eq!(values[10..], ["alice", "SASL_SSL", "${env:KAFKA_PASSWORD}"]);
+    }
+
+    /// librdkafka's own words, as it reports them (2.12, against a TLS + SCRAM broker).
+    #[test]
+    fn start_failures_are_explained_with_the_fix_and_only_refusals_end_the_wait() {
+        let scram = props(&[
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("sasl.username", "alice"),
+            ("sasl.password", "hunter2"),
         ]);
-        let shown = redacted(&given);
-        let values: Vec<&str> = shown.iter().map(|(_, v)| v.as_str()).collect();
-        assert_eq!(values, ["***", "***", "***", "***", "***", "alice", "SASL_SSL", "${env:KAFKA_PASSWORD}"]);
+        let ssl = props(&[("security.protocol", "SSL")]);
+        let explain = |reported: &str, properties: &[(String, String)]| {
+            (explain_unreachable("b:9093", "metadata", Some(reported), properties), cannot_mend(reported))
+        };
+        // (what librdkafka reported, the client's properties, whether the wait ends, the fix named)
+        type Case<'a> = (&'a str, &'a [(String, String)], bool, &'a str);
+        let cases: [Case; 7] = [
+            (
+                "sasl_ssl://b:9093/bootstrap: SASL authentication error: SASL SCRAM authentication failed: broker \
+                 responded with invalid-proof (after 17ms in state AUTH_REQ)",
+                &scram,
+                true,
+                "authentication failed with SASL mechanism SCRAM-SHA-512 as user \"alice\"",
+            ),
+            (
+                "sasl_ssl://b:9093/bootstrap: SASL PLAIN mechanism handshake failed: Broker: Unsupported SASL \
+                 mechanism: broker's supported mechanisms: SCRAM-SHA-512,SCRAM-SHA-256 (after 0ms in state \
+                 AUTH_HANDSHAKE)",
+                &scram,
+                true,
+                "authentication failed",
+            ),
+            (
+                "sasl_ssl://b:9093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify \
+                 failed: broker certificate could not be verified, verify that ssl.ca.location is correctly \
+                 configured or root CA certificates are installed (install ca-certificates package) (after 1ms in \
+                 state SSL_HANDSHAKE)",
+                &scram,
+                true,
+                "ssl.ca.location=ca.pem",
+            ),
+            (
+                "b:9093/bootstrap: Disconnected: connection closed by peer: receive 0 after POLLIN (after 0ms in \
+                 state APIVERSION_QUERY)",
+                &[],
+                false,
+                "security.protocol=SSL",
+            ),
+            // A client without SASL at a listener that requires it: not a wrong password.
+            (
+                "ssl://b:9093/bootstrap: Disconnected: verify that security.protocol is correctly configured, \
+                 broker might require SASL authentication (after 0ms in state UP)",
+                &ssl,
+                false,
+                "security.protocol=SASL_SSL",
+            ),
+            (
+                "ssl://b:9093/bootstrap: Send failed: SSL transport error: Broken pipe (after 0ms in state UP)",
+                &ssl,
+                false,
+                "security.protocol=SASL_SSL",
+            ),
+            // Failures on the way may pass on the next try.
+            (
+                "sasl_ssl://b:9093/bootstrap: SASL authentication error: SaslAuthenticateRequest failed: Local: \
+                 Broker transport failure (after 5ms in state AUTH_REQ)",
+                &scram,
+                false,
+                "cannot connect",
+            ),
+        ];
+        for (reported, properties, final_, fix) in cases {
+            let (said, ends_wait) = explain(reported, properties);
+            assert_eq!(ends_wait, final_, "{reported}");
+            assert!(said.contains(fix) && !said.contains("hunter2"), "{said}");
+        }
+        let (said, _) = explain(
+            "ssl://b:9093/bootstrap: Disconnected: verify that security.protocol is correctly configured, broker \
+             might require SASL authentication (after 0ms in state UP)",
+            &ssl,
+        );
+        assert!(!said.contains("authentication failed"), "{said}");
     }
 
     #[test]
@@ -332,9 +432,12 @@ mod tests {
 
     #[test]
     fn turning_tls_verification_off_needs_the_insecure_flag() {
-        for (k, v) in
-            [("enable.ssl.certificate.verification", "false"), ("ssl.endpoint.identification.algorithm", "none")]
-        {
+        for (k, v) in [
+            ("enable.ssl.certificate.verification", "false"),
+            ("enable.ssl.certificate.verification", "F"),
+            ("enable.ssl.certificate.verification", "0"),
+            ("ssl.endpoint.identification.algorithm", "none"),
+        ] {
             let p = props(&[(k, v)]);
             let refused = check_tls_verification(&p, false).unwrap_err().to_string();
             assert!(refused.contains("--insecure-skip-tls-verify") && refused.contains("ssl.ca.location"), "{refused}");

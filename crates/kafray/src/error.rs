@@ -93,7 +93,18 @@ pub trait KafkaContext<T> {
 
 impl<T> KafkaContext<T> for std::result::Result<T, rdkafka::error::KafkaError> {
     fn kafka_context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Kafka { context: context(), source })
+        use rdkafka::error::KafkaError::ClientConfig;
+        self.map_err(|source| {
+            // rdkafka's message for a property librdkafka refuses ends with its value: never a secret's.
+            let source = match source {
+                ClientConfig(res, desc, key, value) => {
+                    let value = crate::connection::shown(&key, &value).to_string();
+                    ClientConfig(res, desc, key, value)
+                }
+                other => other,
+            };
+            Error::Kafka { context: context(), source }
+        })
     }
 }
 

@@ -370,10 +370,16 @@ class Deployment:
             changes["model"] = kafray.find_model(changes["model"])
             shipped = shipping.bundle(changes["model"])
         kafka_secrets = None
-        if "kafka" in changes or "kafka_config" in changes:  # new credentials replace the old
+        if "kafka" in changes or "kafka_config" in changes:
             changes, kafka_secrets = secrets.split(changes)
             changes.setdefault("kafka", [])
-        kafray.Worker(**{**self.config, **changes})  # a bad field fails here, before any worker is touched
+            kafka_secrets = kafka_secrets or None  # new credentials replace the old; none keeps them
+        # A bad field fails here, before any worker is touched. References (${env:NAME}) are left
+        # out: they are resolved on the workers' nodes, not here.
+        checked = {**self.config, **changes}
+        checked["kafka"] = [[k, v] for k, v in secrets.kafka_properties(checked)
+                            if not _native.is_secret_reference(v)]
+        kafray.Worker(**checked)
         check_kafka_for_ray({**self.config, **changes})
         controller = self.controller()
         if controller is None:
@@ -535,6 +541,7 @@ class DeploymentController:
         if self.deployment.actors:  # restarted: the workers say what they run now (after an update, say)
             newest = ray.get(self.deployment.actors[max(self.deployment.actors)].spec.remote(), timeout=30)
             self.deployment.config, self.deployment.model = newest["config"], newest.get("model")
+            self.deployment.with_secrets = newest.get("secrets", self.deployment.with_secrets)
         self.model_refs: dict = {}
         self.policy = LagAutoscaler(**autoscale) if autoscale else None
         self.lock = threading.Lock()
@@ -639,6 +646,10 @@ class DeploymentController:
 
     def kafka_secrets(self) -> dict:
         """What a worker adds to its Kafka properties at start."""
+        if not self.kafka_secrets_held:
+            # Restarted on another host than the one that keeps them: say so, not "wrong password".
+            raise ValueError(f"deployment {self.name!r}: its Kafka secrets are not on this controller's host "
+                             f"({secrets.where(self.name)}): stop the deployment and start it again with them")
         return self.kafka_secrets_held
 
     def update(self, changes: dict, shipped: shipping.Bundle | None, kafka_secrets: dict | None = None) -> dict:
@@ -766,6 +777,7 @@ def _add_worker_flags(up: argparse.ArgumentParser) -> None:
                    help="librdkafka property (repeatable); a value may be ${env:NAME} or ${file:PATH:KEY}, resolved on "
                         "the worker's node")
     w.add_argument("--kafka-config", dest="kafka_config", metavar="FILE",
+                   default=os.environ.get("KAFRAY_KAFKA_CONFIG"),
                    help="client.properties file of librdkafka properties, read here (-X wins over it); its "
                         "secrets reach the workers through the controller, never in an actor's arguments")
     w.add_argument("--insecure-skip-tls-verify", dest="insecure_skip_tls_verify", action="store_true", default=None,

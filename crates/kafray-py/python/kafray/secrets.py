@@ -11,15 +11,12 @@ worker's node.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import re
 
 from kafray import _native, shipping
 from kafray.files import write_file_atomically
-
-_NAME = re.compile(r"[A-Za-z0-9._-]+")
-
 
 def kafka_properties(config: dict) -> list[tuple[str, str]]:
     """The `kafka` setting as (key, value) pairs: a dict, or pairs as the worker takes them."""
@@ -50,12 +47,17 @@ def split(config: dict) -> tuple[dict, dict[str, str]]:
     return config, secret
 
 
+def where(deployment: str):
+    """The file that keeps a deployment's secrets on this host (named by a digest of the
+    deployment's name, which may hold any character)."""
+    name = hashlib.sha256(deployment.encode()).hexdigest()[:32]
+    return shipping.cache_root() / "secrets" / f"{name}.json"
+
+
 def _path(deployment: str):
-    if not _NAME.fullmatch(deployment):
-        raise ValueError(f"deployment name {deployment!r}: use letters, digits, '.', '_' and '-'")
     folder = shipping.private_root(create=True) / "secrets"
     folder.mkdir(mode=0o700, exist_ok=True)
-    return folder / f"{deployment}.json"
+    return where(deployment)
 
 
 def store(deployment: str, secrets: dict[str, str]) -> None:
@@ -65,13 +67,13 @@ def store(deployment: str, secrets: dict[str, str]) -> None:
 
 def load(deployment: str) -> dict[str, str]:
     try:
-        return json.loads(_path(deployment).read_text())
+        return json.loads(where(deployment).read_text())
     except FileNotFoundError:
         return {}
 
 
 def remove(deployment: str) -> None:
     try:
-        os.remove(_path(deployment))
+        os.remove(where(deployment))
     except FileNotFoundError:
         pass
