@@ -52,7 +52,7 @@ pub fn gather(file: Option<&Path>, given: &[(String, String)]) -> Result<Vec<(St
     Ok(properties)
 }
 
-/// What a client is given: [`gather`]ed, checked ([`check_tls_verification`]) and resolved.
+/// What a client is given: [`gather`]ed, resolved and checked ([`check_tls_verification`]).
 pub fn client_properties(
     file: Option<&Path>,
     given: &[(String, String)],
@@ -134,9 +134,11 @@ pub fn resolve(properties: &[(String, String)]) -> Result<Vec<(String, String)>>
                         .map(|(_, value)| value)
                         .ok_or_else(|| Error::Config(format!("{k}={v}: {path} has no property {key}")))?
                 }
+                // Not echoed: a secret may happen to look like a reference.
                 _ => {
                     return Err(Error::Config(format!(
-                        "{k}={v}: unknown reference; kafray resolves ${{env:NAME}} and ${{file:PATH:KEY}}"
+                        "{k}: a value of the form ${{...}} is a reference, and kafray resolves ${{env:NAME}} and \
+                         ${{file:PATH:KEY}}: use one of those"
                     )))
                 }
             };
@@ -425,7 +427,7 @@ mod tests {
             let unset = resolve(&props(&[("sasl.password", "${env:KAFRAY_TEST_UNSET}")])).unwrap_err().to_string();
             assert!(unset.contains("KAFRAY_TEST_UNSET is not set"), "{unset}");
             let unknown = resolve(&props(&[("sasl.password", "${vault:x}")])).unwrap_err().to_string();
-            assert!(unknown.contains("unknown reference"), "{unknown}");
+            assert!(unknown.contains("is a reference") && !unknown.contains("vault"), "{unknown}");
             Ok(())
         });
     }
