@@ -25,6 +25,15 @@ fn to_py(e: Error) -> PyErr {
     }
 }
 
+/// Whose error it is, as `stats()["error_kind"]` names it.
+fn kind_name(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::User => "user",
+        ErrorKind::External => "external",
+        ErrorKind::Internal => "internal",
+    }
+}
+
 /// A dict of named counters.
 fn counts<'py>(py: Python<'py>, items: &[(&str, u64)]) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
@@ -59,8 +68,9 @@ struct State {
     started: Option<Instant>,
     /// Where the model runs (`auto` resolved), once loaded.
     device: Option<String>,
-    /// Set once the worker thread has ended: its final counters, or why it failed.
-    outcome: Option<Result<Snapshot, String>>,
+    /// Set once the worker thread has ended: its final counters, or why it failed (and whose
+    /// error that is).
+    outcome: Option<Result<Snapshot, (ErrorKind, String)>>,
 }
 
 impl State {
@@ -69,8 +79,10 @@ impl State {
         if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
             let outcome = match self.thread.take().expect("checked above").join() {
                 Ok(Ok(snapshot)) => Ok(snapshot),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("the worker thread panicked (a bug in kafray; see the log)".into()),
+                Ok(Err(e)) => Err((e.kind(), e.to_string())),
+                Err(_) => {
+                    Err((ErrorKind::Internal, "the worker thread panicked (a bug in kafray; see the log)".into()))
+                }
             };
             self.outcome = Some(outcome);
         }
@@ -124,7 +136,7 @@ impl Worker {
             Err(e) => {
                 let why = e.to_string();
                 self.metrics.set_state(kafray::metrics::WorkerState::Failed, Some(why.clone()));
-                state.outcome = Some(Err(why));
+                state.outcome = Some(Err((e.kind(), why)));
                 return Err(to_py(e));
             }
         };
@@ -177,7 +189,7 @@ impl Worker {
         let stats = self.stats(py)?;
         let state = self.state.lock().unwrap();
         match &state.outcome {
-            Some(Err(why)) => Err(PyRuntimeError::new_err(format!("worker {} failed: {why}", self.worker_id))),
+            Some(Err((_, why))) => Err(PyRuntimeError::new_err(format!("worker {} failed: {why}", self.worker_id))),
             _ if state.thread.is_some() => Err(PyRuntimeError::new_err(format!(
                 "worker {} did not stop within {:.1} s; it is still finishing",
                 self.worker_id,
@@ -210,7 +222,8 @@ impl Worker {
     /// latency_ms_counts ((ms, count) per latency histogram bucket, to merge over workers),
     /// consume_errors, assigned_partitions,
     /// rebalances (assignment changes), batches, mean_batch, lag,
-    /// latency_p50_ms / latency_p99_ms (produce timestamp -> acknowledged), running, error, and
+    /// latency_p50_ms / latency_p99_ms (produce timestamp -> acknowledged), running, error,
+    /// error_kind (whose error: user, external or internal; None while it has none), and
     /// stages_us: µs each thread spent per stage (poll, decode, handoff; idle, infer, produce),
     /// batch_limit: the batching policy's limit now, and frame_us: µs summed over acknowledged
     /// predictions of each part of a frame's path (frames, fetch, decode, queue, infer, ack).
@@ -223,7 +236,8 @@ impl Worker {
         d.set_item("worker_id", &self.worker_id)?;
         d.set_item("device", view.device)?;
         d.set_item("running", view.running)?;
-        d.set_item("error", view.error)?;
+        d.set_item("error", view.error.as_ref().map(|(_, why)| why))?;
+        d.set_item("error_kind", view.error.as_ref().map(|(kind, _)| kind_name(*kind)))?;
         d.set_item("uptime_s", view.uptime_s)?;
         d.set_item("state", view.health.state.as_str())?;
         d.set_item("state_reason", view.health.reason)?;
@@ -277,7 +291,7 @@ struct View {
     snapshot: Snapshot,
     device: Option<String>,
     running: bool,
-    error: Option<String>,
+    error: Option<(ErrorKind, String)>,
     uptime_s: f64,
     health: Health,
     stalled_partitions: Vec<i32>,

@@ -87,9 +87,9 @@ print("polls", polls)
 def test_every_worker_setting_is_offered_by_kafray_ray_up_and_documented():
     """The worker's configuration is defined once (Rust's WorkerConfig); the Python surfaces
     must offer every field of it: a field added there without a flag here fails this test."""
-    from kafray import ray as kray
+    from kafray.ray import cli
 
-    up = kray.parser()._subparsers._group_actions[0].choices["up"]
+    up = cli.parser()._subparsers._group_actions[0].choices["up"]
     dests = {a.dest for a in up._actions}
     assert not [f for f in kafray.WORKER_CONFIG_FIELDS if f not in dests], dests
     assert not [f for f in kafray.WORKER_CONFIG_FIELDS if f"``{f}``" not in kafray.Worker.__doc__]
@@ -221,3 +221,24 @@ def test_a_batch_the_worker_cannot_decompress_stops_it_loudly_rather_than_stalli
     said = out.stderr
     assert "cannot read a batch of the input topic" in said, said[-3000:]
     assert "codec this build cannot decode" in said and "--reset-offsets" in said, said[-3000:]
+
+
+def test_a_static_member_that_stops_leaves_the_group_so_its_partitions_move_before_its_session_ends(broker):
+    """KIP-345: a static member (group.instance.id, as every worker on Ray) that closes stays in
+    the group until its session times out, and its partitions wait unread. A worker that stops
+    leaves: the survivor owns every partition long before this 45 s session could end."""
+    from conftest import wait_for
+
+    def static(member: str):
+        return kafray.Worker(brokers=broker, group="static", create_topics=4, worker_id=member, metrics_addr="",
+                             kafka={"group.instance.id": member, "session.timeout.ms": "45000"}).start()
+
+    survivor, leaving = static("a"), static("b")
+    try:
+        wait_for(lambda: survivor.stats()["assigned_partitions"] and leaving.stats()["assigned_partitions"], 60,
+                 "both members to own partitions")
+        leaving.stop(timeout=60)
+        wait_for(lambda: survivor.stats()["assigned_partitions"] == 4, 20,
+                 "the survivor to own all 4 partitions (the leaver's session would last 45 s)")
+    finally:
+        survivor.stop(timeout=60)

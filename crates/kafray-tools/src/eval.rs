@@ -45,7 +45,37 @@ pub struct EvalReport {
     pub per_worker: BTreeMap<String, usize>,
     /// Predictions per model name: a rolling update shows the old and the new.
     pub per_model: BTreeMap<String, usize>,
+    /// The longest a partition went unanswered: over frames in offset order, the longest time
+    /// one waited for its result with no frame ahead of it on its partition still waiting
+    /// (done minus the later of its produce time and the previous frame's done time). At a
+    /// steady rate this is about the latency; a partition left unread (a worker that left
+    /// without telling the group, a rebalance) shows as the time it was left.
+    pub longest_partition_wait_ms: Option<i64>,
+    /// Where that was: the partition, and the produce time of the frame that waited.
+    pub longest_partition_wait_at: Option<(i32, i64)>,
     pub timed_out: bool,
+}
+
+/// [`EvalReport::longest_partition_wait_ms`] and where, from each frame's first prediction.
+fn longest_partition_wait(first: &HashMap<(i32, i64), &ReadPrediction>) -> Option<(i64, i32, i64)> {
+    let mut frames: Vec<(i32, i64, i64, i64)> = first
+        .iter()
+        .filter_map(|(&(partition, offset), r)| {
+            r.prediction.ts_produce_ms.map(|produced| (partition, offset, produced, r.prediction.ts_done_ms))
+        })
+        .collect();
+    frames.sort_unstable();
+    let mut longest: Option<(i64, i32, i64)> = None;
+    let mut previous: Option<(i32, i64)> = None; // (partition, done)
+    for (partition, _, produced, done) in frames {
+        let ahead_done = previous.filter(|(p, _)| *p == partition).map_or(produced, |(_, d)| d);
+        let waited = (done - produced.max(ahead_done)).max(0);
+        if longest.is_none_or(|(w, _, _)| waited > w) {
+            longest = Some((waited, partition, produced));
+        }
+        previous = Some((partition, done));
+    }
+    longest
 }
 
 /// One prediction read back, with its `kafray.truth` header.
@@ -189,6 +219,7 @@ pub fn report(predictions: &[ReadPrediction], unparseable: usize, timed_out: boo
     // worker's status line reports it (a mean per frame would weigh big batches more).
     let batches: f64 = first.values().map(|r| 1.0 / r.prediction.batch_size.max(1) as f64).sum();
     let mean_batch = if first.is_empty() { 0.0 } else { first.len() as f64 / batches };
+    let longest_wait = longest_partition_wait(&first);
     EvalReport {
         predictions: predictions.len(),
         distinct_frames: first.len(),
@@ -208,6 +239,8 @@ pub fn report(predictions: &[ReadPrediction], unparseable: usize, timed_out: boo
         mean_batch_size: mean_batch,
         per_worker,
         per_model,
+        longest_partition_wait_ms: longest_wait.map(|(w, _, _)| w),
+        longest_partition_wait_at: longest_wait.map(|(_, p, at)| (p, at)),
         timed_out,
     }
 }
@@ -236,6 +269,9 @@ impl std::fmt::Display for EvalReport {
             ms(self.latency_ms_max)
         )?;
         writeln!(f, "mean batch size  {:.1}", self.mean_batch_size)?;
+        if let (Some(w), Some((p, _))) = (self.longest_partition_wait_ms, self.longest_partition_wait_at) {
+            writeln!(f, "longest wait     {w} ms (partition {p}: unanswered with nothing ahead of it)")?;
+        }
         let workers: Vec<String> = self.per_worker.iter().map(|(w, n)| format!("{w}: {n}")).collect();
         write!(f, "per worker       {}", workers.join(", "))?;
         if self.per_model.len() > 1 {
@@ -297,5 +333,28 @@ mod tests {
         assert_eq!((r.first_produced_ms, r.last_done_ms), (Some(1000 - 10), Some(2000)));
         // Latencies 10, 20, 30, 40 ms; nearest rank: p50 = value at round(0.5 * 3) = 30.
         assert_eq!((r.latency_ms_p50, r.latency_ms_p99, r.latency_ms_max), (Some(30), Some(40), Some(40)));
+    }
+
+    fn on(partition: i32, offset: i64, produced: i64, done: i64) -> ReadPrediction {
+        let mut r = read(offset, 0, "0", 1, done);
+        r.prediction.partition = partition;
+        r.prediction.ts_produce_ms = Some(produced);
+        r
+    }
+
+    #[test]
+    fn the_longest_partition_wait_is_the_time_a_partition_was_left_unread_not_a_queue_behind_it() {
+        // Partition 0 at 100 frames/s answered within 5 ms, except that it was left unread from
+        // 1_030 until 3_000; the frames that piled up meanwhile waited behind the first one.
+        let mut preds = Vec::new();
+        for (i, produced) in (1_000..1_030).step_by(10).enumerate() {
+            preds.push(on(0, i as i64, produced, produced + 5));
+        }
+        preds.push(on(0, 3, 1_030, 3_000)); // unread for 1_970 ms
+        preds.push(on(0, 4, 1_040, 3_050)); // queued behind offset 3: 50 ms of its own, not 2_010
+        preds.push(on(1, 0, 1_000, 1_300)); // another partition: 300 ms
+        let r = report(&preds, 0, false);
+        assert_eq!(r.longest_partition_wait_ms, Some(1_970));
+        assert_eq!(r.longest_partition_wait_at, Some((0, 1_030)));
     }
 }

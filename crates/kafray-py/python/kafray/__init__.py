@@ -5,8 +5,9 @@ The engine is Rust (``kafray._native``); this package adds the Python surface:
 - :class:`Worker`: one consumer-group member on native threads (GIL released), with
   ``start`` / ``stats`` / ``stop``; ``stop`` finishes the last batch, commits and leaves the group.
 - :class:`Classifier`: one model classifying whole files (the batch study).
-- :mod:`kafray.ray`: workers as Ray actors, and the batch study on Ray; :mod:`kafray.spark`:
-  the batch study on Spark; :mod:`kafray.study`: both, with timelines and charts.
+- :mod:`kafray.ray`: workers as Ray actors, owned by one controller per deployment;
+  :mod:`kafray.study`: the batch study on Ray and on Spark (:mod:`kafray.spark`), with
+  timelines and charts.
 """
 from __future__ import annotations
 

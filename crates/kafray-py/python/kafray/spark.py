@@ -125,7 +125,7 @@ def classify_files(paths: list[str], *, master: str = "local[2]", partitions: in
                    model: str = "mnist", batch_size: int = 64) -> dict:
     """Classifies the files in `partitions` partitions with ``mapPartitionsWithIndex``. `nodes`
     caps the executors' total cores on a standalone master. Returns what
-    :func:`kafray.ray.classify_files` returns (records, began, wall_s, launch_s, ship_s)."""
+    :func:`kafray.study.classify_files` returns (records, began, wall_s, launch_s, ship_s)."""
     import kafray
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)

@@ -13,7 +13,14 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a worker that stops waits for librdkafka to leave the group after its unsubscribe.
+/// librdkafka applies KIP-345's rule (a static member, `group.instance.id`, does not leave the
+/// group when it closes) to a close but not to an unsubscribe: so the revocation is served and
+/// the LeaveGroup request sent before the close, and the partitions move at once instead of
+/// after the session timeout. The close then waits for the broker's answer.
+const LEAVE_WAIT: Duration = Duration::from_secs(3);
 
 /// Keeps the offset tracker and the metrics in step with the group.
 pub struct SourceContext {
@@ -163,8 +170,32 @@ impl FrameSource for Source {
     }
 
     fn leave(&self) {
+        let member = !member_id(self).is_empty();
         self.unsubscribe();
+        let began = Instant::now();
+        // librdkafka forgets the member id as it sends LeaveGroup; the revocation before that
+        // is served inside a poll. A message polled meanwhile is dropped unprocessed: its
+        // offset was never stored, so the group reads it again.
+        while member && !member_id(self).is_empty() && began.elapsed() < LEAVE_WAIT {
+            let _ = BaseConsumer::poll(self, Duration::from_millis(20));
+        }
         self.context().metrics.joined.store(false, Relaxed);
+    }
+}
+
+/// The consumer's group member id ("" before it joined, and once it has left).
+fn member_id(consumer: &Source) -> String {
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is the live client of `consumer`; rd_kafka_memberid returns a copy it
+    // allocated (or null), freed with rd_kafka_mem_free once read.
+    unsafe {
+        let id = rdkafka::bindings::rd_kafka_memberid(rk);
+        if id.is_null() {
+            return String::new();
+        }
+        let copy = std::ffi::CStr::from_ptr(id).to_string_lossy().into_owned();
+        rdkafka::bindings::rd_kafka_mem_free(rk, id.cast());
+        copy
     }
 }
 

@@ -1,0 +1,5 @@
+import sys
+
+from kafray.ray.cli import main
+
+sys.exit(main())
