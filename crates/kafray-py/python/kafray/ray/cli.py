@@ -5,7 +5,7 @@
     kafray-ray scale --name cams 8
     kafray-ray update --name cams --model models/mnist_v2.onnx   # rolling, never without a worker
     kafray-ray up --autoscale 1:8 --lag-threshold 5000 --name cams --detach
-    kafray-ray scale --name cams --autoscale 2:8                  # new bounds while autoscaling
+    kafray-ray scale --name cams --autoscale 2:8 --lag-threshold 5000   # new bounds while autoscaling
     kafray-ray down --name cams
     kafray-ray batch --files 1000 --per-file 10
 
@@ -21,6 +21,8 @@ import os
 import signal
 import sys
 import time
+
+import ray
 
 import kafray
 from kafray.autoscale import DOWNSCALE_DELAY_S, UPSCALE_DELAY_S, LagAutoscaler, parse_bounds
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ClusterTooSmall) as e:
         print(f"kafray-ray: error: {e}", file=sys.stderr)
         return 2
-    except DeploymentFailed as e:
+    except (DeploymentFailed, ray.exceptions.RayError, TimeoutError) as e:
         print(f"kafray-ray: error: {e}", file=sys.stderr)
         return 1
     return 0

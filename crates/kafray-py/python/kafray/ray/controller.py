@@ -128,6 +128,8 @@ class DeploymentController:
         self.history: collections.deque[dict] = collections.deque(maxlen=HISTORY_TURNS)
         self.last: dict | None = None
         self.last_health_round = 0.0
+        self.start_backoff_until = 0.0
+        self.too_small_since: float | None = None
         self.finals: collections.deque[dict] = collections.deque(maxlen=1000)
         self.rolled: dict[int, list[str]] = {}  # per version: the older workers it replaced
         self.partitions = 0
@@ -172,6 +174,7 @@ class DeploymentController:
         """A new target: it gets a generation (the handle waits for it), and a fresh start."""
         self.record["generation"] += 1
         self.start_failures.clear()
+        self.start_backoff_until, self.too_small_since = 0.0, None
         self.status_text, self.error = "deploying", None
         self._save()
         self.wake.set()
@@ -183,26 +186,28 @@ class DeploymentController:
         A fixed size while the autoscaler owns the size is refused: it would undo it at its
         next decision. Returns the target's generation (see `progress`)."""
         with self.lock:
-            if autoscale is not None:
-                policy = LagAutoscaler(**autoscale)  # a bad setting is refused before anything changes
+            # Everything is checked before anything changes: a refused call leaves the target as it was.
+            policy = LagAutoscaler(**autoscale) if autoscale is not None else None
+            if replicas is not None:
+                if replicas < 0:
+                    raise ValueError(f"workers {replicas}: must be >= 0")
+                if self.policy is not None and not autoscale_off:
+                    p = self.policy
+                    raise ValueError(
+                        f"deployment {self.name!r} autoscales between {p.min_workers} and {p.max_workers} workers, "
+                        f"and the autoscaler would undo a fixed size at its next decision: change the bounds "
+                        f"(kafray-ray scale --autoscale MIN:MAX --lag-threshold FRAMES; {replicas}:{replicas} holds "
+                        f"{replicas}) or turn autoscaling off (kafray-ray scale {replicas} --no-autoscale)")
+                grow = replicas - len(self._current())
+                if grow > 0:
+                    check_resources(grow, self.record["num_cpus"], self.record["num_gpus"])
+            if policy is not None:
                 self.record["autoscale"], self.policy = autoscale, policy
                 current = self.record["replicas"]
                 self.record["replicas"] = min(max(current, policy.min_workers), policy.max_workers)
             elif autoscale_off:
                 self.record["autoscale"], self.policy = None, None
             if replicas is not None:
-                if replicas < 0:
-                    raise ValueError(f"workers {replicas}: must be >= 0")
-                if self.policy is not None:
-                    p = self.policy
-                    raise ValueError(
-                        f"deployment {self.name!r} autoscales between {p.min_workers} and {p.max_workers} workers, "
-                        f"and the autoscaler would undo a fixed size at its next decision: change the bounds "
-                        f"(kafray-ray scale --autoscale MIN:MAX; {replicas}:{replicas} holds {replicas}) or turn "
-                        f"autoscaling off (kafray-ray scale {replicas} --no-autoscale)")
-                grow = replicas - len(self._current())
-                if grow > 0:
-                    check_resources(grow, self.record["num_cpus"], self.record["num_gpus"])
                 self.record["replicas"] = replicas
             return self._changed()
 
@@ -218,7 +223,8 @@ class DeploymentController:
             spec = self.record["spec"]
             version = self.record["next_version"]
             self.record["next_version"] = version + 1
-            self.record["previous"] = spec
+            if self.record.get("previous") is None:  # else a roll is under way: back to where it began
+                self.record["previous"] = spec
             self.record["spec"] = {"version": version, "config": {**spec["config"], **changes},
                                    "model": shipped.key if shipped else spec["model"]}
             self.record["rolled_back"] = None
@@ -234,6 +240,10 @@ class DeploymentController:
         """Where reconciliation stands: `converged` once the workers that run are the target's
         (its version, its count, each a member of its group) and none is stopping; `status`
         (deploying, running, failed), and `error` with its `error_kind` once it failed."""
+        with self.lock:
+            return self._progress()
+
+    def _progress(self) -> dict:
         current = self._current()
         version = self.record["spec"]["version"]
         converged = (len(current) == self.record["replicas"] and not self.record["stopping"]
@@ -271,8 +281,16 @@ class DeploymentController:
         if now - self.last_health_round >= HEALTH_CHECK_PERIOD_S:
             self.last_health_round = now
             self._health_round(now)
-        self._act()
-        return bool(self.record["stopping"] or not self.progress()["converged"])
+        self._act(now)
+        progress = self._progress()
+        if progress["converged"] and self.status_text == "deploying":
+            self.status_text, self.error = "running", None
+            if self.record.get("previous") is not None:
+                self.record["previous"] = None  # the roll is done: nothing to go back to
+                self._save()
+        if self.status_text in ("failed",) or self.record.get("paused"):
+            return False
+        return bool(self.record["stopping"] or not progress["converged"])
 
     def _adopt(self) -> None:
         """A restarted controller takes over the actors its record names; those gone are missing
@@ -283,9 +301,9 @@ class DeploymentController:
             except ValueError:
                 self.record["actors"].pop(name)
                 continue
-            r = Replica(name, meta["index"], meta["version"], handle, ever_joined=True)
-            r.ready_ref = handle.ready.remote()
-            self.replicas[name] = r
+            # Running already: its health checks decide, as for any running worker.
+            self.replicas[name] = Replica(name, meta["index"], meta["version"], handle, phase="running",
+                                          ever_joined=True)
         for name in list(self.record["stopping"]):
             r = self.replicas.get(name)
             if r is None:
@@ -324,24 +342,36 @@ class DeploymentController:
         print(f"kafray-ray controller {self.name}: {r.name} could not start: {error}", flush=True)
         self._forget(r, kill=True)
         spec = self.record["spec"]
-        if r.version == spec["version"] and self.record.get("previous"):
+        rolling = any(x.version != spec["version"] for x in self._current())
+        if r.version == spec["version"] and self.record.get("previous") and rolling:
             # A new version that cannot start: back to the one before; those replaced roll back.
             self.record["rolled_back"] = {"from": spec["version"], "error": error, "error_kind": kind,
                                           "generation": self.record["generation"]}
             self.record["spec"], self.record["previous"] = self.record["previous"], None
             self._save()
             return
-        if len(self.start_failures) >= MAX_START_FAILURES or kind in ("user", "cluster"):
-            # The same cause would fail the next one too: say so and wait for a new target.
-            self.status_text, self.error = "failed", {"error": error, "error_kind": kind, "actor": r.name}
+        failure = {"error": error, "error_kind": kind, "actor": r.name}
+        if self.status_text == "deploying" and (len(self.start_failures) >= MAX_START_FAILURES
+                                                or kind in ("user", "cluster")):
+            # The target cannot be reached: the caller waiting for it gets this error, and the
+            # controller waits for a new target instead of starting failing workers for ever.
+            self.status_text, self.error = "failed", failure
+        else:
+            # A replacement or an autoscaled start that failed while the deployment runs: try
+            # again, later each time (an outage outside the workers may pass).
+            self.error = failure
+            self.start_backoff_until = time.monotonic() + min(60.0, 2.0 ** len(self.start_failures))
 
     def _follow_starting(self, now: float) -> None:
         for r in [r for r in list(self.replicas.values()) if r.phase == "starting"]:
             done, _ = ray.wait([r.ready_ref], timeout=0)
             if not done:
                 if now - r.created > READY_TIMEOUT_S:
-                    self._start_failed(r, f"not placed within {READY_TIMEOUT_S:.0f} s; the cluster has "
-                                          f"{ray.available_resources()} free", "cluster")
+                    if actor_state(r.handle) in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):
+                        self._start_failed(r, f"not placed within {READY_TIMEOUT_S:.0f} s; the cluster has "
+                                              f"{ray.available_resources()} free", "cluster")
+                    else:
+                        self._start_failed(r, f"did not start within {READY_TIMEOUT_S:.0f} s", "internal")
                 continue
             try:
                 r.info = ray.get(r.ready_ref)
@@ -364,11 +394,15 @@ class DeploymentController:
             done, _ = ray.wait([r.health_ref], timeout=0)
             if not done:
                 if now - r.health_sent > HEALTH_CHECK_TIMEOUT_S:
-                    if actor_state(r.handle) == "RESTARTING":
-                        self._restarting(r, now)
-                    else:
+                    state = actor_state(r.handle)
+                    if state == "ALIVE":
                         self._replace(r, "unresponsive",
                                       f"did not answer its health check within {HEALTH_CHECK_TIMEOUT_S:g} s")
+                    elif state == "DEAD":
+                        self._replace(r, "died", "its actor is dead")
+                    else:  # restarting, or the GCS could not say: look again next turn
+                        self._restarting(r, now)
+                        r.health_ref = None
                 continue
             ref, r.health_ref = r.health_ref, None
             try:
@@ -376,10 +410,14 @@ class DeploymentController:
             except ray.exceptions.RayActorError as e:
                 # Ray restarts a process that died, within its budget: the worker comes back as
                 # the same static member. Dead for good, it is replaced.
-                if actor_state(r.handle) in ("RESTARTING", "ALIVE", "PENDING_CREATION"):
-                    self._restarting(r, now)
-                else:
+                if actor_state(r.handle) == "DEAD":
                     self._replace(r, "died", death_cause(e))
+                else:
+                    self._restarting(r, now)
+                continue
+            except Exception as e:  # the check itself failed: a missed check, as one not answered
+                if now - max(r.health_at, r.created) > HEALTH_CHECK_TIMEOUT_S:
+                    self._replace(r, "unresponsive", f"its health checks fail: {death_cause(e)}")
                 continue
             r.restarting_since, r.health, r.health_at = None, health, now
             health["actor"] = r.name
@@ -443,7 +481,7 @@ class DeploymentController:
         self.last = record
         self.history.append(record)
 
-    def _act(self) -> None:
+    def _act(self, now: float) -> None:
         """Start the missing, stop the extra, roll the outdated: one step of each per turn."""
         if self.status_text == "failed" or self.record.get("paused"):
             return
@@ -458,20 +496,26 @@ class DeploymentController:
                 if len(current) > want:
                     self._begin_stop(outdated[0])  # its successor has joined: now it drains
                     self.rolled.setdefault(spec["version"], []).append(outdated[0].name)
-                elif len(fresh) < want:
+                elif len(fresh) < want and now >= self.start_backoff_until:
                     self._start(spec, max(1, want - len(current)))
                 return
             if len(current) < want:
-                self._start(spec, want - len(current))
+                if now >= self.start_backoff_until:
+                    self._start(spec, want - len(current))
             elif len(current) > want:
                 # Those still starting go first, then the newest.
                 extra = sorted(current, key=lambda r: (r.phase != "starting", -r.index))[:len(current) - want]
                 for r in extra:
                     self._begin_stop(r)
         except ClusterTooSmall as e:
+            # Resources of an actor just ended come back a moment later: only a lack that lasts
+            # fails a target that is being deployed; a running deployment tries every turn.
             self.error = {"error": str(e), "error_kind": "cluster"}
-            if not any(r.ever_joined for r in current):
-                self.status_text = "failed"  # nothing runs: the deployment cannot start at all
+            self.too_small_since = self.too_small_since or now
+            if self.status_text == "deploying" and now - self.too_small_since > HEALTH_CHECK_TIMEOUT_S:
+                self.status_text = "failed"
+            return
+        self.too_small_since = None
 
     def _replace(self, r: Replica, category: str, reason: str) -> None:
         """Ends a worker that is unhealthy; the next step of `_act` starts its replacement."""
@@ -495,12 +539,12 @@ class DeploymentController:
 
     def _begin_stop(self, r: Replica) -> None:
         """A graceful stop: the worker finishes its in-flight frames, commits and leaves the group."""
-        r.phase = "stopping"
-        r.stop_ref = r.handle.stop.remote(STOP_TIMEOUT_S)
-        r.stop_deadline = time.monotonic() + STOP_TIMEOUT_S + 10
         if r.name not in self.record["stopping"]:
             self.record["stopping"].append(r.name)
             self._save()
+        r.phase = "stopping"
+        r.stop_ref = r.handle.stop.remote(STOP_TIMEOUT_S)
+        r.stop_deadline = time.monotonic() + STOP_TIMEOUT_S + 10
 
     def _follow_stopping(self, now: float) -> None:
         for r in [r for r in list(self.replicas.values()) if r.phase == "stopping"]:
@@ -524,11 +568,14 @@ class DeploymentController:
         """Each worker's stats, asked now, or {"error": ...} while it is down or restarting."""
         current = sorted(self._current(), key=lambda r: r.index)
         refs = [r.handle.stats.remote() for r in current]
+        answered, _ = ray.wait(refs, num_returns=len(refs), timeout=10) if refs else ([], [])
         out = []
         for r, ref in zip(current, refs):
             try:
-                s = ray.get(ref, timeout=10)
-            except Exception as e:  # restarting, or dead: say why
+                if ref not in answered:
+                    raise TimeoutError(f"no answer within 10 s ({r.phase})")
+                s = ray.get(ref)
+            except Exception as e:  # starting, restarting, or dead: say why
                 s = {"error": death_cause(e), "running": False}
             s["actor"] = r.name
             s["phase"] = r.phase

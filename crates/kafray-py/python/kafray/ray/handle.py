@@ -16,7 +16,11 @@ from kafray.autoscale import LagAutoscaler
 from kafray.ray.actor import MAX_RESTARTS
 from kafray.ray.cluster import (NAMESPACE, READY_TIMEOUT_S, ClusterTooSmall, DeploymentFailed, check_kafka_for_ray,
                                 check_resources, connect, controller, death_cause, delete_record, read_record)
-from kafray.ray.controller import start_controller
+from kafray.ray.controller import HEALTH_CHECK_TIMEOUT_S, start_controller
+
+# How long a call waits for the workers it asked for: the controller gives an actor
+# READY_TIMEOUT_S to be placed and started, and its error needs a turn or two to arrive after that.
+WAIT_S = READY_TIMEOUT_S + 2 * HEALTH_CHECK_TIMEOUT_S
 
 
 def _raise(error: dict, what: str) -> None:
@@ -50,7 +54,7 @@ class Deployment:
         detached: bool = False,
         max_restarts: int = MAX_RESTARTS,
         autoscale: dict | None = None,
-        timeout: float = READY_TIMEOUT_S,
+        timeout: float = WAIT_S,
         **config,
     ) -> "Deployment":
         """Starts the deployment's controller with `workers` as its target, and waits until
@@ -100,7 +104,10 @@ class Deployment:
             generation = ray.get(d._controller.begin.remote(), timeout=READY_TIMEOUT_S)
             d._wait(generation, timeout, "the deployment could not start")
         except BaseException:
-            d.stop()
+            try:
+                d.stop()
+            except Exception as cleanup:  # the start's own error is the one to see
+                print(f"kafray-ray: cleaning up the failed start of {name!r}: {death_cause(cleanup)}", flush=True)
             raise
         return d
 
@@ -151,7 +158,7 @@ class Deployment:
         return self._ask("spec")["config"]
 
     def scale(self, workers: int | None = None, *, autoscale: dict | None = None, autoscale_off: bool = False,
-              timeout: float = READY_TIMEOUT_S) -> dict:
+              timeout: float = WAIT_S) -> dict:
         """Sets the target size and waits until the workers match it: new ones join the group,
         leaving ones finish their in-flight frames, commit and leave. With autoscaling on, a
         fixed size is refused (the autoscaler would undo it): pass `autoscale` (new bounds and
@@ -161,13 +168,13 @@ class Deployment:
         generation = self._ask("set_target", replicas=workers, autoscale=autoscale, autoscale_off=autoscale_off)
         return self._wait(generation, timeout, f"scaling {self.name!r}")
 
-    def update(self, timeout: float = READY_TIMEOUT_S, **changes) -> dict:
+    def update(self, timeout: float | None = None, **changes) -> dict:
         """Rolls the workers forward to a new version of their configuration (a new `model`,
         say), one at a time: each new worker joins the group before an old one leaves, so the
         group is never empty, and each old one finishes its in-flight frames and commits first.
         Predictions name the model that made them. If a new worker cannot start, the workers
         go back to the version before and this raises its error. A new model is read here and
-        shipped like the first."""
+        shipped like the first. `timeout` (None: a start's wait per worker) bounds the wait."""
         shipped = None
         if "model" in changes:
             changes["model"] = kafray.find_model(changes["model"])
@@ -186,7 +193,9 @@ class Deployment:
         kafray.Worker(**checked)
         check_kafka_for_ray({**config, **changes})
         generation = self._ask("update", changes, shipped, kafka_secrets, timeout=READY_TIMEOUT_S)
-        done = self._wait(generation, timeout, f"updating {self.name!r}")
+        # One worker at a time: each may take as long as a start (None: that, per worker).
+        workers = max(1, len(self._ask("actor_names")))
+        done = self._wait(generation, timeout if timeout is not None else WAIT_S * workers, f"updating {self.name!r}")
         return {"model": checked.get("model"), "version": done["version"], "workers": len(done["workers"]),
                 "replaced": done["replaced"]}
 
