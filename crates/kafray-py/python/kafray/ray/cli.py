@@ -249,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DeploymentFailed, ray.exceptions.RayError, TimeoutError) as e:
         print(f"kafray-ray: error: {e}", file=sys.stderr)
         return 1
+    except ConnectionError as e:
+        print(f"kafray-ray: error: {e}: is the cluster up (`ray start --head` on this machine) and --address "
+              f"right?", file=sys.stderr)
+        return 1
     return 0
 
 
