@@ -10,7 +10,7 @@ import ray
 
 import kafray
 from kafray import secrets, shipping
-from kafray.ray.cluster import READY_TIMEOUT_S, controller_name
+from kafray.ray.cluster import READY_TIMEOUT_S, controller_name, error_kind
 
 # By default Ray restarts an actor whose process dies this many times over its life (the
 # budget); each restart first waits RESTART_BACKOFF_S[min(restarts, len) - 1] seconds. A worker
@@ -62,8 +62,7 @@ class KafrayWorkerActor:
         try:
             self.worker = self._start_worker(deployment, config, placement, instance_id)
         except Exception as e:  # kept, not raised: Ray would only say that the actor died
-            kind = "user" if isinstance(e, ValueError) else "external" if isinstance(e, OSError) else "internal"
-            self.failure = {"error": f"{e}", "error_kind": kind}
+            self.failure = {"error": f"{e}", "error_kind": error_kind(e)}
 
     def _start_worker(self, deployment: str, config: dict, placement: dict, instance_id: str):
         kafka = dict(secrets.kafka_properties(config))

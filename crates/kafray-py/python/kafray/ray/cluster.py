@@ -55,6 +55,14 @@ def check_kafka_for_ray(config: dict) -> None:
                          f"member under its own id (the actor's name); remove it")
 
 
+def error_kind(e: BaseException) -> str:
+    """Whose error an exception is, as the binding's `stats()["error_kind"]` names it (its
+    ValueError is the user's, OSError the outside world's, anything else kafray's)."""
+    if isinstance(e, ClusterTooSmall):
+        return "cluster"
+    return "user" if isinstance(e, ValueError) else "external" if isinstance(e, OSError) else "internal"
+
+
 def death_cause(e: BaseException) -> str:
     """The first lines of why an actor call failed: Ray's death cause names the actor's error."""
     text = f"{type(e).__name__}: {e}"

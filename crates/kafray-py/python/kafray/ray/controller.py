@@ -95,12 +95,6 @@ def actor_state(handle) -> str:
         return "UNKNOWN"
 
 
-def error_kind(e: BaseException) -> str:
-    if isinstance(e, ClusterTooSmall):
-        return "cluster"
-    return "user" if isinstance(e, ValueError) else "external" if isinstance(e, OSError) else "internal"
-
-
 @ray.remote
 class DeploymentController:
     """One per deployment, on the head node (see the module's docstring)."""
