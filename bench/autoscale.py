@@ -1,7 +1,7 @@
 """Autoscaling under a burst: workers, lag and rate over time.
 
-    .venv/bin/python bench/autoscale.py                  # about 2.5 minutes here
-    .venv/bin/python bench/autoscale.py --burst-rate 300 --burst-s 30
+    .venv/bin/python -m bench.autoscale                  # about 2.5 minutes here
+    .venv/bin/python -m bench.autoscale --burst-rate 300 --burst-s 30
 
 A local Ray cluster (one node, 4 CPUs), an in-memory Tansu broker and a kafray deployment
 started with `--autoscale 1:MAX --lag-threshold T` (MobileNetV2 on camera photos, one CPU per

@@ -1,7 +1,7 @@
 """Backpressure's cost: how long one worker takes to drain a backlog, against its in-flight bound.
 
-    .venv/bin/python bench/backpressure.py                      # writes bench/results/backpressure.csv
-    .venv/bin/python bench/backpressure.py --kafray OLD=path/to/old/kafray --kafray NEW=target/release/kafray
+    .venv/bin/python -m bench.backpressure                      # writes bench/results/backpressure.csv
+    .venv/bin/python -m bench.backpressure --kafray OLD=path/to/old/kafray --kafray NEW=target/release/kafray
 
 Each cell has a fresh in-memory broker: `--frames` MNIST digits are queued on 4 partitions, then
 one `kafray worker --max-in-flight M --batch-size 10` drains them; the cell's time runs from the
@@ -70,7 +70,6 @@ def main() -> int:
                    help="a kafray binary to measure (repeatable); default target/release/kafray")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/backpressure.csv")
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT / "crates/kafray-py/python"))
     import kafray
 
     binaries = [b.split("=", 1) for b in args.kafray or [f"current={ROOT / 'target/release/kafray'}"]]

@@ -1,7 +1,7 @@
 """Failover: how long the frames of a killed worker's partitions wait, and whether the others stall.
 
-    .venv/bin/python bench/failover.py                    # kafray's defaults against librdkafka's
-    .venv/bin/python bench/failover.py --settings kafray  # one setting only
+    .venv/bin/python -m bench.failover                    # kafray's defaults against librdkafka's
+    .venv/bin/python -m bench.failover --settings kafray  # one setting only
 
 For each setting, on a fresh in-memory Tansu broker: W `kafray worker` processes share P
 partitions; once every worker owns partitions, `kafray produce` paces MNIST digits at R frames/s,
@@ -33,10 +33,7 @@ from pathlib import Path
 
 import kafray
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from sweep import CLI, create_topics  # noqa: E402
+from bench.harness import CLI, ROOT, create_topics
 
 # librdkafka's own defaults, as kafray used them before it set its own (issue 10).
 SETTINGS = {
@@ -187,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         w.writeheader()
         w.writerows(results)
     (args.out / "run.json").write_text(json.dumps({
-        "command": " ".join([".venv/bin/python", "bench/failover.py", *(argv or sys.argv[1:])]),
+        "command": " ".join([".venv/bin/python", "-m", "bench.failover", *(argv or sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cores": os.cpu_count()}, indent=1))
     print(f"wrote {plot(args.out, results)}")
     return 0

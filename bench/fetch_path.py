@@ -1,7 +1,7 @@
 """The fetch path's settings, measured: latency of a paced stream and the idle CPU cost, for the
 consumer's `fetch.wait.max.ms` and the producers' `linger.ms`.
 
-    .venv/bin/python bench/fetch_path.py            # writes bench/results/fetch_path.csv
+    .venv/bin/python -m bench.fetch_path            # writes bench/results/fetch_path.csv
 
 Each cell has a fresh in-memory broker. Its latency part is `kafray demo --brokers B --rate R -n N -X key=value` (2 workers, fresh
 topics, a settled group before the first frame): the property applies to the workers' consumer and
@@ -79,7 +79,6 @@ def main() -> int:
     p.add_argument("--linger", default="5,1,0", help="linger.ms values (at the default fetch.wait.max.ms)")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/fetch_path.csv")
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT / "crates/kafray-py/python"))
     import kafray
 
     cells = [[f"fetch.wait.max.ms={v}", "linger.ms=0"] for v in args.fetch_wait.split(",")]

@@ -2,8 +2,8 @@
 timestamp to its prediction, at paced input rates and in a bursty stream, for kafray's batching
 policies and the Python peer, side by side on one broker.
 
-    .venv/bin/python bench/latency.py                       # MNIST and MobileNetV2, every system
-    .venv/bin/python bench/latency.py --models mnist --seconds 4
+    .venv/bin/python -m bench.latency                       # MNIST and MobileNetV2, every system
+    .venv/bin/python -m bench.latency --models mnist --seconds 4
 
 For each model and system (a batching policy of kafray, or the peer), on W Ray actors (2 by default):
 1. saturation: a burst of frames as fast as the producer sends them; images/s from the first
@@ -34,18 +34,15 @@ from pathlib import Path
 
 import ray
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import sweep  # noqa: E402
-from sweep import (CLI, ROOT, Pool, connect_ray, cpu_seconds, create_topics, machine, machine_busy,  # noqa: E402
-                   read_csv, start_broker, write_csv)
+from bench import harness
+from bench.harness import (CLI, MODEL_TITLES, PHOTOS, ROOT, Pool, connect_ray, cpu_seconds, create_topics, machine,
+                           machine_busy, read_csv, start_broker, write_csv)
 
 if __name__ != "__main__":
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 LOADS = (0.1, 0.3, 0.5, 0.7, 0.9)
 FRAME_PARTS = ("fetch", "decode", "queue", "infer", "ack")
-MODEL_TITLES = sweep.MODEL_TITLES
 
 
 def systems(args) -> dict[str, dict]:
@@ -65,7 +62,7 @@ def systems(args) -> dict[str, dict]:
 
 def produce_command(model: str, brokers: str, topic: str, frames: int, photos: Path, rate: float | None = None,
                     schedule: str | None = None) -> list[str]:
-    cmd = sweep.produce_command(model, brokers, topic, frames, photos)
+    cmd = harness.produce_command(model, brokers, topic, frames, photos)
     if rate:
         cmd += ["--rate", f"{rate:.1f}"]
     if schedule:
@@ -294,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burst-high", type=float, default=150.0, help="%% of saturation in the bursts")
     p.add_argument("--burst-low", type=float, default=30.0, help="%% of saturation between bursts")
     p.add_argument("--burst-cycles", type=int, default=3)
-    p.add_argument("--photos", type=Path, default=ROOT.parent / "shared/assets/images")
+    p.add_argument("--photos", type=Path, default=PHOTOS)
     p.add_argument("--brokers", help="a Kafka cluster to use (default: a local Tansu broker, in memory)")
     p.add_argument("--address", help="a Ray cluster to join (default: a local one, on this machine's cores)")
     p.add_argument("--note", help="what sets this run apart (e.g. the network), for run.json and the charts' titles")
@@ -324,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args.saturation_frames = {"mnist": 30000, "mobilenet_v2": 600}
     os.chdir(ROOT)
     began = time.time()
-    meta = {"command": " ".join([".venv/bin/python", "bench/latency.py", *sys.argv[1:]]),
+    meta = {"command": " ".join([".venv/bin/python", "-m", "bench.latency", *sys.argv[1:]]),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(), "workers": args.workers,
             "partitions": args.partitions, "seconds": args.seconds, "burst_high": args.burst_high,
             "burst_low": args.burst_low, "systems": {s: all_systems[s] for s in chosen}, "note": args.note}

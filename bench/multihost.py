@@ -1,17 +1,18 @@
 """The benchmarks across hosts joined by shaped links: the paper's 1 Gbps network, emulated.
 
-    .venv/bin/python bench/multihost.py                       # 1 Gbps links, about 2 minutes here
-    .venv/bin/python bench/multihost.py --link-gbit 0         # the same hosts, links unshaped
-    .venv/bin/python bench/multihost.py --link-gbit 0.02 --models mnist   # a link that binds
-    .venv/bin/python bench/multihost.py --bench latency       # latency at paced rates instead
+    .venv/bin/python -m bench.multihost                       # 1 Gbps links, about 2 minutes here
+    .venv/bin/python -m bench.multihost --link-gbit 0         # the same hosts, links unshaped
+    .venv/bin/python -m bench.multihost --link-gbit 0.02 --models mnist   # a link that binds
+    .venv/bin/python -m bench.multihost --bench latency       # latency at paced rates instead
 
-Three hosts made of Linux namespaces (crates/kafray-py/tests/hosts.py; needs root): the broker on
-one, the Ray head and the sweep's driver on another, a second Ray node on the third, each with its
-own address and its own /tmp. With --link-gbit G, every host's link is shaped with `tc` (token
-bucket, G Gbit/s each way out of a host), so every frame and every prediction crosses a G Gbit/s
-link. Then `bench/sweep.py --address HEAD --brokers BROKER --systems kafray` (or, with --bench
-latency, `bench/latency.py` with kafray's default batching) runs on the head host. Results go to
---out (the benchmark's files, plus hosts.json with the hosts and the shaping).
+Three hosts made of Linux namespaces (bench/hosts.py; needs root): the broker on one, the Ray head
+and the sweep's driver on another, a second Ray node on the third, each with its own address and
+its own /tmp. With --link-gbit G, every host's link is shaped with `tc` (token bucket, G Gbit/s each
+way out of a host), so every frame and every prediction crosses a G Gbit/s link. Then
+`python -m bench.sweep --address HEAD --brokers BROKER --systems kafray` (or, with --bench latency,
+`python -m bench.latency` with kafray's default batching) runs on the head host, from the
+checkout's root. Results go to --out (the benchmark's files, plus hosts.json with the hosts and the
+shaping).
 """
 from __future__ import annotations
 
@@ -22,10 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "crates" / "kafray-py" / "tests"))
-from hosts import RAY_ENV, Hosts, missing, start_broker_and_ray  # noqa: E402
+from bench.hosts import RAY_ENV, Hosts, missing, start_broker_and_ray
 
+ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv" / "bin"
 
 
@@ -66,12 +66,12 @@ def main() -> int:
         cluster = ["--address", f"{h.ip['head']}:6379", "--brokers", broker, "--models", args.models,
                    "--out", str(args.out), "--note", f"3 namespace hosts, {link}"]
         if args.bench == "sweep":
-            command = ["sweep.py", *cluster, "--systems", "kafray", "--workers", args.workers,
+            command = ["bench.sweep", *cluster, "--systems", "kafray", "--workers", args.workers,
                        "--batches", args.batches, *(["--frames", str(args.frames)] if args.frames is not None else [])]
         else:
-            command = ["latency.py", *cluster, "--systems", "kafray"]
-        bench = h.run("head", [str(VENV / "python"), str(ROOT / "bench" / command[0]), *command[1:]],
-                      env=RAY_ENV, cwd=str(ROOT))
+            command = ["bench.latency", *cluster, "--systems", "kafray"]
+        # Run as a module from the checkout's root, where `bench` is found.
+        bench = h.run("head", [str(VENV / "python"), "-m", *command], env=RAY_ENV, cwd=str(ROOT))
         code = bench.wait()
         # What crossed each host's shaped link (sent bytes, drops, overlimits).
         qdiscs = {n: subprocess.run(["ip", "netns", "exec", h.ns[n], "tc", "-s", "qdisc", "show", "dev", "eth0"],

@@ -1,8 +1,8 @@
 """Planned changes under a paced stream: how long a partition goes unread when the controller
 retires a worker (a scale-down) or replaces every worker (a rolling update).
 
-    .venv/bin/python bench/scaledown.py            # about 3 minutes here
-    .venv/bin/python bench/scaledown.py --runs 3
+    .venv/bin/python -m bench.scaledown            # about 3 minutes here
+    .venv/bin/python -m bench.scaledown --runs 3
 
 A local Ray cluster (one node, 4 CPUs) and an in-memory Tansu broker. For each event, a fresh
 deployment of 3 MNIST workers on a 6-partition topic; once every worker owns partitions,

@@ -2,8 +2,8 @@
 workers, restarts the broker, scales the deployment and injects hostile frames; then an invariant
 checker reads every topic back.
 
-    .venv/bin/python bench/soak.py --minutes 10      # the full soak (bench/results/soak/)
-    .venv/bin/python bench/soak.py --minutes 2       # a short one
+    .venv/bin/python -m bench.soak --minutes 10      # the full soak (bench/results/soak/)
+    .venv/bin/python -m bench.soak --minutes 2       # a short one
 
 One consumer group shares the input partitions between `--ray-workers` Ray actors and
 `--plain-workers` `kafray worker` processes, against a local broker with SQLite storage (so a
@@ -44,10 +44,7 @@ import ray
 import kafray
 from kafray import ray as kray
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from sweep import CLI, create_topics  # noqa: E402
+from bench.harness import CLI, ROOT, create_topics
 
 TOPIC, OUT, DLQ = "frames", "predictions", "frames.dlq"
 GROUP = "soak"
@@ -294,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                    "worker_disruptions": disruptions,
                    "frames_offered": n, "hostile_injected": len(injected),
                    "events": len(events), "rss_mib_max": max((r["rss_mib"] for r in rss), default=None),
-                   "command": " ".join([".venv/bin/python", "bench/soak.py", *(argv or sys.argv[1:])])})
+                   "command": " ".join([".venv/bin/python", "-m", "bench.soak", *(argv or sys.argv[1:])])})
     (args.out / "soak.json").write_text(json.dumps(result, indent=1))
     for name, rows in (("events.csv", events), ("rss.csv", rss)):
         if rows:

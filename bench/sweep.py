@@ -1,8 +1,10 @@
 """The paper's throughput sweep (Fig. 9): workers x batch size, kafray against a Python peer, with
 the raw limit of the same cores, in one run.
 
-    .venv/bin/python bench/sweep.py --profile short     # a few minutes on 2 cores
-    .venv/bin/python bench/sweep.py --profile full      # workers 1,2,4,8,12 x batch 1,5,10,20,40
+    .venv/bin/python -m bench.sweep --profile short     # a few minutes on 2 cores
+    .venv/bin/python -m bench.sweep --profile full      # workers 1,2,4,8,12 x batch 1,5,10,20,40
+
+Run from the repository root: bench/ is a package, and what the benchmarks share is in bench/harness.py.
 
 For each model (MNIST CNN on raw digits; MobileNetV2 on 224x224 JPEG photos), each number of
 workers W and each batch size B, and each system (kafray's Rust worker, `peer.py`), one cell:
@@ -26,11 +28,9 @@ measured as well, for the cost per image. Results go to `--out`: `sweep.csv` (on
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -40,216 +40,17 @@ import ray
 
 import kafray
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-import peer  # noqa: E402
-
-# Actor code travels by value, so worker processes need neither bench/ on their path nor this
-# machine's checkout.
-ray.cloudpickle.register_pickle_by_value(peer)
-if __name__ != "__main__":
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+from bench.harness import (CLI, CPU_CLASSES, MNIST, MODEL_TITLES, PHOTOS, ROOT, Pool, connect_ray, cpu_by_thread,
+                           cpu_seconds, create_topics, evaluate, machine, machine_busy, produce_command, read_csv,
+                           start_broker, write_csv)
 
 PROFILES = {
     "short": dict(workers=[1, 2, 4], batches=[1, 10, 40], frames={"mnist": 10000, "mobilenet_v2": 400}),
     "full": dict(workers=[1, 2, 4, 8, 12], batches=[1, 5, 10, 20, 40],
                  frames={"mnist": 10000, "mobilenet_v2": 1200}),
 }
-MNIST = (ROOT / "assets/mnist/t10k-images-idx3-ubyte.gz", ROOT / "assets/mnist/t10k-labels-idx1-ubyte.gz")
 SYSTEMS = ("kafray", "peer")
 STAGES = ("poll", "decode", "handoff", "idle", "infer", "produce")
-CLI = ROOT / "target/release/kafray"
-
-
-@ray.remote(max_restarts=0)
-class KafrayWorker:
-    """kafray's Rust worker (`kafray.Worker`, GIL released) behind the same actor interface as the
-    peer's, so both systems are started, measured and stopped the same way."""
-
-    def __init__(self, model_path: str, threads: int = 1, device: str = "cpu"):
-        self.model = model_path
-        self.threads = threads
-        self.device = device
-        self.worker = None
-
-    def ready(self) -> dict:
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
-
-    def start(self, brokers: str, input_topic: str, output_topic: str, group: str, batch_size: int,
-              max_wait_ms: int = 20, max_in_flight: int = 1000, **policy) -> None:
-        # `policy`: further worker settings, e.g. latency_target_ms (bench/latency.py).
-        self.worker = kafray.Worker(
-            brokers=brokers, input_topic=input_topic, output_topic=output_topic, group=group, model=self.model,
-            batch_size=batch_size, max_wait_ms=max_wait_ms, max_in_flight=max_in_flight, threads=self.threads,
-            device=self.device,
-            # No status line and no /metrics endpoint: the peer has neither, and the cells
-            # measure the data path.
-            status_interval_s=0, metrics_addr="", **policy).start()
-
-    def stats(self) -> dict:
-        if self.worker is None:
-            return {"pid": os.getpid(), "running": False}
-        return {**self.worker.stats(), "pid": os.getpid()}
-
-    def stop(self, timeout: float = 60.0) -> dict:
-        s = self.worker.stop(timeout)
-        self.worker = None
-        return {**s, "pid": os.getpid()}
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1),
-            "os": platform.platform(), "python": platform.python_version(), "kafray": kafray.__version__,
-            "ray": ray.__version__, "onnxruntime": _version("onnxruntime"),
-            "confluent_kafka": _version("confluent-kafka")}
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import version
-
-    return version(dist)
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes, all their threads (local processes only)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
-
-
-# Thread names group a worker's CPU time: kafray names its two threads; librdkafka names its own
-# "rdk:..."; the rest is the actor's Python and Ray threads (and the peer's one thread).
-THREAD_CLASSES = (("kafray-worker", "intake"), ("kafray-infer", "infer"), ("rdk:", "librdkafka"))
-CPU_CLASSES = tuple(c for _, c in THREAD_CLASSES) + ("other",)
-
-
-def cpu_by_thread(pids: list[int]) -> dict[str, float]:
-    """CPU seconds of these processes' live threads, grouped by THREAD_CLASSES."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = dict.fromkeys(CPU_CLASSES, 0.0)
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                name, fields = open(task / "stat").read().split("(", 1)[1].rsplit(")", 1)
-            except OSError:
-                continue  # the thread ended
-            fields = fields.split()
-            cls = next((c for prefix, c in THREAD_CLASSES if name.startswith(prefix)), "other")
-            total[cls] += (int(fields[11]) + int(fields[12])) / tick
-    return total
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot."""
-    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + fields[4]
-    return (sum(fields) - idle) / tick, sum(fields) / tick
-
-
-def start_broker(given: str | None):
-    """(the local broker to stop later or None, bootstrap servers, a description for run.json):
-    the cluster given, or a local Tansu broker in memory."""
-    if given:
-        return None, given, given
-    broker = kafray.EmbeddedBroker("memory")
-    return broker, broker.bootstrap, "local Tansu (nisshi), in-memory storage"
-
-
-def connect_ray(address: str | None, cpus: int) -> bool:
-    """Joins the Ray cluster at `address`, or starts one here with `cpus` CPUs. Returns whether
-    this run connected (and so disconnects at the end): a caller (a test, a notebook) that is
-    connected already keeps its cluster."""
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
-    else:
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                 object_store_memory=256 * 2**20)
-    return True
-
-
-def create_topics(brokers: str, names: list[tuple[str, int]]) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": brokers})
-    futures = admin.create_topics([NewTopic(n, p, 1) for n, p in names], request_timeout=30)
-    for f in futures.values():
-        f.result()
-
-
-def produce_command(model: str, brokers: str, topic: str, frames: int, photos: Path) -> list[str]:
-    # The load generator skips idempotence: a fresh idempotent producer holds its first frames
-    # about a second while it gets a producer id, which would count as every frame's latency.
-    # Round-robin: a few photo sources would hash onto a few partitions and leave workers idle.
-    # `--repeat frames` always covers `-n frames`, whatever the set holds (the cycle is lazy).
-    base = [str(CLI), "produce", "-b", brokers, "-t", topic, "-n", str(frames), "--quiet", "--round-robin",
-            "-X", "enable.idempotence=false", "-X", "acks=all"]
-    if model == "mnist":
-        return base + ["mnist", "--images", str(MNIST[0]), "--labels", str(MNIST[1]), "--repeat", str(frames)]
-    return base + ["images", str(photos), "--size", "224", "--repeat", str(frames)]
-
-
-def evaluate(brokers: str, topic: str, frames: int) -> dict:
-    out = subprocess.run([str(CLI), "eval", "-b", brokers, "-t", topic, "-n", str(frames), "--json",
-                          "--timeout", "120", "--idle", "3"], capture_output=True, text=True, timeout=180)
-    if not out.stdout.strip():
-        raise RuntimeError(f"kafray eval failed: {out.stderr.strip()}")
-    return json.loads(out.stdout)
-
-
-class Pool:
-    """W actors of one system, reused across batch sizes (the model loads once per actor)."""
-
-    def __init__(self, system: str, workers: int, model: str, threads: int, device: str = "cpu"):
-        path = kafray.find_model(model)
-        if system == "kafray":
-            # On a GPU, the workers share it: Ray gives each a fraction and sets CUDA_VISIBLE_DEVICES.
-            gpus = 0 if device == "cpu" else 1.0 / workers
-            self.actors = [KafrayWorker.options(num_cpus=1, num_gpus=gpus).remote(path, threads, device)
-                           for _ in range(workers)]
-        else:
-            labels = os.path.join(os.path.dirname(path), "imagenet_classes.txt") if model != "mnist" else None
-            self.actors = [peer.PeerWorker.options(num_cpus=1).remote(path, labels, threads)
-                           for _ in range(workers)]
-        self.info = ray.get([a.ready.remote() for a in self.actors], timeout=180)
-        self.pids = [i["pid"] for i in self.info]
-        # CPU time is read from /proc: only for actors on this machine.
-        here = ray.util.get_node_ip_address()
-        address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        self.local = all(address.get(i["node_id"]) == here for i in self.info)
-
-    def stats(self) -> list[dict]:
-        return ray.get([a.stats.remote() for a in self.actors], timeout=60)
-
-    def wait_until(self, check, timeout: float, interval: float, what: str) -> None:
-        """Polls the actors' stats until `check(stats)` returns (True, _); fails at once on a
-        worker's error, or after `timeout` with the progress `check` last described."""
-        deadline = time.monotonic() + timeout
-        while True:
-            s = self.stats()
-            done, progress = check(s)
-            if done:
-                return
-            bad = [x.get("error") for x in s if x.get("error")]
-            if bad or time.monotonic() > deadline:
-                raise RuntimeError(f"{what}: {progress} ({bad})")
-            time.sleep(interval)
-
-    def close(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
 
 
 def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, frames: int, args, run_id: str,
@@ -331,18 +132,6 @@ def raw_limits(models: list[str], batches: list[int], workers: list[int], args) 
     return rows
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def attach_ratios(rows: list[dict], raw: list[dict]) -> None:
     """Adds raw_images_per_s / of_raw, cpu_efficiency and kafray_over_peer. The limit is the best raw
     throughput on every core at any batch size: a worker's real batch can differ from the asked one,
@@ -367,9 +156,6 @@ def attach_ratios(rows: list[dict], raw: list[dict]) -> None:
         other = by_cell.get(("peer", r["model"], int(r["workers"]), int(r["batch_size"])))
         r["kafray_over_peer"] = (round(float(r["images_per_s"]) / float(other["images_per_s"]), 2)
                                  if r["system"] == "kafray" and other else "")
-
-
-MODEL_TITLES = {"mnist": "MNIST CNN, raw 28x28 digits", "mobilenet_v2": "MobileNetV2, 224x224 JPEG photos"}
 
 
 def plot(out: Path, rows: list[dict], raw: list[dict], meta: dict) -> list[Path]:
@@ -527,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="kafray workers' device: cpu, or cuda (the workers share GPU 0; needs "
                         "`scripts/setup.sh --gpu` and its ORT_DYLIB_PATH). The peer stays on the CPU")
     p.add_argument("--raw-seconds", type=float, help="seconds per raw-limit measurement (short 2, full 3)")
-    p.add_argument("--photos", type=Path, default=ROOT.parent / "shared/assets/images")
+    p.add_argument("--photos", type=Path, default=PHOTOS)
     p.add_argument("--brokers", help="a Kafka cluster to use (default: a local Tansu broker, in memory)")
     p.add_argument("--address", help="a Ray cluster to join (default: a local one, with as many CPUs as the most "
                    "workers, on this machine's cores)")
@@ -574,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)  # the CLI finds models and MNIST relative to the checkout
 
     began = time.time()
-    meta = {"profile": args.profile, "command": " ".join([".venv/bin/python", "bench/sweep.py", *sys.argv[1:]]),
+    meta = {"profile": args.profile, "command": " ".join([".venv/bin/python", "-m", "bench.sweep", *sys.argv[1:]]),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(), "partitions": partitions,
             "threads_per_worker": args.threads, "max_wait_ms": args.max_wait_ms, "note": args.note}
     print(f"sweep {args.profile}: {models} x workers {workers} x batch {batches} x {systems}", flush=True)

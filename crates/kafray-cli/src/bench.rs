@@ -73,7 +73,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for name in &args.models {
         let frames = bench_frames(name, &args)?;
-        let mut model = Model::load(kafray_tools::layout::find_model(name)?, args.threads, 5)?;
+        let mut model = Model::load(kafray::model::find_model(name)?, args.threads, 5)?;
         // Decode + preprocess once: the raw measurement is inference alone.
         let t = Instant::now();
         let mut tensors = vec![0.0f32; frames.len() * model.input_len()];
@@ -196,12 +196,13 @@ fn pipeline_throughput(
         insecure_skip_tls_verify: args.connection.insecure_skip_tls_verify,
         metrics_addr: String::new(),
         ..WorkerConfig::default()
-    };
+    }
+    .validated()?;
     let metrics = Arc::new(Metrics::new());
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let (metrics, stop) = (metrics.clone(), stop.clone());
-        let loaded = Model::load(kafray_tools::layout::find_model(model)?, threads, 5)?;
+        let loaded = Model::load(kafray::model::find_model(model)?, threads, 5)?;
         std::thread::spawn(move || kafray::worker::run_with_model(&config, loaded, stop, metrics))
     };
     let n = frames.len() as u64;

@@ -3,8 +3,8 @@ mod bench;
 mod demo;
 mod produce;
 
-use clap::{Args, Parser, Subcommand};
-use kafray::config::{parse_property, WorkerConfig};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use kafray::config::{parse_property, FieldDoc, ValidConfig, WorkerConfig};
 use kafray::metrics::Metrics;
 use kafray::ErrorKind;
 use kafray_tools::eval::{self, EvalOptions};
@@ -79,18 +79,15 @@ impl ConnectionArgs {
 }
 
 /// The batching flags, shared by `worker` and `demo`; each overrides the config when given.
+/// Their help is the field's doc comment ([`cli_command`]).
 #[derive(Args, Clone, Default, Serialize)]
 pub struct BatchArgs {
-    /// Largest micro-batch: the model, once free, takes every ready frame up to this [default: 10].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
-    /// Optional fill wait: hold a partial batch up to this long for more frames [default: 0, never].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_wait_ms: Option<u64>,
-    /// Optional latency objective (ms, queueing + inference in the worker): steer the batch
-    /// limit with AIMD to stay under it [default: none, the limit is --batch-size].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_target_ms: Option<u64>,
@@ -111,107 +108,79 @@ impl BatchArgs {
 }
 
 /// Each flag sets the `WorkerConfig` field of its name. Flags win over `KAFRAY_<FIELD>`
-/// variables, which win over the config file, which wins over the defaults.
+/// variables, which win over the config file, which wins over the defaults. Their help is the
+/// field's doc comment, with its default ([`cli_command`]).
 #[derive(Args, Serialize)]
 struct WorkerArgs {
     /// TOML file with worker settings (field names as in `WorkerConfig`; unknown fields are rejected).
     #[arg(long, env = "KAFRAY_CONFIG")]
     #[serde(skip)]
     config: Option<PathBuf>,
-    /// Kafka bootstrap servers [default: 127.0.0.1:9092].
     #[arg(short, long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     brokers: Option<String>,
-    /// Topic the frames arrive on [default: frames].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     input_topic: Option<String>,
-    /// Topic predictions go to [default: predictions].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     output_topic: Option<String>,
-    /// Topic for frames that cannot be classified [default: <input-topic>.dlq].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     dead_letter_topic: Option<String>,
-    /// Consumer group [default: kafray].
     #[arg(short, long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     group: Option<String>,
-    /// Model: path to an .onnx file, or mnist | mobilenet_v2 | efficientnet_lite0 [default: mnist].
     #[arg(short, long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<String>,
     #[command(flatten)]
     #[serde(flatten)]
     batching: BatchArgs,
-    /// ONNX Runtime intra-op threads [default: 1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<usize>,
-    /// Where the model runs: cpu, cuda, cuda:N (fails without CUDA), or auto (CUDA where it
-    /// works, else the CPU with a warning) [default: cpu].
     #[arg(long, value_name = "DEVICE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     device: Option<String>,
-    /// Classes listed per prediction [default: 5].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     top_k: Option<usize>,
-    /// Frames in flight before polling waits (backpressure) [default: 1000].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_in_flight: Option<usize>,
-    /// Seconds an owned partition may go without progress (its oldest frame in flight without a
-    /// result, or frames left unread while the worker idles; backpressure holding excepted)
-    /// before it counts as stalled: logged, counted, /healthz fails; 0 turns the watchdog off
-    /// [default: 30].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     stall_after_s: Option<u64>,
-    /// Seconds between status lines, 0 for none [default: 5].
-    #[arg(long)]
-    #[serde(rename = "status_interval_s", skip_serializing_if = "Option::is_none")]
-    status_interval: Option<u64>,
-    /// Name reported in predictions [default: <hostname>-<pid>].
+    #[arg(long = "status-interval")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_interval_s: Option<u64>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     worker_id: Option<String>,
-    /// Serve Prometheus metrics at http://ADDR/metrics and the probes /healthz and /readyz; port
-    /// 0 picks a free one (logged), "" turns it off [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_addr: Option<String>,
-    /// Create missing input and output topics with this many partitions (else a missing one
-    /// fails the start; a missing dead-letter topic is always created, with 1).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     create_topics: Option<usize>,
-    /// librdkafka property for the consumer and producer, e.g. -X session.timeout.ms=6000
-    /// (repeatable; added to the `kafka` list of the file and the environment); a value may be
-    /// ${env:NAME} or ${file:PATH:KEY}.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     #[serde(skip)]
     properties: Vec<String>,
-    /// client.properties file of librdkafka properties (-X wins over it): the place for
-    /// credentials, which then appear in no process's arguments.
     #[arg(long, value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     kafka_config: Option<String>,
-    /// Accept properties that turn TLS certificate or hostname verification off.
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     insecure_skip_tls_verify: bool,
 }
 
 impl WorkerArgs {
-    fn to_config(&self) -> kafray::Result<WorkerConfig> {
+    fn to_config(&self) -> kafray::Result<ValidConfig> {
         let properties: Vec<_> = self.properties.iter().map(|p| parse_property(p)).collect::<Result<_, _>>()?;
-        let mut c = WorkerConfig::layered(self.config.as_deref(), self, &properties)?;
-        c.validate()?;
+        let c = WorkerConfig::layered(self.config.as_deref(), self, &properties)?.validated()?;
         // The engine takes a path: a built-in name (mnist, ...) is found in the checkout here.
-        c.model = kafray_tools::layout::find_model(&c.model)?.display().to_string();
-        Ok(c)
+        c.resolve_model(kafray::model::find_model)
     }
 }
 
@@ -239,10 +208,44 @@ struct EvalArgs {
     records: Option<PathBuf>,
 }
 
+/// The CLI, where each flag that sets a `WorkerConfig` field takes its help and default from that
+/// field's doc comment and `Default`, so the two cannot drift.
+fn cli_command() -> clap::Command {
+    let docs = WorkerConfig::docs();
+    let batching: Vec<String> = BatchArgs::augment_args(clap::Command::new("batching"))
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect();
+    Cli::command()
+        .mut_subcommand("worker", |c| document_flags(c, &docs, None))
+        .mut_subcommand("demo", |c| document_flags(c, &docs, Some(&batching)))
+}
+
+/// Gives each of `command`'s flags that sets a config field (of `only`, if given) its field's help.
+fn document_flags(mut command: clap::Command, docs: &[FieldDoc], only: Option<&[String]>) -> clap::Command {
+    for doc in docs {
+        // -X fills the `kafka` list.
+        let id = if doc.name == "kafka" { "properties" } else { doc.name.as_str() };
+        let wanted = only.is_none_or(|ids| ids.iter().any(|i| i == id));
+        if !wanted || !command.get_arguments().any(|a| a.get_id() == id) {
+            continue;
+        }
+        command = command.mut_arg(id, |arg| {
+            // A switch or a repeatable flag has no default to show.
+            let default = match arg.get_action() {
+                clap::ArgAction::Set => format!(" [default: {}]", doc.default),
+                _ => String::new(),
+            };
+            arg.help(format!("{}{default}", doc.summary())).long_help(format!("{}{default}", doc.help))
+        });
+    }
+    command
+}
+
 fn main() -> ExitCode {
     // The engine loads ONNX Runtime from ORT_DYLIB_PATH, else from the checkout's .venv.
     kafray_tools::layout::use_venv_runtime();
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     let default_level = match cli.command {
         Command::Worker(_) => "info",
         _ => "warn",
@@ -323,53 +326,54 @@ mod tests {
         let folder = tempfile::tempdir().unwrap();
         let properties = folder.path().join("client.properties");
         std::fs::write(&properties, "linger.ms=5\nenable.ssl.certificate.verification=false\n").unwrap();
-        let cli = Cli::try_parse_from([
-            "kafray",
-            "worker",
-            "--brokers",
-            "b",
-            "--input-topic",
-            "i",
-            "--output-topic",
-            "o",
-            "--dead-letter-topic",
-            "d",
-            "--group",
-            "g",
-            "--model",
-            "mnist",
-            "--batch-size",
-            "3",
-            "--max-wait-ms",
-            "4",
-            "--latency-target-ms",
-            "5",
-            "--threads",
-            "2",
-            "--device",
-            "auto",
-            "--top-k",
-            "3",
-            "--max-in-flight",
-            "9",
-            "--stall-after-s",
-            "7",
-            "--status-interval",
-            "1",
-            "--worker-id",
-            "w",
-            "--create-topics",
-            "2",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "-X",
-            "linger.ms=1",
-            "--kafka-config",
-            properties.to_str().unwrap(),
-            "--insecure-skip-tls-verify",
-        ])
-        .unwrap();
-        let Command::Worker(args) = cli.command else { unreachable!() };
+        let matches = cli_command()
+            .try_get_matches_from([
+                "kafray",
+                "worker",
+                "--brokers",
+                "b",
+                "--input-topic",
+                "i",
+                "--output-topic",
+                "o",
+                "--dead-letter-topic",
+                "d",
+                "--group",
+                "g",
+                "--model",
+                "mnist",
+                "--batch-size",
+                "3",
+                "--max-wait-ms",
+                "4",
+                "--latency-target-ms",
+                "5",
+                "--threads",
+                "2",
+                "--device",
+                "auto",
+                "--top-k",
+                "3",
+                "--max-in-flight",
+                "9",
+                "--stall-after-s",
+                "7",
+                "--status-interval",
+                "1",
+                "--worker-id",
+                "w",
+                "--create-topics",
+                "2",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "-X",
+                "linger.ms=1",
+                "--kafka-config",
+                properties.to_str().unwrap(),
+                "--insecure-skip-tls-verify",
+            ])
+            .unwrap();
+        let Command::Worker(args) = Cli::from_arg_matches(&matches).unwrap().command else { unreachable!() };
         let serde_json::Value::Object(flags) = serde_json::to_value(&args).unwrap() else { unreachable!() };
         let mut named: Vec<String> = flags.keys().cloned().collect();
         named.push("kafka".into());
@@ -383,5 +387,63 @@ mod tests {
         assert_eq!((c.batch_size, c.status_interval_s, c.create_topics, c.stall_after_s), (3, 1, Some(2), 7));
         assert_eq!(c.device, "auto");
         assert_eq!(c.kafka, vec![("linger.ms".to_string(), "1".to_string())]);
+    }
+
+    /// Each worker flag's help is its field's doc comment and default (one source, no copy to
+    /// drift): `-h` shows the first sentence, `--help` all of it.
+    #[test]
+    fn worker_flags_say_their_fields_help_and_default() {
+        let mut command = cli_command();
+        let worker = command.find_subcommand_mut("worker").unwrap();
+        let docs = WorkerConfig::docs();
+        for doc in &docs {
+            let id = if doc.name == "kafka" { "properties" } else { doc.name.as_str() };
+            let arg = worker.get_arguments().find(|a| a.get_id() == id).unwrap_or_else(|| panic!("no flag for {id}"));
+            let (short, long) = (arg.get_help().unwrap().to_string(), arg.get_long_help().unwrap().to_string());
+            assert!(short.starts_with(doc.summary()) && long.starts_with(&doc.help), "{id}: {short} / {long}");
+            if matches!(arg.get_action(), clap::ArgAction::Set) {
+                assert!(short.ends_with(&format!("[default: {}]", doc.default)), "{id}: {short}");
+            }
+        }
+        let batch = docs.iter().find(|d| d.name == "batch_size").unwrap();
+        let demo = command.find_subcommand_mut("demo").unwrap();
+        let help = demo.get_arguments().find(|a| a.get_id() == "batch_size").unwrap().get_help().unwrap().to_string();
+        assert_eq!(help, format!("{} [default: 10]", batch.summary()));
+    }
+
+    /// The table of worker flags in docs/reference.md, rendered from the CLI and
+    /// `WorkerConfig::docs()`. It must match the page; `KAFRAY_BLESS=1 cargo test -p kafray-cli
+    /// --release worker_flag_table` writes it there after a change to a field.
+    #[test]
+    fn worker_flag_table_in_the_reference_is_current() {
+        let mut command = cli_command();
+        let worker = command.find_subcommand_mut("worker").unwrap();
+        let mut table = String::from("| flag | TOML field | default | meaning |\n|---|---|---|---|\n");
+        for doc in WorkerConfig::docs() {
+            let id = if doc.name == "kafka" { "properties" } else { doc.name.as_str() };
+            let arg = worker.get_arguments().find(|a| a.get_id() == id).unwrap();
+            let mut flag: Vec<String> = arg.get_short().map(|s| format!("-{s}")).into_iter().collect();
+            flag.extend(arg.get_long().map(|l| format!("--{l}")));
+            let field = if doc.name == "kafka" { "kafka = [[\"k\", \"v\"]]".to_string() } else { doc.name.clone() };
+            let default = if doc.default == "none" { "none".to_string() } else { format!("`{}`", doc.default) };
+            table += &format!(
+                "| `{}` | `{field}` | {default} | {} |\n",
+                flag.join(", "),
+                doc.help.replace('\n', " ").replace('|', "\\|")
+            );
+        }
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/reference.md");
+        let page = std::fs::read_to_string(&path).unwrap();
+        let (begin, end) = ("<!-- worker-flags: begin -->\n", "<!-- worker-flags: end -->");
+        let start = page.find(begin).expect("the begin marker") + begin.len();
+        let stop = page.find(end).expect("the end marker");
+        if std::env::var_os("KAFRAY_BLESS").is_some() {
+            std::fs::write(&path, format!("{}{table}{}", &page[..start], &page[stop..])).unwrap();
+        } else {
+            assert!(
+                page[start..stop] == table,
+                "docs/reference.md's worker flag table is stale: run `KAFRAY_BLESS=1 cargo test --release -p kafray-cli worker_flag_table`\n{table}"
+            );
+        }
     }
 }

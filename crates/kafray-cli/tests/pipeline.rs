@@ -542,7 +542,7 @@ fn frames_the_model_rejects_are_dead_lettered_and_the_stream_goes_on() {
     producer.flush(Duration::from_secs(10)).unwrap();
     run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--limit", "300", "-q"]));
 
-    let path = kafray_tools::layout::find_model("mnist").unwrap();
+    let path = kafray::model::find_model("mnist").unwrap();
     let model = Model::with_backend(&path, Box::new(Refusing(OnnxBackend::load(&path, 1).unwrap())), 5).unwrap();
     let config = kafray::WorkerConfig {
         brokers: b.clone(),
@@ -552,7 +552,9 @@ fn frames_the_model_rejects_are_dead_lettered_and_the_stream_goes_on() {
         status_interval_s: 0,
         worker_id: Some("w-refusing".into()),
         ..Default::default()
-    };
+    }
+    .validated()
+    .unwrap();
     let (stop, metrics) = (Arc::new(AtomicBool::new(false)), Arc::new(kafray::metrics::Metrics::new()));
     let worker = {
         let (stop, metrics) = (stop.clone(), metrics.clone());

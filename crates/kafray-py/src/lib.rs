@@ -2,9 +2,9 @@
 //! on native threads (the GIL is released while it waits); a [`Classifier`] classifies files for
 //! the batch study. The Python package (`python/kafray`) wraps both.
 use kafray::exporter::MetricsServer;
-use kafray::metrics::{Health, Metrics, Snapshot};
+use kafray::metrics::{Metrics, Owner, Snapshot};
 use kafray::model::Model;
-use kafray::{Error, ErrorKind, WorkerConfig};
+use kafray::{Error, ErrorKind, ValidConfig, WorkerConfig};
 use kafray_tools::broker::Storage;
 use kafray_tools::files::{self, FileResult};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
@@ -25,28 +25,10 @@ fn to_py(e: Error) -> PyErr {
     }
 }
 
-/// Whose error it is, as `stats()["error_kind"]` names it.
-fn kind_name(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::User => "user",
-        ErrorKind::External => "external",
-        ErrorKind::Internal => "internal",
-    }
-}
-
-/// A dict of named counters.
-fn counts<'py>(py: Python<'py>, items: &[(&str, u64)]) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    for (name, value) in items {
-        d.set_item(name, value)?;
-    }
-    Ok(d)
-}
-
 /// One kafray worker (one consumer-group member) on native threads.
 #[pyclass(module = "kafray._native")]
 struct Worker {
-    config: WorkerConfig,
+    config: ValidConfig,
     worker_id: String,
     stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
@@ -97,12 +79,11 @@ impl Worker {
     fn new(config_json: &str) -> PyResult<Self> {
         let given: serde_json::Value = serde_json::from_str(config_json)
             .map_err(|e| PyValueError::new_err(format!("invalid worker configuration: {e}")))?;
-        let mut config = WorkerConfig::layered(None, &given, &[]).map_err(to_py)?;
-        config.validate().map_err(to_py)?;
-        // The engine takes a path: a built-in name (mnist, ...) is found in the checkout here.
-        config.model = kafray_tools::layout::find_model(&config.model).map_err(to_py)?.display().to_string();
+        let config = WorkerConfig::layered(None, &given, &[]).map_err(to_py)?;
         let worker_id = config.worker_id();
-        let config = WorkerConfig { worker_id: Some(worker_id.clone()), ..config };
+        let config = WorkerConfig { worker_id: Some(worker_id.clone()), ..config }.validated().map_err(to_py)?;
+        // The engine takes a path: a built-in name (mnist, ...) is found in the checkout here.
+        let config = config.resolve_model(kafray::model::find_model).map_err(to_py)?;
         Ok(Worker {
             config,
             worker_id,
@@ -162,7 +143,7 @@ impl Worker {
     /// the final stats; raises if it failed, or if it is still finishing then. Ctrl-C (any
     /// Python signal handler that raises) interrupts the wait; the worker goes on stopping.
     #[pyo3(signature = (timeout=None))]
-    fn stop<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyDict>> {
+    fn stop<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
         self.stop.store(true, Relaxed);
         let waited = timeout.map_or(Some(STOP_WAIT), |t| Duration::try_from_secs_f64(t.max(0.0)).ok());
         // A timeout too large to count to (inf) waits as long as it takes, Ctrl-C still answered.
@@ -212,77 +193,24 @@ impl Worker {
         &self.worker_id
     }
 
-    /// Counters since start: consumed, predicted, dead_lettered, dead_letter_fallbacks (dead
-    /// letters without their value), delivery_failures, restarts (after undelivered results),
-    /// device (where the model runs, `auto` resolved),
-    /// state (starting, ready, degraded, draining, failed, stopped), state_reason (why it is
-    /// degraded or failed), stalled_partitions (owned partitions with lag and no progress for
-    /// stall_after_s), partition_stalls (times one was found stalled),
-    /// joined (a member of the group now), metrics_endpoint (`host:port` or None),
-    /// latency_ms_counts ((ms, count) per latency histogram bucket, to merge over workers),
-    /// consume_errors, assigned_partitions,
-    /// rebalances (assignment changes), batches, mean_batch, lag,
-    /// latency_p50_ms / latency_p99_ms (produce timestamp -> acknowledged), running, error,
-    /// error_kind (whose error: user, external or internal; None while it has none), and
-    /// stages_us: µs each thread spent per stage (poll, decode, handoff; idle, infer, produce),
-    /// batch_limit: the batching policy's limit now, and frame_us: µs summed over acknowledged
-    /// predictions of each part of a frame's path (frames, fetch, decode, queue, infer, ack).
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    /// The worker's stats as a dict, in the one schema of `kafray::metrics::WorkerStats` (its doc
+    /// comments say what each name means): counters since start (consumed, predicted,
+    /// dead_lettered, batches, mean_batch, lag, latency_p50_ms/p99_ms, stages_us, frame_us, ...),
+    /// state and state_reason, running, error and error_kind, device, joined, metrics_endpoint.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         // A copy under the lock; the Python objects are built after it is released, so a slow
         // interpreter never holds up the worker's own use of the state.
         let view = self.view();
-        let s = view.snapshot;
-        let d = PyDict::new(py);
-        d.set_item("worker_id", &self.worker_id)?;
-        d.set_item("device", view.device)?;
-        d.set_item("running", view.running)?;
-        d.set_item("error", view.error.as_ref().map(|(_, why)| why))?;
-        d.set_item("error_kind", view.error.as_ref().map(|(kind, _)| kind_name(*kind)))?;
-        d.set_item("uptime_s", view.uptime_s)?;
-        d.set_item("state", view.health.state.as_str())?;
-        d.set_item("state_reason", view.health.reason)?;
-        d.set_item("stalled_partitions", view.stalled_partitions)?;
-        d.set_item("partition_stalls", self.metrics.partition_stalls.load(Relaxed))?;
-        d.set_item("consumed", s.consumed)?;
-        d.set_item("predicted", s.predicted)?;
-        d.set_item("dead_lettered", s.dead_lettered)?;
-        d.set_item("batches", s.batches)?;
-        d.set_item("batched_frames", s.batched_frames)?;
-        d.set_item("mean_batch", s.mean_batch())?;
-        d.set_item("delivery_failures", s.delivery_failures)?;
-        d.set_item("restarts", s.restarts)?;
-        d.set_item("joined", self.metrics.joined.load(Relaxed))?;
-        d.set_item("latency_ms_counts", self.metrics.latency_counts())?;
-        d.set_item("metrics_endpoint", self.metrics.endpoint.lock().unwrap().clone())?;
-        d.set_item("dead_letter_fallbacks", s.dead_letter_fallbacks)?;
-        d.set_item("consume_errors", s.consume_errors)?;
-        d.set_item("assigned_partitions", self.metrics.assigned_partitions.load(Relaxed))?;
-        d.set_item("rebalances", s.rebalances)?;
-        d.set_item("lag", s.lag)?;
-        d.set_item("latency_p50_ms", s.latency_p50_ms)?;
-        d.set_item("latency_p99_ms", s.latency_p99_ms)?;
-        let t = s.stages;
-        let stages = [
-            ("poll", t.poll_us),
-            ("decode", t.decode_us),
-            ("handoff", t.handoff_us),
-            ("idle", t.idle_us),
-            ("infer", t.infer_us),
-            ("produce", t.produce_us),
-        ];
-        d.set_item("stages_us", counts(py, &stages)?)?;
-        d.set_item("batch_limit", s.batch_limit)?;
-        let f = s.frame_times;
-        let frame = [
-            ("frames", f.frames),
-            ("fetch", f.fetch_us),
-            ("decode", f.decode_us),
-            ("queue", f.queue_us),
-            ("infer", f.infer_us),
-            ("ack", f.ack_us),
-        ];
-        d.set_item("frame_us", counts(py, &frame)?)?;
-        Ok(d)
+        let owner = Owner {
+            worker_id: self.worker_id.clone(),
+            device: view.device,
+            running: view.running,
+            error: view.error,
+            uptime_s: view.uptime_s,
+        };
+        let stats = self.metrics.stats(view.snapshot, owner);
+        let json = serde_json::to_string(&stats).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        py.import("json")?.call_method1("loads", (json,))
     }
 }
 
@@ -293,8 +221,6 @@ struct View {
     running: bool,
     error: Option<(ErrorKind, String)>,
     uptime_s: f64,
-    health: Health,
-    stalled_partitions: Vec<i32>,
 }
 
 impl Worker {
@@ -310,8 +236,6 @@ impl Worker {
             running: state.thread.is_some(),
             error: state.outcome.as_ref().and_then(|o| o.as_ref().err()).cloned(),
             uptime_s: state.started.map_or(0.0, |t| t.elapsed().as_secs_f64()),
-            health: self.metrics.health(),
-            stalled_partitions: self.metrics.stalled_partitions.lock().unwrap().clone(),
         }
     }
 }
@@ -367,7 +291,7 @@ impl Classifier {
         if batch_size == 0 || threads == 0 {
             return Err(PyValueError::new_err("batch_size and threads must be at least 1"));
         }
-        let path = kafray_tools::layout::find_model(model).map_err(to_py)?;
+        let path = kafray::model::find_model(model).map_err(to_py)?;
         let model = py.detach(|| Model::load(&path, threads, 1)).map_err(to_py)?;
         Ok(Classifier { model: Mutex::new(model), batch_size })
     }
@@ -508,7 +432,7 @@ fn model_companions(path: PathBuf) -> PyResult<Vec<String>> {
 /// Resolves a model name (`mnist`, `mobilenet_v2`, ...) or path to the absolute path of its file.
 #[pyfunction]
 fn find_model(name: &str) -> PyResult<String> {
-    let path = kafray_tools::layout::find_model(name).map_err(to_py)?;
+    let path = kafray::model::find_model(name).map_err(to_py)?;
     let path = path.canonicalize().unwrap_or(path);
     Ok(path.display().to_string())
 }
@@ -630,6 +554,16 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(is_secret_property, m)?)?;
     m.add_function(wrap_pyfunction!(is_secret_reference, m)?)?;
     m.add("WORKER_CONFIG_FIELDS", WorkerConfig::field_names())?;
+    // Each field's help (its doc comment) and default: kafray-ray's flags and Worker's docstring.
+    let docs = PyDict::new(m.py());
+    for doc in WorkerConfig::docs() {
+        let entry = PyDict::new(m.py());
+        entry.set_item("default", &doc.default)?;
+        entry.set_item("summary", doc.summary())?;
+        entry.set_item("help", &doc.help)?;
+        docs.set_item(&doc.name, entry)?;
+    }
+    m.add("WORKER_CONFIG_DOCS", docs)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,4 +1,4 @@
-"""Three hosts made of namespaces (tests/hosts.py): the broker on one, the Ray head and the
+"""Three hosts made of namespaces (bench/hosts.py): the broker on one, the Ray head and the
 driver on another, a second Ray node on a third; each with its own network address and its own
 /tmp. The model exists only in the driver's /tmp. In that cluster: deploy, stream, kill the
 other host's worker, scale, update the model; nothing may be lost."""
@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
+from bench.hosts import RAY_ENV, Hosts, missing, start_broker_and_ray
 from conftest import KAFRAY_BIN, REPO
-from hosts import RAY_ENV, Hosts, missing, start_broker_and_ray
 
 VENV = REPO / ".venv" / "bin"
 

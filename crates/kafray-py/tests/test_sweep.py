@@ -4,14 +4,9 @@ measures every paced and bursty cell."""
 from __future__ import annotations
 
 import csv
-import sys
 
-from conftest import REPO, evaluate, produce_mnist, wait_for
-
-sys.path.insert(0, str(REPO / "bench"))
-import latency  # noqa: E402
-import peer  # noqa: E402
-import sweep  # noqa: E402
+from bench import harness, latency, peer, sweep
+from conftest import evaluate, produce_mnist, wait_for
 
 
 def test_peer_predicts_every_frame_dead_letters_bad_ones_and_commits_after_delivery(ray_cluster, broker):
@@ -20,7 +15,7 @@ def test_peer_predicts_every_frame_dead_letters_bad_ones_and_commits_after_deliv
     from confluent_kafka import Consumer, Producer, TopicPartition
 
     total = 3000
-    sweep.create_topics(broker, [("frames", 4), ("predictions", 4), ("frames.dlq", 1)])
+    harness.create_topics(broker, [("frames", 4), ("predictions", 4), ("frames.dlq", 1)])
     model = kafray.find_model("mnist")
     actors = [peer.PeerWorker.options(num_cpus=1).remote(model) for _ in range(2)]
     try:
@@ -45,6 +40,11 @@ def test_peer_predicts_every_frame_dead_letters_bad_ones_and_commits_after_deliv
         for a in actors:
             ray.kill(a)
     assert sum(x["dead_lettered"] for x in final) == 2
+    # The harness reads both systems' stats alike: what the peer reports bears kafray's names
+    # (the schema of kafray::metrics::WorkerStats), besides what only a Python process has.
+    kafray_names = set(kafray.Worker(brokers=broker, metrics_addr="").stats())
+    peer_only = {"pid", "store_failures", "last_store_failure"}
+    assert set(final[0]) - peer_only <= kafray_names, set(final[0]) - peer_only - kafray_names
     assert all(x["predicted"] > 0 and x["stages_us"]["infer"] > 0 for x in stats), "both workers classified"
     report = evaluate(broker, total)
     assert report["distinct_frames"] == total and report["duplicates"] == 0, report

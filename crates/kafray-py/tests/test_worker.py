@@ -90,9 +90,15 @@ def test_every_worker_setting_is_offered_by_kafray_ray_up_and_documented():
     from kafray.ray import cli
 
     up = cli.parser()._subparsers._group_actions[0].choices["up"]
-    dests = {a.dest for a in up._actions}
-    assert not [f for f in kafray.WORKER_CONFIG_FIELDS if f not in dests], dests
-    assert not [f for f in kafray.WORKER_CONFIG_FIELDS if f"``{f}``" not in kafray.Worker.__doc__]
+    flags = {a.dest: a for a in up._actions}
+    assert not [f for f in kafray.WORKER_CONFIG_FIELDS if f not in flags], sorted(flags)
+    # Their help is the engine's (WorkerConfig's doc comments), not a copy typed again here.
+    assert sorted(kafray.WORKER_CONFIG_DOCS) == sorted(kafray.WORKER_CONFIG_FIELDS)
+    for field, doc in kafray.WORKER_CONFIG_DOCS.items():
+        assert flags[field].help.startswith(doc["summary"].replace("%", "%%")), (field, flags[field].help)
+        assert f"``{field}`` (default: {doc['default']})" in " ".join(kafray.Worker.__doc__.split()), field
+    assert "[default: 1000]" in flags["max_in_flight"].help
+    assert "[default: --name]" in flags["group"].help, "a deployment's own default is said"
     with pytest.raises(ValueError, match="unknown field `batchsize`"):
         kafray.Worker(batchsize=10)
 

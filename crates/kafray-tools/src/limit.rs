@@ -35,7 +35,7 @@ pub fn measure(
         return Err(Error::Config("the raw limit needs frames, a batch size and at least one thread".into()));
     }
     // Models load before the clock starts: a worker loads its model once too.
-    let path = crate::layout::find_model(model)?;
+    let path = kafray::model::find_model(model)?;
     let models = (0..parallel).map(|_| Model::load(&path, threads, 1)).collect::<Result<Vec<_>>>()?;
     let frames: Arc<Vec<(Vec<u8>, FrameHeaders)>> = Arc::new(
         frames

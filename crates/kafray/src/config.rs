@@ -1,15 +1,18 @@
 //! Worker configuration, defined once: this struct's fields are the TOML file's fields, the
 //! `KAFRAY_<FIELD>` environment variables, the Python keywords and (with `-` for `_`) the CLI's
-//! flags. [`WorkerConfig::layered`] stacks defaults, then a TOML file (unknown fields rejected),
-//! then the environment, then flags; tests check that every surface offers every field.
+//! flags, and its doc comments are their help ([`WorkerConfig::docs`]: the CLI's `--help`,
+//! `kafray-ray`'s and the table in docs/reference.md come from it). [`WorkerConfig::layered`]
+//! stacks defaults, then a TOML file (unknown fields rejected), then the environment, then flags;
+//! tests check that every surface offers every field.
 use crate::error::{Error, Result};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Everything one worker (one consumer-group member) needs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// Kafka bootstrap servers, `host:port[,host:port]`.
@@ -18,12 +21,13 @@ pub struct WorkerConfig {
     pub input_topic: String,
     /// Topic predictions are published to.
     pub output_topic: String,
-    /// Topic for frames that cannot be classified; default `<input_topic>.dlq`.
+    /// Topic for frames that cannot be classified.
+    #[schemars(extend("x-shown-default" = "<input_topic>.dlq"))]
     pub dead_letter_topic: Option<String>,
     /// Consumer group; workers of one group share the input partitions.
     pub group: String,
-    /// Model: a path to an `.onnx` file. The CLI and the Python package also take the built-in
-    /// names (`mnist`, `mobilenet_v2`, `efficientnet_lite0`) and resolve them to a path first.
+    /// Model: an `.onnx` file, or a built-in name (`mnist`, `mobilenet_v2`,
+    /// `efficientnet_lite0`), which the CLI and the Python package resolve to a path first.
     pub model: String,
     /// Largest micro-batch. The model, once free, takes every frame that is ready up to this,
     /// so batches are small at light load and grow under load by themselves.
@@ -35,7 +39,7 @@ pub struct WorkerConfig {
     /// handing its result to the producer): the batch limit then starts at 1 and is steered
     /// by AIMD (up by one on slack, down a quarter on a breach), never above `batch_size`.
     pub latency_target_ms: Option<u64>,
-    /// ONNX Runtime intra-op threads per worker.
+    /// ONNX Runtime intra-op threads per worker (1 is robust when workers share cores).
     pub threads: usize,
     /// Where the model runs: `cpu`, `cuda` or `cuda:N` (GPU N; fails where ONNX Runtime has
     /// no CUDA), or `auto` (CUDA where it works, else the CPU with a warning). CUDA needs the
@@ -54,7 +58,8 @@ pub struct WorkerConfig {
     pub stall_after_s: u64,
     /// Seconds between status lines; 0 turns them off.
     pub status_interval_s: u64,
-    /// Name reported in predictions; default `<hostname>-<pid>`.
+    /// Name reported in predictions.
+    #[schemars(extend("x-shown-default" = "<hostname>-<pid>"))]
     pub worker_id: Option<String>,
     /// librdkafka properties passed through to the consumer and producer (`-X key=value`), over
     /// those of `kafka_config`. A value may name a secret instead of holding it: `${env:NAME}` or
@@ -69,12 +74,47 @@ pub struct WorkerConfig {
     pub insecure_skip_tls_verify: bool,
     /// Serve Prometheus metrics at `http://<this>/metrics`, and the probes `/healthz` and
     /// `/readyz` (`host:port`; port 0 picks a free one, logged). Loopback by default; on Ray,
-    /// each actor binds its node's address on a free port. `""` turns the endpoint off.
+    /// each actor binds its node's address on a free port. `""` turns the endpoint off. A port
+    /// already taken is a warning, not a failure.
     pub metrics_addr: String,
     /// At start, create the input and output topics with this many partitions (and the
     /// dead-letter topic with one) where they are missing. Without it a missing input or output
     /// topic fails the start; a missing dead-letter topic is always created.
     pub create_topics: Option<usize>,
+}
+
+/// One setting of the worker as people read it ([`WorkerConfig::docs`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldDoc {
+    /// The field's name: the TOML key and Python keyword (`-` for `_` in the CLI's flag).
+    pub name: String,
+    /// The default, as shown in help: `none` where the setting is off unless given.
+    pub default: String,
+    /// The field's doc comment.
+    pub help: String,
+}
+
+impl FieldDoc {
+    /// The help's first sentence, for `-h` and other short listings.
+    pub fn summary(&self) -> &str {
+        let ends = self.help.match_indices(". ").map(|(i, _)| i);
+        let mut sentence_ends = ends.filter(|&i| !self.help[..i].ends_with("e.g") && !self.help[..i].ends_with("i.e"));
+        match sentence_ends.next() {
+            Some(i) => &self.help[..=i],
+            None => &self.help,
+        }
+    }
+}
+
+/// A default value as help shows it.
+fn shown_default(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => "none".into(),
+        serde_json::Value::Array(items) if items.is_empty() => "none".into(),
+        serde_json::Value::String(s) if s.is_empty() => "\"\"".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 impl Default for WorkerConfig {
@@ -113,6 +153,34 @@ impl WorkerConfig {
             Ok(serde_json::Value::Object(fields)) => fields.keys().cloned().collect(),
             _ => unreachable!("a struct serialises to an object"),
         }
+    }
+
+    /// Every field with its help (its doc comment) and its default as people read it: the one
+    /// source of the CLI's flag help, `kafray-ray`'s, the Python docstring and the table in
+    /// docs/reference.md. Sorted by name.
+    pub fn docs() -> Vec<FieldDoc> {
+        let schema = schemars::schema_for!(WorkerConfig);
+        let defaults = serde_json::to_value(Self::default()).unwrap_or_default();
+        let Some(fields) = schema.get("properties").and_then(serde_json::Value::as_object) else {
+            unreachable!("a struct's schema has properties")
+        };
+        fields
+            .iter()
+            .map(|(name, field)| {
+                let text = |key: &str| field.get(key).and_then(serde_json::Value::as_str).map(str::to_string);
+                FieldDoc {
+                    name: name.clone(),
+                    default: text("x-shown-default").unwrap_or_else(|| shown_default(&defaults[name])),
+                    // Doc comments wrap at 100 columns: the help is their text, unwrapped.
+                    help: text("description")
+                        .unwrap_or_default()
+                        .split('\n')
+                        .map(str::trim)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                }
+            })
+            .collect()
     }
 
     /// Reads a TOML file over the defaults.
@@ -216,6 +284,36 @@ impl WorkerConfig {
         }
         crate::connection::check_tls_verification(&properties, self.insecure_skip_tls_verify)?;
         Ok(())
+    }
+
+    /// This configuration, once [`Self::validate`] passed it: what the worker runs on.
+    pub fn validated(self) -> Result<ValidConfig> {
+        self.validate()?;
+        Ok(ValidConfig(self))
+    }
+}
+
+/// A [`WorkerConfig`] that [`WorkerConfig::validate`] passed. Only [`WorkerConfig::validated`]
+/// makes one, so the worker, which takes nothing else, checks once, where the configuration
+/// is made, and never again on its way in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidConfig(WorkerConfig);
+
+impl ValidConfig {
+    /// Replaces `model` by the path `find` gives for it (the CLI and the Python package resolve
+    /// a built-in name such as `mnist`). Validation checks nothing of `model` (loading the model
+    /// does), so the configuration stays valid.
+    pub fn resolve_model(mut self, find: impl FnOnce(&str) -> Result<PathBuf>) -> Result<Self> {
+        self.0.model = find(&self.0.model)?.display().to_string();
+        Ok(self)
+    }
+}
+
+impl std::ops::Deref for ValidConfig {
+    type Target = WorkerConfig;
+
+    fn deref(&self) -> &WorkerConfig {
+        &self.0
     }
 }
 
@@ -368,6 +466,28 @@ mod tests {
         );
         let unique: std::collections::BTreeSet<_> = names.iter().collect();
         assert_eq!(unique.len(), names.len());
+    }
+
+    /// The docs come from the doc comments and the defaults from `Default`: every field has
+    /// help, and the defaults read as people expect.
+    #[test]
+    fn every_field_is_documented_with_its_default() {
+        let docs = WorkerConfig::docs();
+        let names: Vec<_> = docs.iter().map(|d| d.name.clone()).collect();
+        assert_eq!(names, WorkerConfig::field_names());
+        for d in &docs {
+            assert!(d.help.len() > 10 && d.summary().ends_with('.'), "{}: help {:?}", d.name, d.help);
+        }
+        let default = |name: &str| docs.iter().find(|d| d.name == name).unwrap().default.clone();
+        assert_eq!(default("batch_size"), WorkerConfig::default().batch_size.to_string());
+        assert_eq!(default("max_in_flight"), "1000");
+        assert_eq!(default("brokers"), "127.0.0.1:9092");
+        assert_eq!(default("dead_letter_topic"), "<input_topic>.dlq");
+        assert_eq!(default("latency_target_ms"), "none");
+        assert_eq!(default("kafka"), "none");
+        assert_eq!(default("insecure_skip_tls_verify"), "false");
+        let model = docs.iter().find(|d| d.name == "model").unwrap();
+        assert!(model.summary().starts_with("Model: an `.onnx` file") && model.help.contains("efficientnet_lite0"));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 /// Who has to act on an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ErrorKind {
     /// The user's input or configuration is wrong; the message names the fix.
     User,

@@ -2,7 +2,8 @@
 //!
 //! The data path: [`source`] (consumer group) -> [`frame`] (decode) -> [`model`] (preprocess,
 //! infer) in [`batch`]es -> [`sink`] (predictions, dead letters) -> offsets stored via [`offsets`].
-//! [`worker`] ties them together; [`config`] is its configuration.
+//! [`worker`] ties them together (its intake and inference threads' loops are in the private
+//! modules `intake` and `infer`); [`config`] is its configuration.
 pub mod admin;
 pub mod batch;
 pub mod config;
@@ -10,6 +11,8 @@ pub mod connection;
 pub mod error;
 pub mod exporter;
 pub mod frame;
+mod infer;
+mod intake;
 pub mod metrics;
 pub mod model;
 pub mod offsets;
@@ -17,5 +20,5 @@ pub mod sink;
 pub mod source;
 pub mod worker;
 
-pub use config::WorkerConfig;
+pub use config::{ValidConfig, WorkerConfig};
 pub use error::{Error, ErrorKind, Result};

@@ -1,6 +1,7 @@
 //! Live counters of one worker, read by the status line and by embedders.
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use serde::Serialize;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
@@ -66,7 +67,8 @@ pub struct Metrics {
 }
 
 /// A worker's state, as Kubernetes-style probes and the controller see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WorkerState {
     /// Loading and warming the model, joining the group.
     #[default]
@@ -234,20 +236,25 @@ pub struct FrameTimers {
 }
 
 /// A copy of [`FrameTimers`].
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct FrameTimes {
     /// Frames counted (predictions acknowledged).
     pub frames: u64,
     /// Record timestamp -> polled by the worker: the producer's linger, the broker, the fetch
     /// (a held fetch included) and librdkafka's queue. Millisecond timestamps: +-1 ms per frame.
+    #[serde(rename = "fetch")]
     pub fetch_us: u64,
     /// Decoding and preprocessing.
+    #[serde(rename = "decode")]
     pub decode_us: u64,
     /// Decoded -> its batch dispatched: waiting while the model runs the batch before.
+    #[serde(rename = "queue")]
     pub queue_us: u64,
     /// Its batch in the model.
+    #[serde(rename = "infer")]
     pub infer_us: u64,
     /// Inferred -> the broker acknowledged the prediction (serialising, producing, the ack).
+    #[serde(rename = "ack")]
     pub ack_us: u64,
 }
 
@@ -275,19 +282,25 @@ pub struct FrameTiming {
 }
 
 /// A copy of [`StageTimers`].
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Stages {
     /// Intake: waiting in the consumer's poll (for frames, or for acknowledgements to make room).
+    #[serde(rename = "poll")]
     pub poll_us: u64,
     /// Intake: decoding and preprocessing frames into the batch.
+    #[serde(rename = "decode")]
     pub decode_us: u64,
     /// Intake: waiting for room, while the batch being built is at the limit and the model busy.
+    #[serde(rename = "handoff")]
     pub handoff_us: u64,
     /// Inference: waiting for a batch.
+    #[serde(rename = "idle")]
     pub idle_us: u64,
     /// Inference: running the model.
+    #[serde(rename = "infer")]
     pub infer_us: u64,
     /// Inference: serialising predictions and handing them to the producer.
+    #[serde(rename = "produce")]
     pub produce_us: u64,
 }
 
@@ -312,7 +325,7 @@ impl StageTimers {
 }
 
 /// A copy of the counters at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Snapshot {
     pub consumed: u64,
     pub predicted: u64,
@@ -328,8 +341,54 @@ pub struct Snapshot {
     pub batch_limit: usize,
     pub latency_p50_ms: u64,
     pub latency_p99_ms: u64,
+    #[serde(rename = "stages_us")]
     pub stages: Stages,
+    #[serde(rename = "frame_us")]
     pub frame_times: FrameTimes,
+}
+
+/// What a worker says about itself (the Python `Worker.stats()`), as one serialised record: its
+/// counters ([`Snapshot`], flattened) with its state, identity and health. The names are a
+/// contract: the Ray controller, `kafray-ray stats` and the benchmarks read them (and the
+/// benchmarks' Python peer reports the same names for what it has).
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerStats {
+    pub worker_id: String,
+    /// Where the model runs (`auto` resolved), once loaded.
+    pub device: Option<String>,
+    /// From start until the worker thread ends (after a stop, or on a fatal error).
+    pub running: bool,
+    /// Why the worker failed, and whose error that is: `user`, `external` or `internal`.
+    pub error: Option<String>,
+    pub error_kind: Option<crate::ErrorKind>,
+    pub uptime_s: f64,
+    pub state: WorkerState,
+    /// Why the worker is degraded or failed.
+    pub state_reason: Option<String>,
+    /// Owned partitions with frames and no progress for `stall_after_s`.
+    pub stalled_partitions: Vec<i32>,
+    /// Times a partition was found stalled.
+    pub partition_stalls: u64,
+    /// A member of its group now.
+    pub joined: bool,
+    pub assigned_partitions: usize,
+    /// `host:port` of `/metrics` and the probes, when served.
+    pub metrics_endpoint: Option<String>,
+    /// Every latency since start as (ms, count) per histogram bucket, to merge over workers.
+    pub latency_ms_counts: Vec<(u64, u64)>,
+    pub mean_batch: f64,
+    #[serde(flatten)]
+    pub counters: Snapshot,
+}
+
+/// How the worker's owner sees it: what [`Metrics`] cannot know.
+#[derive(Debug, Clone, Default)]
+pub struct Owner {
+    pub worker_id: String,
+    pub device: Option<String>,
+    pub running: bool,
+    pub error: Option<(crate::ErrorKind, String)>,
+    pub uptime_s: f64,
 }
 
 impl Snapshot {
@@ -423,6 +482,31 @@ impl Metrics {
         out
     }
 
+    /// The worker's stats: `counters` (live, or the last of a finished worker) with what the
+    /// metrics know of its health and what its `owner` knows.
+    pub fn stats(&self, counters: Snapshot, owner: Owner) -> WorkerStats {
+        let health = self.health();
+        let (error_kind, error) = owner.error.map_or((None, None), |(kind, why)| (Some(kind), Some(why)));
+        WorkerStats {
+            worker_id: owner.worker_id,
+            device: owner.device,
+            running: owner.running,
+            error,
+            error_kind,
+            uptime_s: owner.uptime_s,
+            state: health.state,
+            state_reason: health.reason,
+            stalled_partitions: self.stalled_partitions.lock().unwrap().clone(),
+            partition_stalls: self.partition_stalls.load(Relaxed),
+            joined: self.joined.load(Relaxed),
+            assigned_partitions: self.assigned_partitions.load(Relaxed),
+            metrics_endpoint: self.endpoint.lock().unwrap().clone(),
+            latency_ms_counts: self.latency_counts(),
+            mean_batch: counters.mean_batch(),
+            counters,
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let (p50, p99) = match &*self.latency.lock().unwrap() {
             Some(l) => (l.total.value_at_quantile(0.5), l.total.value_at_quantile(0.99)),
@@ -465,5 +549,66 @@ mod tests {
         assert_eq!(m.take_window_latency(), None, "the window starts empty again");
         let s = m.snapshot();
         assert!((19..=21).contains(&s.latency_p50_ms), "{s:?}");
+    }
+
+    /// The names `stats()` gives are a contract (the controller, `kafray-ray stats` and the
+    /// benchmarks read them): they are exactly these.
+    #[test]
+    fn stats_serialise_to_the_documented_names() {
+        let m = Metrics::new();
+        m.record_latency(12);
+        let owner =
+            Owner { worker_id: "w1".into(), error: Some((crate::ErrorKind::User, "bad".into())), ..Default::default() };
+        let v = serde_json::to_value(m.stats(m.snapshot(), owner)).unwrap();
+        let mut names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        names.sort();
+        let mut expected = vec![
+            "assigned_partitions",
+            "batch_limit",
+            "batched_frames",
+            "batches",
+            "consume_errors",
+            "consumed",
+            "dead_letter_fallbacks",
+            "dead_lettered",
+            "delivery_failures",
+            "device",
+            "error",
+            "error_kind",
+            "frame_us",
+            "joined",
+            "lag",
+            "latency_ms_counts",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "mean_batch",
+            "metrics_endpoint",
+            "partition_stalls",
+            "predicted",
+            "rebalances",
+            "restarts",
+            "running",
+            "stages_us",
+            "stalled_partitions",
+            "state",
+            "state_reason",
+            "uptime_s",
+            "worker_id",
+        ];
+        expected.sort();
+        assert_eq!(names, expected);
+        assert_eq!(
+            (v["state"].as_str(), v["error_kind"].as_str(), v["error"].as_str()),
+            (Some("starting"), Some("user"), Some("bad"))
+        );
+        let stages: Vec<&str> = v["stages_us"].as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(stages.len(), 6);
+        for stage in ["poll", "decode", "handoff", "idle", "infer", "produce"] {
+            assert!(stages.contains(&stage), "{stages:?}");
+        }
+        for part in ["frames", "fetch", "decode", "queue", "infer", "ack"] {
+            assert!(v["frame_us"].get(part).is_some(), "{part}");
+        }
+        assert_eq!(v["latency_ms_counts"][0][1], 1);
     }
 }

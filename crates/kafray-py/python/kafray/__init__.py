@@ -33,6 +33,7 @@ def _point_at_onnxruntime() -> None:
 _point_at_onnxruntime()
 
 from ._native import (  # noqa: E402
+    WORKER_CONFIG_DOCS,
     WORKER_CONFIG_FIELDS,
     Classifier,
     EmbeddedBroker,
@@ -43,23 +44,14 @@ from ._native import (  # noqa: E402
 )
 from ._native import Worker as _NativeWorker  # noqa: E402
 
-__all__ = ["Worker", "WORKER_CONFIG_FIELDS", "Classifier", "EmbeddedBroker", "find_model", "raw_limit", "write_mnist_shards", "__version__"]
+__all__ = ["Worker", "WORKER_CONFIG_FIELDS", "WORKER_CONFIG_DOCS", "Classifier", "EmbeddedBroker", "find_model", "raw_limit", "write_mnist_shards", "__version__"]
 
 
 class Worker:
     """One kafray worker: a Kafka consumer-group member classifying frames on native threads.
 
-    Keyword arguments are the worker's configuration, as in ``kafray worker`` and its TOML file:
-    ``brokers``, ``input_topic``, ``output_topic``, ``dead_letter_topic``, ``group``, ``model``,
-    ``batch_size``, ``max_wait_ms``, ``latency_target_ms``, ``threads``, ``device`` (``cpu``,
-    ``cuda``, ``cuda:N`` or ``auto``), ``top_k``, ``max_in_flight``, ``stall_after_s`` (the
-    stall watchdog: seconds an owned partition may make no progress; 0 for off),
-    ``status_interval_s``, ``worker_id``, ``kafka`` (a dict of librdkafka properties; a value
-    may be ``${env:NAME}`` or ``${file:PATH:KEY}``), ``kafka_config`` (a client.properties file,
-    the place for credentials), ``insecure_skip_tls_verify`` (accept turning TLS verification off),
-    ``metrics_addr`` (the Prometheus endpoint with the probes ``/healthz`` and ``/readyz``,
-    ``host:port``; ``""`` for none) and
-    ``create_topics`` (create missing input/output topics with this many partitions at start).
+    Keyword arguments are the worker's configuration, as in ``kafray worker`` and its TOML file
+    (listed below, from the engine's own documentation of each); ``kafka`` may also be a dict.
     An unknown name raises ValueError naming it.
     """
 
@@ -96,3 +88,17 @@ class Worker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _keyword_docs() -> str:
+    """The keyword list of Worker's docstring, from the engine's documentation of each field."""
+    import textwrap
+
+    lines = ["", "    Keywords:", ""]
+    for name, doc in sorted(WORKER_CONFIG_DOCS.items()):
+        text = f"``{name}`` (default: {doc['default']}): {doc['help']}"
+        lines += textwrap.wrap(text, 96, initial_indent="    - ", subsequent_indent="      ")
+    return "\n".join(lines) + "\n"
+
+
+Worker.__doc__ = (Worker.__doc__ or "") + _keyword_docs()

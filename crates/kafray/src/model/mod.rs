@@ -1,9 +1,11 @@
 //! Models: what they expect (spec), how pixels become tensors (preprocess), and the
 //! inference backend behind one small trait.
+pub mod builtin;
 mod onnx;
 pub mod preprocess;
 pub mod spec;
 
+pub use builtin::{builtin_names, find_model, BUILTIN_MODELS};
 pub use onnx::{runtime_library, use_runtime_library, OnnxBackend};
 pub use spec::ModelSpec;
 
@@ -89,7 +91,7 @@ pub type FrameRejection = String;
 
 impl Model {
     /// Loads an `.onnx` file on ONNX Runtime (a built-in name is resolved to a path by the
-    /// caller: `kafray_tools::layout::find_model`).
+    /// caller: `kafray::model::find_model`).
     pub fn load(path: impl AsRef<Path>, threads: usize, top_k: usize) -> Result<Self> {
         Self::load_on(path, threads, top_k, Device::Cpu)
     }

@@ -1,5 +1,5 @@
 //! What a model expects as input and gives as output: the part the ONNX graph does not say.
-//! Built-in presets cover the models shipped with kafray; any other model takes a
+//! Built-in presets ([`super::builtin`]) cover the models kafray knows by name; any other model takes a
 //! `NAME.toml` beside `NAME.onnx`.
 use crate::error::{Error, Result};
 use serde::Deserialize;
@@ -143,45 +143,6 @@ impl ModelSpec {
     }
 }
 
-const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-
-/// Presets for the models in kafray's assets, keyed by file stem.
-fn preset(stem: &str) -> Option<ModelToml> {
-    match stem {
-        // Normalisation (0.1307/0.3081) is inside the graph: it takes raw 0..255 values.
-        "mnist_cnn" => Some(ModelToml {
-            layout: Some(Layout::Nchw),
-            height: Some(28),
-            width: Some(28),
-            color: Some(Color::Gray),
-            scale: Some(1.0),
-            mean: Some(vec![0.0]),
-            std: Some(vec![1.0]),
-            labels: None,
-            output: Some(OutputKind::Logits),
-            resize: None,
-            resize_to: None,
-        }),
-        "mobilenet_v2_imagenet" | "efficientnet_lite0_imagenet" => Some(ModelToml {
-            layout: Some(Layout::Nchw),
-            height: Some(224),
-            width: Some(224),
-            color: Some(Color::Rgb),
-            scale: Some(1.0 / 255.0),
-            mean: Some(IMAGENET_MEAN.to_vec()),
-            std: Some(IMAGENET_STD.to_vec()),
-            labels: Some(PathBuf::from("imagenet_classes.txt")),
-            output: Some(OutputKind::Logits),
-            // As they were evaluated: shorter side to 256, the centre 224x224.
-            resize: Some(Resize::Crop),
-            resize_to: None,
-        }),
-        _ => None,
-    }
-}
-
-/// Short names accepted by `--model`, mapped to file names in the model folders.
 /// The input dimensions the graph declares: `[batch, d1, d2, d3]`, -1 where dynamic.
 pub type GraphInput = Vec<i64>;
 
@@ -294,12 +255,12 @@ fn given_spec(model_path: &Path) -> Result<(ModelToml, Option<PathBuf>)> {
         let text = std::fs::read_to_string(&toml_path).map_err(|e| Error::io(toml_path.display().to_string(), e))?;
         let parsed: ModelToml = toml::from_str(&text).map_err(|e| Error::model(&toml_path, e.to_string()))?;
         // Beside a preset's file, the TOML changes the fields it names and keeps the preset's others.
-        let merged = match preset(stem) {
+        let merged = match super::builtin::preset(stem) {
             Some(base) => parsed.over(base),
             None => parsed,
         };
         (merged, toml_path.parent().map(Path::to_path_buf))
-    } else if let Some(p) = preset(stem) {
+    } else if let Some(p) = super::builtin::preset(stem) {
         (p, model_path.parent().map(Path::to_path_buf))
     } else {
         (ModelToml::default(), None)
@@ -400,16 +361,19 @@ mod tests {
         std::fs::write(dir.path().join("imagenet_classes.txt"), "tench\ngoldfish\n").unwrap();
         let spec = resolve(&model, &vec![-1, 3, 224, 224]).unwrap();
         assert_eq!(spec.resize, Resize::Squash);
-        assert_eq!((spec.mean.as_slice(), spec.std.as_slice()), (IMAGENET_MEAN.as_slice(), IMAGENET_STD.as_slice()));
+        assert_eq!(
+            (spec.mean.as_slice(), spec.std.as_slice()),
+            ([0.485, 0.456, 0.406].as_slice(), [0.229, 0.224, 0.225].as_slice())
+        );
         assert_eq!(spec.labels, Some(vec!["tench".to_string(), "goldfish".to_string()]));
     }
 
     #[test]
     fn imagenet_presets_crop_as_torchvision_and_a_toml_can_say_so_too() {
         for name in ["mobilenet_v2_imagenet", "efficientnet_lite0_imagenet"] {
-            assert_eq!(preset(name).unwrap().resize, Some(Resize::Crop), "{name}");
+            assert_eq!(super::super::builtin::preset(name).unwrap().resize, Some(Resize::Crop), "{name}");
         }
-        assert_eq!(preset("mnist_cnn").unwrap().resize, None, "digits fill their frame: squash");
+        assert_eq!(super::super::builtin::preset("mnist_cnn").unwrap().resize, None, "digits fill their frame: squash");
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("m.onnx");
         std::fs::write(dir.path().join("m.toml"), "resize='crop'\n").unwrap();

@@ -30,49 +30,64 @@ from kafray.ray.actor import MAX_RESTARTS
 from kafray.ray.cluster import ClusterTooSmall, DeploymentFailed
 from kafray.ray.handle import Deployment
 
+# Where a deployment's default differs from a plain worker's.
+_RAY_DEFAULTS = {
+    "group": "--name",
+    "model": "mnist; read here and shipped to the nodes through Ray",
+    "threads": "--num-cpus",
+    "device": "cuda with --num-gpus (the GPU Ray gives the actor), else cpu",
+    "worker_id": "the actor's name",
+    "metrics_addr": "the node's address, a free port, listed in the deployment's Prometheus targets file",
+}
+# What a flag does differently on Ray.
+_RAY_NOTES = {
+    "kafka": "repeatable; a ${env:NAME} value is resolved on the worker's node",
+    "worker_id": "on Ray, a prefix: each worker adds its number",
+    "kafka_config": "read here; its secrets reach the workers through the controller, never in an actor's arguments",
+}
+
+
+def _worker_help(field: str) -> str:
+    """A worker flag's help: the field's own (WorkerConfig's doc comment), with the default a
+    deployment gives it."""
+    doc = kafray.WORKER_CONFIG_DOCS[field]
+    parts = [doc["summary"]]
+    if field in _RAY_NOTES:
+        parts.append(f"({_RAY_NOTES[field]})")
+    if field not in ("kafka", "insecure_skip_tls_verify"):
+        parts.append(f"[default: {_RAY_DEFAULTS.get(field, doc['default'])}]")
+    return " ".join(parts).replace("%", "%%")
+
+
 def _add_worker_flags(up: argparse.ArgumentParser) -> None:
-    """One flag per field of the worker's configuration (`kafray._native.WORKER_CONFIG_FIELDS`),
-    each with that field as its `dest`; a test checks that none is missing. Unset flags are left
-    to the worker's own layers (its KAFRAY_<FIELD> variables, then the defaults)."""
-    w = up.add_argument_group("worker settings (as `kafray worker`; default: the worker's)")
-    w.add_argument("--brokers", "-b", default=os.environ.get("KAFRAY_BROKERS"), help="bootstrap servers")
-    w.add_argument("--input-topic", "--input", "-i", dest="input_topic", help="where frames arrive (frames)")
-    w.add_argument("--output-topic", "--output", "-o", dest="output_topic", help="where predictions go (predictions)")
-    w.add_argument("--dead-letter-topic", dest="dead_letter_topic", help="where bad frames go (<input>.dlq)")
-    w.add_argument("--group", "-g", help="consumer group (default: --name)")
-    w.add_argument("--model", "-m", default="mnist", help="model path or name, on this machine: it is shipped to the nodes")
-    w.add_argument("--batch-size", dest="batch_size", type=int, help="largest micro-batch (10)")
-    w.add_argument("--max-wait-ms", dest="max_wait_ms", type=int, help="optional fill wait for a partial batch (0)")
-    w.add_argument("--latency-target-ms", dest="latency_target_ms", type=int,
-                   help="optional latency objective in each worker: the batch limit follows it (AIMD)")
-    w.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: --num-cpus)")
-    w.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cuda with --num-gpus, else cpu); "
-                                    "on Ray, cuda is the GPU Ray gives the actor")
-    w.add_argument("--top-k", dest="top_k", type=int, help="classes listed per prediction (5)")
-    w.add_argument("--max-in-flight", dest="max_in_flight", type=int,
-                   help="frames between poll and acknowledgement per worker (1000)")
-    w.add_argument("--stall-after-s", dest="stall_after_s", type=int, metavar="S",
-                   help="seconds an owned partition may make no progress (frames without a result, or left "
-                        "unread while the worker idles) before it counts as stalled: logged, counted, /healthz "
-                        "fails (30; 0 turns the watchdog off)")
-    w.add_argument("--status-interval", dest="status_interval_s", type=int,
-                   help="seconds between each worker's status lines in its log (5)")
-    w.add_argument("--worker-id", dest="worker_id",
-                   help="prefix of the workers' names in predictions (default: the actor's name)")
-    w.add_argument("--metrics-addr", dest="metrics_addr", metavar="ADDR",
-                   help="each worker's Prometheus endpoint (default on Ray: its node's address, on a free "
-                        "port, listed in the deployment's Prometheus targets file)")
-    w.add_argument("--create-topics", dest="create_topics", type=int, metavar="P",
-                   help="create missing input/output topics with P partitions (else a missing one fails the start)")
-    w.add_argument("-X", dest="kafka", action="append", metavar="KEY=VALUE",
-                   help="librdkafka property (repeatable); a value may be ${env:NAME} or ${file:PATH:KEY}, resolved on "
-                        "the worker's node")
-    w.add_argument("--kafka-config", dest="kafka_config", metavar="FILE",
-                   default=os.environ.get("KAFRAY_KAFKA_CONFIG"),
-                   help="client.properties file of librdkafka properties, read here (-X wins over it); its "
-                        "secrets reach the workers through the controller, never in an actor's arguments")
+    """One flag per field of the worker's configuration (`kafray.WORKER_CONFIG_FIELDS`), each
+    with that field as its `dest` and its help from the field's doc comment
+    (`kafray.WORKER_CONFIG_DOCS`); a test checks that none is missing. Unset flags are left to
+    the worker's own layers (its KAFRAY_<FIELD> variables, then the defaults)."""
+    w = up.add_argument_group("worker settings (as `kafray worker`)")
+    w.add_argument("--brokers", "-b", default=os.environ.get("KAFRAY_BROKERS"), help=_worker_help("brokers"))
+    w.add_argument("--input-topic", "--input", "-i", dest="input_topic", help=_worker_help("input_topic"))
+    w.add_argument("--output-topic", "--output", "-o", dest="output_topic", help=_worker_help("output_topic"))
+    w.add_argument("--dead-letter-topic", dest="dead_letter_topic", help=_worker_help("dead_letter_topic"))
+    w.add_argument("--group", "-g", help=_worker_help("group"))
+    w.add_argument("--model", "-m", default="mnist", help=_worker_help("model"))
+    w.add_argument("--batch-size", dest="batch_size", type=int, help=_worker_help("batch_size"))
+    w.add_argument("--max-wait-ms", dest="max_wait_ms", type=int, help=_worker_help("max_wait_ms"))
+    w.add_argument("--latency-target-ms", dest="latency_target_ms", type=int, help=_worker_help("latency_target_ms"))
+    w.add_argument("--threads", type=int, help=_worker_help("threads"))
+    w.add_argument("--device", help=_worker_help("device"))
+    w.add_argument("--top-k", dest="top_k", type=int, help=_worker_help("top_k"))
+    w.add_argument("--max-in-flight", dest="max_in_flight", type=int, help=_worker_help("max_in_flight"))
+    w.add_argument("--stall-after-s", dest="stall_after_s", type=int, metavar="S", help=_worker_help("stall_after_s"))
+    w.add_argument("--status-interval", dest="status_interval_s", type=int, help=_worker_help("status_interval_s"))
+    w.add_argument("--worker-id", dest="worker_id", help=_worker_help("worker_id"))
+    w.add_argument("--metrics-addr", dest="metrics_addr", metavar="ADDR", help=_worker_help("metrics_addr"))
+    w.add_argument("--create-topics", dest="create_topics", type=int, metavar="P", help=_worker_help("create_topics"))
+    w.add_argument("-X", dest="kafka", action="append", metavar="KEY=VALUE", help=_worker_help("kafka"))
+    w.add_argument("--kafka-config", dest="kafka_config", metavar="FILE", default=os.environ.get("KAFRAY_KAFKA_CONFIG"),
+                   help=_worker_help("kafka_config"))
     w.add_argument("--insecure-skip-tls-verify", dest="insecure_skip_tls_verify", action="store_true", default=None,
-                   help="accept properties that turn TLS certificate or hostname verification off")
+                   help=_worker_help("insecure_skip_tls_verify"))
 
 
 def _worker_config(args) -> dict:

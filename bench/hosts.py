@@ -1,8 +1,9 @@
-"""Hosts made of Linux namespaces, for tests that need several machines: each host is a network
-namespace (its own address on a private bridge) and a mount namespace with a private /tmp (and
-HOME under it), so hosts share nothing through files but the code checkout (and the folders
-given to keep, such as a checkout that lies under /tmp). The bridge lives in
-a namespace of its own, so the machine's own network is never touched. Needs root."""
+"""Hosts made of Linux namespaces, for the benchmarks and tests that need several machines
+(bench/multihost.py, crates/kafray-py/tests/test_multihost.py): each host is a network namespace
+(its own address on a private bridge) and a mount namespace with a private /tmp (and HOME under
+it), so hosts share nothing through files but the code checkout (and the folders given to keep,
+such as a checkout that lies under /tmp). The bridge lives in a namespace of its own, so the
+machine's own network is never touched. Needs root."""
 from __future__ import annotations
 
 import os
