@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Installs what kafray needs beyond cargo, once (later runs skip what is there):
+# Installs what kafray needs beyond cargo, once (later runs skip what is there). Without options,
+# what the demo needs (README's first command):
+#  - from Debian: OpenSSL's and libcurl's headers (libssl-dev, libcurl4-openssl-dev) and
+#    pkg-config, which librdkafka is built against (TLS, SASL/SCRAM, OIDC tokens);
 #  - ONNX Runtime: the libonnxruntime.so inside the PyPI `onnxruntime` wheel, in .venv
 #    (kafray loads it at run time; ORT_DYLIB_PATH overrides);
-#  - the local Kafka-protocol broker for the demo and tests: Tansu (crates.io `nisshi`),
-#    built with cargo into ~/.cargo/bin (about 20 minutes on 2 cores, the first time only);
-#  - from Debian: OpenSSL's and libcurl's headers (libssl-dev, libcurl4-openssl-dev) and
-#    pkg-config, which librdkafka is built against (TLS, SASL/SCRAM, OIDC tokens); openssl, with which the tests make a CA for a secured broker;
-#    kcat, for the test that any Kafka client can use kafray's formats; and prometheus, for the
-#    test that a real Prometheus server scrapes a worker.
-# With --python (the test command passes it) also:
-#  - Ray, PySpark, matplotlib, maturin and pytest in .venv (about 1 GB, once), and numpy and
-#    Pillow for the Python peer of the benchmarks (bench/peer.py);
+#  - the local Kafka-protocol broker for the demo and tests: Tansu (crates.io `nisshi`), built
+#    with cargo into ~/.cargo/bin once, at -O1 (half the time of -O3, and as fast for the demo),
+#    while kafray itself builds beside it.
+# With --python (the test command passes it) also what the tests need:
+#  - from Debian: openssl (the tests make a CA for a secured broker), kcat (any Kafka client can
+#    use kafray's formats) and prometheus (a real Prometheus server scrapes a worker);
+#  - Ray, PySpark, matplotlib, maturin and pytest in .venv (about 1 GB, once), confluent-kafka,
+#    numpy and Pillow for the Python peer of the benchmarks (bench/peer.py);
 #  - the `kafray` Python package: the PyO3 extension built with maturin and installed into .venv
 #    (rebuilt incrementally on every run, so it always matches the checkout).
 # With --gpu also (for --device cuda; not needed by the tests):
@@ -48,19 +50,10 @@ GRAFANA_SDK_VERSION='1769699998!10.1.0'
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import onnxruntime, confluent_kafka, sys; sys.exit(onnxruntime.__version__ != '$ORT_VERSION')" 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check "onnxruntime==$ORT_VERSION" "confluent-kafka==$CONFLUENT_KAFKA_VERSION"
+if ! .venv/bin/python -c "import onnxruntime, sys; sys.exit(onnxruntime.__version__ != '$ORT_VERSION')" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check "onnxruntime==$ORT_VERSION"
 fi
 
-# Debian's kcat links librdkafka 2.0.2, which cannot parse Tansu's ApiVersion reply; the
-# confluent-kafka wheel carries a current librdkafka that kcat can use instead.
-rdkafka_lib=$(ls .venv/lib/python3*/site-packages/confluent_kafka.libs/librdkafka-*.so.1 | head -n 1)
-mkdir -p .venv/kcat-lib
-ln -sf "$(realpath "$rdkafka_lib")" .venv/kcat-lib/librdkafka.so.1
-
-# Debian packages: OpenSSL's and libcurl's headers and pkg-config (librdkafka is built against
-# them: TLS, SASL/SCRAM, OAUTHBEARER tokens from an OIDC endpoint), openssl (the tests make a CA for a TLS broker), kcat (any Kafka client can use
-# kafray's formats) and prometheus (a real server scrapes a worker in a test).
 apt_install() {
   local missing=()
   for pkg in "$@"; do
@@ -79,16 +72,43 @@ apt_install() {
   fi
   $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
-apt_install libssl-dev libcurl4-openssl-dev pkg-config openssl kcat prometheus
+apt_install libssl-dev libcurl4-openssl-dev pkg-config
+if [ "$with_python" = 1 ]; then
+  apt_install openssl kcat prometheus
+fi
 
 if ! command -v nisshi >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/nisshi" ]; then
-  echo "setup: building the local broker (Tansu, crates.io nisshi $NISSHI_VERSION); about 20 minutes on 2 cores, once" >&2
+  echo "setup: building the local broker (Tansu, crates.io nisshi $NISSHI_VERSION) and kafray; about 10 minutes on 2 cores, once" >&2
+  # kafray builds beside the broker: two builds keep both cores busy where one alone leaves a core
+  # idle (a crate or a build script that compiles by itself), and the demo then starts at once.
+  cargo build --release --quiet &
+  kafray_build=$!
+  # Memory storage (the demo, most tests) and SQLite (the tests of a broker that restarts), at
+  # -O1: as fast as -O3 for the demo (docs/reference.md, "The local broker") in half the build
+  # time; crates no demo or test request goes through (schemas, the generator, codecs' C code,
+  # OpenTelemetry's protobuf) at -O0. KAFRAY_BROKER_OPT_LEVEL=3 builds it all at -O3 instead.
   # Plain --locked fails: a dependency of the default features wants a newer rustc.
-  cargo install nisshi --version "$NISSHI_VERSION" --locked --ignore-rust-version \
+  profile=()
+  if [ "${KAFRAY_BROKER_OPT_LEVEL:-1}" != 3 ]; then
+    profile=(--config profile.release.opt-level=1 --config profile.release.debug=0)
+    for cold in jsonschema rhai nisshi-generator nisshi-perf protobuf zstd-sys lz4-sys; do
+      profile+=(--config "profile.release.package.$cold.opt-level=0")
+    done
+  fi
+  cargo install "${profile[@]}" nisshi --version "$NISSHI_VERSION" --locked --ignore-rust-version \
     --no-default-features --features dynostore,libsql
+  wait "$kafray_build" || { echo "setup: building kafray failed (above)" >&2; exit 1; }
 fi
 
 if [ "$with_python" = 1 ]; then
+  if ! .venv/bin/python -c "import confluent_kafka" 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check "confluent-kafka==$CONFLUENT_KAFKA_VERSION"
+  fi
+  # Debian's kcat links librdkafka 2.0.2, which cannot parse Tansu's ApiVersion reply; the
+  # confluent-kafka wheel carries a current librdkafka that kcat can use instead.
+  rdkafka_lib=$(ls .venv/lib/python3*/site-packages/confluent_kafka.libs/librdkafka-*.so.1 | head -n 1)
+  mkdir -p .venv/kcat-lib
+  ln -sf "$(realpath "$rdkafka_lib")" .venv/kcat-lib/librdkafka.so.1
   want="ray==$RAY_VERSION pyspark==$PYSPARK_VERSION matplotlib==$MATPLOTLIB_VERSION maturin==$MATURIN_VERSION pytest==$PYTEST_VERSION numpy==$NUMPY_VERSION pillow==$PILLOW_VERSION grafana-foundation-sdk==$GRAFANA_SDK_VERSION"
   if ! .venv/bin/python - $want <<'PY' 2>/dev/null
 import sys

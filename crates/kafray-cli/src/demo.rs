@@ -89,7 +89,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // Created before the workers join, so its idempotent session (a producer id from the broker)
     // is set up by the first frame, rather than holding the first frames while it is.
     let mut publisher = Publisher::new(&brokers, &frames, &props)?;
-    let model = kafray_tools::layout::find_model("mnist")?;
+    let model = kafray::model::find_model("mnist")?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     let mut worker_metrics = Vec::new();
@@ -109,16 +109,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             // Several workers in one process: the report is the demo's output, not /metrics.
             metrics_addr: String::new(),
             ..defaults.clone()
-        };
-        config.validate()?;
+        }
+        .validated()?;
         let (stop, metrics) = (stop.clone(), Arc::new(Metrics::new()));
         worker_metrics.push(metrics.clone());
         workers.push(std::thread::spawn(move || kafray::worker::run(&config, stop, metrics)));
     }
     say(format!("{} workers on {frames} -> {predictions}, model {}", args.workers.max(1), model.display()));
-    // Publish once the group owns every partition, so latency measures the pipeline, not the join.
+    // Publish once the group owns every partition and has spread them over the workers, so latency
+    // measures the pipeline, not the join: the broker answers the first member at once, and the
+    // rebalance that brings in the next ones must be over before the stream starts.
     let joined = Instant::now();
+    let spread = |m: &Arc<Metrics>| args.workers > args.partitions || m.assigned_partitions.load(Ordering::Relaxed) > 0;
     while worker_metrics.iter().map(|m| m.assigned_partitions.load(Ordering::Relaxed)).sum::<usize>() < args.partitions
+        || !worker_metrics.iter().all(spread)
     {
         if joined.elapsed() > Duration::from_secs(60) || workers.iter().any(|w| w.is_finished()) {
             break;

@@ -154,6 +154,15 @@ impl EmbeddedBroker {
                 &[]
             })
             .current_dir(&self.dir)
+            // A new group's first rebalance waits 1 s for more members (Kafka's
+            // group.initial.rebalance.delay.ms; Tansu's default, 3 s, is paid by every demo and test
+            // start). Not 0, as Kafka's development config has it: workers that start together would
+            // then race into two rebalances, the second one after the stream began. The broker's
+            // own variable still overrides it.
+            .env(
+                "GROUP_INITIAL_REBALANCE_DELAY",
+                std::env::var("GROUP_INITIAL_REBALANCE_DELAY").unwrap_or_else(|_| "1s".into()),
+            )
             .env("RUST_LOG", std::env::var("KAFRAY_BROKER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| Error::io("broker log", e))?)
