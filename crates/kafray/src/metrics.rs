@@ -423,6 +423,8 @@ impl Metrics {
         }
         match (&reason, state) {
             (Some(why), WorkerState::Failed) => tracing::error!("worker {}: {why}", state.as_str()),
+            // Joining is the normal way in, not a warning (the demo's first lines showed it as one).
+            (Some(why), WorkerState::Starting) => tracing::info!("worker {}: {why}", state.as_str()),
             (Some(why), _) => tracing::warn!("worker {}: {why}", state.as_str()),
             (None, _) => tracing::info!("worker {}", state.as_str()),
         }
