@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "target/release/kafray"
 MNIST = (ROOT / "assets/mnist/t10k-images-idx3-ubyte.gz", ROOT / "assets/mnist/t10k-labels-idx1-ubyte.gz")
 PHOTOS = ROOT.parent / "shared/assets/images"
-MODEL_TITLES = {"mnist": "MNIST CNN, raw 28x28 digits", "mobilenet_v2": "MobileNetV2, 224x224 JPEG photos"}
+MODEL_TITLES = {"mnist": "MNIST CNN, raw 28x28 digits", "mobilenet_v2": "MobileNetV2, 224x224 JPEG photos",
+                "pool_linear": "pool + linear (a cheap stand-in for a GPU model), 224x224 input"}
 
 
 @ray.remote(max_restarts=0)
@@ -169,7 +170,7 @@ def create_topics(brokers: str, names: list[tuple[str, int]]) -> None:
         f.result()
 
 
-def produce_command(model: str, brokers: str, topic: str, frames: int, photos: Path) -> list[str]:
+def produce_command(model: str, brokers: str, topic: str, frames: int, photos: Path, size: str = "224") -> list[str]:
     # The load generator skips idempotence: a fresh idempotent producer holds its first frames
     # about a second while it gets a producer id, which would count as every frame's latency.
     # Round-robin: a few photo sources would hash onto a few partitions and leave workers idle.
@@ -178,7 +179,8 @@ def produce_command(model: str, brokers: str, topic: str, frames: int, photos: P
             "-X", "enable.idempotence=false", "-X", "acks=all"]
     if model == "mnist":
         return base + ["mnist", "--images", str(MNIST[0]), "--labels", str(MNIST[1]), "--repeat", str(frames)]
-    return base + ["images", str(photos), "--size", "224", "--repeat", str(frames)]
+    # Photos as JPEG frames of `size` (N or WxH), as a camera at that resolution sends them.
+    return base + ["images", str(photos), "--size", size, "--repeat", str(frames)]
 
 
 def evaluate(brokers: str, topic: str, frames: int) -> dict:
@@ -200,7 +202,8 @@ class Pool:
             self.actors = [KafrayWorker.options(num_cpus=1, num_gpus=gpus).remote(path, threads, device)
                            for _ in range(workers)]
         else:
-            labels = os.path.join(os.path.dirname(path), "imagenet_classes.txt") if model != "mnist" else None
+            labels = os.path.join(os.path.dirname(path), "imagenet_classes.txt")
+            labels = labels if model != "mnist" and os.path.isfile(labels) else None
             self.actors = [peer.PeerWorker.options(num_cpus=1).remote(path, labels, threads)
                            for _ in range(workers)]
         self.info = ray.get([a.ready.remote() for a in self.actors], timeout=180)

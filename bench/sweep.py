@@ -54,8 +54,8 @@ STAGES = ("poll", "decode", "handoff", "idle", "infer", "produce")
 
 
 def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, frames: int, args, run_id: str,
-             brokers: str, partitions: int) -> dict:
-    topic = f"sweep-{run_id}-{model}-{system}-w{workers}-b{batch}"
+             brokers: str, partitions: int, size: str = "224") -> dict:
+    topic = f"sweep-{run_id}-{model}-{system}-w{workers}-b{batch}-{size}"
     out = f"{topic}.predictions"
     t_started = time.monotonic()
     create_topics(brokers, [(topic, partitions), (out, partitions), (f"{topic}.dlq", 1)])
@@ -77,7 +77,7 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
     cpu0, busy0 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
     threads0 = cpu_by_thread(pool.pids) if pool.local else {}
     t0 = time.monotonic()
-    produced = subprocess.run(produce_command(model, brokers, topic, frames, args.photos),
+    produced = subprocess.run(produce_command(model, brokers, topic, frames, args.photos, size),
                               capture_output=True, text=True, timeout=600)
     if produced.returncode != 0:
         raise RuntimeError(f"producer failed: {produced.stderr.strip()}")

@@ -2,7 +2,7 @@
 //! end-to-end pipeline throughput (Kafka in, decode, batch, infer, Kafka out, offsets), per
 //! model and batch size, measured in one run; written as CSV.
 use clap::Args;
-use kafray::frame::{self, FrameHeaders};
+use kafray::frame::FrameHeaders;
 use kafray::metrics::Metrics;
 use kafray::model::Model;
 use kafray::WorkerConfig;
@@ -83,8 +83,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 shape: f.shape.map(|s| s.to_string()),
                 ..Default::default()
             };
-            let pixels = frame::decode(&f.value, &headers).map_err(|r| anyhow::anyhow!("{r}"))?;
-            model.preprocess(&pixels, slot).map_err(|r| anyhow::anyhow!("{r}"))?;
+            model.frame_to_tensor(&f.value, &headers, slot).map_err(|r| anyhow::anyhow!("{r}"))?;
         }
         let decode_ms = t.elapsed().as_secs_f64() * 1000.0 / frames.len() as f64;
         for &batch in &args.batch_sizes {
@@ -138,7 +137,10 @@ fn bench_frames(model: &str, args: &BenchArgs) -> anyhow::Result<Vec<OutFrame>> 
         let all: Vec<OutFrame> = publish::mnist_frames(&digits, 8).collect();
         return Ok(all.iter().cycle().take(n).cloned().collect());
     }
-    let photos: Vec<Vec<u8>> = publish::photo_frames(&args.photos, Some(224))?.into_iter().map(|f| f.value).collect();
+    let photos: Vec<Vec<u8>> = publish::photo_frames(&args.photos, Some(publish::FrameSize::square(224)))?
+        .into_iter()
+        .map(|f| f.value)
+        .collect();
     let n = args.frames.unwrap_or(800);
     Ok((0..n)
         .map(|i| OutFrame {

@@ -3,7 +3,7 @@ use crate::KafkaArgs;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use kafray_tools::publish::{self, OutFrame, Publisher};
+use kafray_tools::publish::{self, FrameSize, OutFrame, Publisher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -64,9 +64,10 @@ enum Source {
         /// Publish the set this many times.
         #[arg(long, default_value_t = 1)]
         repeat: usize,
-        /// Re-encode frames as SIZExSIZE JPEG, as a camera at that resolution would send.
+        /// Re-encode frames as JPEG of this size, N (N x N) or WxH (e.g. 1920x1080), as a camera
+        /// at that resolution would send them.
         #[arg(long)]
-        size: Option<u32>,
+        size: Option<FrameSize>,
     },
     /// N cameras, each sending F frames/s, cycling over the images of a folder.
     Camera {
@@ -78,9 +79,10 @@ enum Source {
         /// Frames per second per camera.
         #[arg(long, default_value_t = 5.0)]
         fps: f64,
-        /// Re-encode frames as SIZExSIZE JPEG, as a camera at that resolution would send.
+        /// Re-encode frames as JPEG of this size, N (N x N) or WxH (e.g. 1920x1080), as a camera
+        /// at that resolution would send them.
         #[arg(long)]
-        size: Option<u32>,
+        size: Option<FrameSize>,
         /// Stop after this many seconds (default: run until --limit or Ctrl-C).
         #[arg(long)]
         duration: Option<f64>,

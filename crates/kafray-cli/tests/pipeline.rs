@@ -185,7 +185,7 @@ fn kcat_round_trip() {
     let broker = broker();
     let b = broker.bootstrap();
     let png = std::fs::read(shared_assets().join("images/coffee.png")).unwrap();
-    let jpeg = kafray_tools::publish::to_jpeg(&png, 256, 92).unwrap();
+    let jpeg = kafray_tools::publish::to_jpeg(&png, kafray_tools::publish::FrameSize::square(256), 92).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("coffee.jpg");
     std::fs::write(&file, &jpeg).unwrap();

@@ -307,10 +307,8 @@ impl Classifier {
     fn input_tensor<'py>(&self, py: Python<'py>, path: PathBuf) -> PyResult<(Vec<usize>, Bound<'py, PyBytes>)> {
         let bytes = std::fs::read(&path).map_err(|e| PyOSError::new_err(format!("{}: {e}", path.display())))?;
         let spec = self.model.lock().unwrap().spec.clone();
-        let pixels = kafray::frame::decode(&bytes, &kafray::frame::FrameHeaders::default())
-            .map_err(|r| PyValueError::new_err(format!("{}: {r}", path.display())))?;
         let mut out = vec![0f32; spec.input_len()];
-        kafray::model::preprocess::preprocess(&spec, &pixels, &mut out)
+        kafray::model::preprocess::frame_to_tensor(&spec, &bytes, &kafray::frame::FrameHeaders::default(), &mut out)
             .map_err(|r| PyValueError::new_err(format!("{}: {r}", path.display())))?;
         let raw: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
         Ok((spec.input_shape(1).to_vec(), PyBytes::new(py, &raw)))
@@ -381,9 +379,10 @@ fn write_mnist_shards(
 /// The raw limit (no Kafka, no cluster): `parallel` threads, each with its own model, decode and
 /// infer the frames a producer would send, in batches of `batch_size`, for at least `seconds`.
 /// Frames are the MNIST test set (`mnist=(images, labels)`) or the photos of a folder re-encoded
-/// as `size`x`size` JPEG (`photos=`). Returns images_per_s and the time per image of each stage.
+/// as JPEG of `size` (`photos=`; `224` for 224x224, the default, or `"1920x1080"`). Returns images_per_s and
+/// the time per image of each stage.
 #[pyfunction]
-#[pyo3(signature = (model, *, batch_size, parallel, mnist=None, photos=None, size=224, threads=1, seconds=2.0))]
+#[pyo3(signature = (model, *, batch_size, parallel, mnist=None, photos=None, size=None, threads=1, seconds=2.0))]
 #[allow(clippy::too_many_arguments)]
 fn raw_limit<'py>(
     py: Python<'py>,
@@ -392,10 +391,14 @@ fn raw_limit<'py>(
     parallel: usize,
     mnist: Option<(PathBuf, PathBuf)>,
     photos: Option<PathBuf>,
-    size: u32,
+    size: Option<Bound<'py, PyAny>>,
     threads: usize,
     seconds: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let size: kafray_tools::publish::FrameSize = match size {
+        Some(size) => size.str()?.to_string().parse().map_err(PyValueError::new_err)?,
+        None => kafray_tools::publish::FrameSize::square(224),
+    };
     let report = py
         .detach(|| {
             let frames = match (&mnist, &photos) {

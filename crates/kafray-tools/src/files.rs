@@ -32,7 +32,7 @@ pub fn classify_file(model: &mut Model, path: &Path, batch_size: usize) -> Resul
     let started = Instant::now();
     let bytes = std::fs::read(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
     let (images, labels) = if frame::PixelFormat::sniff(&bytes).is_some() {
-        let pixels = frame::decode(&bytes, &FrameHeaders::default())
+        let pixels = frame::decode_at_least(&bytes, &FrameHeaders::default(), model.spec.min_decoded_size())
             .map_err(|r| Error::Config(format!("{}: {r}", path.display())))?;
         (vec![pixels], None)
     } else {

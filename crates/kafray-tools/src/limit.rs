@@ -4,7 +4,7 @@
 //! fraction of the most these cores can do.
 use crate::publish::OutFrame;
 use kafray::error::{Error, Result};
-use kafray::frame::{self, FrameHeaders};
+use kafray::frame::FrameHeaders;
 use kafray::model::Model;
 use serde::Serialize;
 use std::sync::{Arc, Barrier};
@@ -101,8 +101,7 @@ fn run_one(
         for slot in input.chunks_mut(len) {
             let (value, headers) = &frames[next % frames.len()];
             next += 1;
-            let pixels = frame::decode(value, headers).map_err(|r| Error::Config(format!("raw limit frame: {r}")))?;
-            model.preprocess(&pixels, slot).map_err(|r| Error::Config(format!("raw limit frame: {r}")))?;
+            model.frame_to_tensor(value, headers, slot).map_err(|r| Error::Config(format!("raw limit frame: {r}")))?;
         }
         let t2 = Instant::now();
         model.classify(&input)?;

@@ -231,9 +231,46 @@ pub fn image_files(path: &Path) -> Result<Vec<(PathBuf, Vec<u8>, PixelFormat)>> 
     Ok(out)
 }
 
-/// The images of a folder (or one file) as frames keyed by file name, each re-encoded as a
-/// `size`x`size` JPEG when a size is given (as a camera at that resolution sends them).
-pub fn photo_frames(path: &Path, size: Option<u32>) -> Result<Vec<OutFrame>> {
+/// The size a camera sends its frames at: `N` (N x N) or `WxH`, as `--size` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl FrameSize {
+    pub fn square(side: u32) -> Self {
+        FrameSize { width: side, height: side }
+    }
+}
+
+impl std::str::FromStr for FrameSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let side = |t: &str| t.trim().parse::<u32>().ok().filter(|n| (1..=kafray::frame::MAX_SIDE).contains(n));
+        let size = match s.split_once(['x', 'X']) {
+            Some((w, h)) => side(w).zip(side(h)).map(|(width, height)| FrameSize { width, height }),
+            None => side(s).map(FrameSize::square),
+        };
+        size.ok_or_else(|| {
+            format!(
+                "{s:?} is not a frame size: give N (N x N) or WxH, e.g. 224 or 1920x1080, sides 1 to {}",
+                kafray::frame::MAX_SIDE
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for FrameSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+/// The images of a folder (or one file) as frames keyed by file name, each re-encoded as a JPEG
+/// of `size` when a size is given (as a camera at that resolution sends them).
+pub fn photo_frames(path: &Path, size: Option<FrameSize>) -> Result<Vec<OutFrame>> {
     image_files(path)?
         .into_iter()
         .map(|(file, bytes, format)| {
@@ -247,10 +284,11 @@ pub fn photo_frames(path: &Path, size: Option<u32>) -> Result<Vec<OutFrame>> {
         .collect()
 }
 
-/// Re-encodes an image as a JPEG of `size`x`size` (what a camera at that resolution sends).
-pub fn to_jpeg(bytes: &[u8], size: u32, quality: u8) -> Result<Vec<u8>> {
+/// Re-encodes an image as a JPEG of `size` (what a camera at that resolution sends), the photo
+/// stretched to the frame.
+pub fn to_jpeg(bytes: &[u8], size: FrameSize, quality: u8) -> Result<Vec<u8>> {
     let img = image::load_from_memory(bytes).map_err(|e| Error::Config(format!("cannot decode image: {e}")))?;
-    let img = img.resize_exact(size, size, image::imageops::FilterType::Triangle).to_rgb8();
+    let img = img.resize_exact(size.width, size.height, image::imageops::FilterType::Triangle).to_rgb8();
     let mut out = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
         .encode_image(&img)
@@ -261,6 +299,17 @@ pub fn to_jpeg(bytes: &[u8], size: u32, quality: u8) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_size_is_a_side_or_width_by_height() {
+        assert_eq!("224".parse::<FrameSize>(), Ok(FrameSize::square(224)));
+        assert_eq!("1920x1080".parse::<FrameSize>(), Ok(FrameSize { width: 1920, height: 1080 }));
+        assert_eq!(FrameSize { width: 1280, height: 720 }.to_string(), "1280x720");
+        for bad in ["", "0", "1920x", "x1080", "1920x1080x3", "20000x10", "-5"] {
+            let err = bad.parse::<FrameSize>().unwrap_err();
+            assert!(err.contains("e.g. 224 or 1920x1080"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn a_schedule_cycles_through_its_phases() {

@@ -27,7 +27,8 @@ pub struct WorkerConfig {
     /// Consumer group; workers of one group share the input partitions.
     pub group: String,
     /// Model: an `.onnx` file, or a built-in name (`mnist`, `mobilenet_v2`,
-    /// `efficientnet_lite0`), which the CLI and the Python package resolve to a path first.
+    /// `efficientnet_lite0`, `pool_linear`), which the CLI and the Python package resolve to a
+    /// path first.
     pub model: String,
     /// Largest micro-batch. The model, once free, takes every frame that is ready up to this,
     /// so batches are small at light load and grow under load by themselves.

@@ -124,8 +124,40 @@ pub struct FrameHeaders {
     pub label: Option<String>,
 }
 
-/// Decodes a frame value according to its headers (or its magic bytes).
+/// The least size a decoded image must keep for the model: a JPEG at least twice that is decoded
+/// at 1/2, 1/4 or 1/8 of its size, the smallest of these that keeps it (libjpeg-turbo scales in
+/// the DCT domain, so it skips most of the decoding and the resize has less to shrink).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinSize {
+    /// Both sides at least this (a model that squashes the image to its input).
+    Each { width: u32, height: u32 },
+    /// The shorter side at least this (a model that scales the shorter side, then crops).
+    ShortSide(u32),
+}
+
+impl MinSize {
+    /// The largest of 8, 4 and 2 that `width`x`height` can be divided by and keep this size (each
+    /// side rounded up, as libjpeg scales), or 1.
+    pub fn jpeg_denominator(self, width: u32, height: u32) -> u32 {
+        let scaled = |side: u32, d: u32| side.div_ceil(d);
+        [8, 4, 2]
+            .into_iter()
+            .find(|&d| match self {
+                MinSize::Each { width: w, height: h } => scaled(width, d) >= w && scaled(height, d) >= h,
+                MinSize::ShortSide(short) => scaled(width, d).min(scaled(height, d)) >= short,
+            })
+            .unwrap_or(1)
+    }
+}
+
+/// Decodes a frame value according to its headers (or its magic bytes), at full size.
 pub fn decode(value: &[u8], headers: &FrameHeaders) -> Result<Pixels, Rejection> {
+    decode_at_least(value, headers, None)
+}
+
+/// [`decode`], but a JPEG large enough is decoded smaller, keeping `min` (see [`MinSize`]).
+/// Only JPEGs are scaled: PNG and raw frames are decoded as they are.
+pub fn decode_at_least(value: &[u8], headers: &FrameHeaders, min: Option<MinSize>) -> Result<Pixels, Rejection> {
     if value.is_empty() {
         return Err(reject!("empty frame"));
     }
@@ -147,6 +179,10 @@ pub fn decode(value: &[u8], headers: &FrameHeaders) -> Result<Pixels, Rejection>
             }
             Ok(Pixels::Raw { shape, data: value.to_vec() })
         }
+        PixelFormat::Jpeg if min.is_some() => match min.and_then(|min| scaled_jpeg(value, min)) {
+            Some(img) => Ok(Pixels::Image(img)),
+            None => decode(value, headers),
+        },
         PixelFormat::Png | PixelFormat::Jpeg => {
             let fmt = if format == PixelFormat::Png { ImageFormat::Png } else { ImageFormat::Jpeg };
             let mut limits = image::Limits::default();
@@ -158,6 +194,53 @@ pub fn decode(value: &[u8], headers: &FrameHeaders) -> Result<Pixels, Rejection>
             reader.decode().map(Pixels::Image).map_err(|e| reject!("undecodable image ({}): {e}", format.as_str()))
         }
     }
+}
+
+thread_local! {
+    // Its buffers and libjpeg-turbo's state are reused from one frame to the next.
+    static JPEG: std::cell::RefCell<Option<turbojpeg::Decompressor>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A JPEG decoded at the scale `min` allows, where that is below full size; `None` where it is
+/// not, and where libjpeg-turbo cannot decode it (a CMYK JPEG, a corrupt one): the full decode
+/// then takes it, and rejects it with its own reason if it must.
+fn scaled_jpeg(value: &[u8], min: MinSize) -> Option<DynamicImage> {
+    JPEG.with_borrow_mut(|slot| {
+        let jpeg = match slot {
+            Some(d) => d,
+            None => slot.insert(turbojpeg::Decompressor::new().ok()?),
+        };
+        let header = jpeg.read_header(value).ok()?;
+        let (width, height) = (u32::try_from(header.width).ok()?, u32::try_from(header.height).ok()?);
+        if width > MAX_SIDE || height > MAX_SIDE {
+            return None;
+        }
+        let denominator = min.jpeg_denominator(width, height);
+        if denominator == 1 {
+            return None;
+        }
+        let factor = turbojpeg::ScalingFactor::new(1, denominator as usize);
+        let scaled = header.scaled(factor);
+        let gray = header.colorspace == turbojpeg::Colorspace::Gray;
+        let format = if gray { turbojpeg::PixelFormat::GRAY } else { turbojpeg::PixelFormat::RGB };
+        let channels = format.size();
+        let mut pixels = vec![0u8; scaled.width * scaled.height * channels];
+        let image = turbojpeg::Image {
+            pixels: &mut pixels[..],
+            width: scaled.width,
+            pitch: scaled.width * channels,
+            height: scaled.height,
+            format,
+        };
+        jpeg.set_scaling_factor(factor).ok()?;
+        jpeg.decompress(value, image).ok()?;
+        let (w, h) = (scaled.width as u32, scaled.height as u32);
+        if gray {
+            image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8)
+        } else {
+            image::RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -250,6 +333,22 @@ mod tests {
             let headers = FrameHeaders { shape: Some(absurd.into()), ..raw.clone() };
             assert!(decode(&[0; 12], &headers).unwrap_err().0.contains("bad kafray.shape"), "{absurd}");
         }
+    }
+
+    #[test]
+    fn a_jpeg_is_scaled_by_the_largest_denominator_that_keeps_the_size() {
+        let crop = MinSize::ShortSide(256);
+        assert_eq!(crop.jpeg_denominator(1920, 1080), 4, "270 >= 256; 1/8 gives 135");
+        assert_eq!(crop.jpeg_denominator(1280, 720), 2, "360; 1/4 gives 180");
+        assert_eq!(crop.jpeg_denominator(640, 480), 1, "1/2 gives 240 < 256");
+        assert_eq!(crop.jpeg_denominator(512, 2048), 2, "the shorter side, whichever it is");
+        assert_eq!(crop.jpeg_denominator(2041, 2041), 8, "rounded up as libjpeg rounds: 2041/8 -> 256");
+        assert_eq!(crop.jpeg_denominator(2040, 2040), 4, "2040/8 = 255");
+        assert_eq!(crop.jpeg_denominator(2048, 2048), 8);
+        let squash = MinSize::Each { width: 224, height: 224 };
+        assert_eq!(squash.jpeg_denominator(1920, 1080), 4, "both sides: 1080/8 = 135 < 224");
+        assert_eq!(squash.jpeg_denominator(300, 3000), 1, "the narrow side allows none");
+        assert_eq!(MinSize::Each { width: 28, height: 28 }.jpeg_denominator(1920, 1080), 8);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use crate::batch::{BatchQueue, FrameMeta};
 use crate::config::WorkerConfig;
 use crate::error::{Error, Result};
-use crate::frame::{self, FrameHeaders, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
+use crate::frame::{FrameHeaders, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
 use crate::metrics::{DeadLetterReason, Health, Metrics, Snapshot, StageTimers, WorkerState};
 use crate::model::ModelSpec;
 use crate::offsets::OffsetTracker;
@@ -377,8 +377,7 @@ impl<'a, S: FrameSource> Intake<'a, S> {
         let (spec, tensor) = (self.spec, &mut self.tensor);
         let decoding = Instant::now();
         self.last_polled.insert(partition, decoding);
-        let result = frame::decode(value, &headers)
-            .and_then(|pixels| crate::model::preprocess::preprocess(spec, &pixels, tensor));
+        let result = crate::model::preprocess::frame_to_tensor(spec, value, &headers, tensor);
         let queued_at = StageTimers::add(&self.metrics.stages.decode_us, decoding);
         match result {
             Ok(()) => {

@@ -19,6 +19,9 @@ pub const BUILTIN_MODELS: &[BuiltinModel] = &[
     BuiltinModel { name: "mnist", file: "mnist_cnn.onnx", preset: mnist },
     BuiltinModel { name: "mobilenet_v2", file: "mobilenet_v2_imagenet.onnx", preset: imagenet },
     BuiltinModel { name: "efficientnet_lite0", file: "efficientnet_lite0_imagenet.onnx", preset: imagenet },
+    // A deliberately cheap stand-in for a model on a GPU, for benchmarks of the pipeline itself
+    // (assets/models/make_pool_linear.py says how it was made).
+    BuiltinModel { name: "pool_linear", file: "pool_linear_imagenet.onnx", preset: pool_linear },
 ];
 
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -40,6 +43,7 @@ fn mnist() -> ModelToml {
         // Digits fill their frame: squash.
         resize: None,
         resize_to: None,
+        jpeg_draft: None,
     }
 }
 
@@ -58,7 +62,14 @@ fn imagenet() -> ModelToml {
         output: Some(OutputKind::Logits),
         resize: Some(Resize::Crop),
         resize_to: None,
+        jpeg_draft: None,
     }
+}
+
+/// ImageNet's input, but no labels beside it in `assets/models`: its classes are numbers (it is
+/// not trained: the class follows the mean colour).
+fn pool_linear() -> ModelToml {
+    ModelToml { labels: None, ..imagenet() }
 }
 
 /// The preset of the built-in model whose file has this stem.

@@ -10,7 +10,7 @@ pub use onnx::{runtime_library, use_runtime_library, OnnxBackend};
 pub use spec::ModelSpec;
 
 use crate::error::Result;
-use crate::frame::{Pixels, Rejection};
+use crate::frame::{FrameHeaders, Pixels, Rejection};
 use std::path::{Path, PathBuf};
 
 /// An inference engine for one model. `infer` takes a batch in the model's layout and
@@ -156,6 +156,11 @@ impl Model {
 
     pub fn preprocess(&self, pixels: &Pixels, out: &mut [f32]) -> Result<(), Rejection> {
         preprocess::preprocess(&self.spec, pixels, out)
+    }
+
+    /// A frame's bytes to this model's input, as the worker does it ([`preprocess::frame_to_tensor`]).
+    pub fn frame_to_tensor(&self, value: &[u8], headers: &FrameHeaders, out: &mut [f32]) -> Result<(), Rejection> {
+        preprocess::frame_to_tensor(&self.spec, value, headers, out)
     }
 
     /// Classifies `input.len() / input_len()` images laid out back to back.

@@ -1,10 +1,23 @@
 //! Decoded pixels -> the model's input tensor (one image's slice of it).
 use super::spec::{Color, Layout, ModelSpec, Resize};
-use crate::frame::{reject, Pixels, Rejection, Shape};
+use crate::frame::{reject, FrameHeaders, Pixels, Rejection, Shape};
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 use image::DynamicImage;
 use std::borrow::Cow;
 use std::cell::RefCell;
+
+/// Decodes a frame and writes it into `out`: the one way from a frame's bytes to the model's
+/// input, for the worker and for every tool that measures or shows it. A large JPEG is decoded
+/// at the smallest scale the model's resize allows ([`ModelSpec::min_decoded_size`]).
+pub fn frame_to_tensor(
+    spec: &ModelSpec,
+    value: &[u8],
+    headers: &FrameHeaders,
+    out: &mut [f32],
+) -> Result<(), Rejection> {
+    let pixels = crate::frame::decode_at_least(value, headers, spec.min_decoded_size())?;
+    preprocess(spec, &pixels, out)
+}
 
 /// Writes one image into `out` (length `spec.input_len()`), in the model's layout and scaling.
 pub fn preprocess(spec: &ModelSpec, pixels: &Pixels, out: &mut [f32]) -> Result<(), Rejection> {
@@ -140,6 +153,7 @@ mod tests {
             output: OutputKind::Logits,
             resize: Resize::Squash,
             resize_to: 2,
+            jpeg_draft: true,
         }
     }
 

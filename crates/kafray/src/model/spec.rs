@@ -82,6 +82,12 @@ pub struct ModelToml {
     /// With `crop`: the shorter side's length before the crop. Default: the input's longer
     /// side / 0.875 (256 for 224x224, as torchvision's ImageNet evaluation).
     pub resize_to: Option<usize>,
+    /// A JPEG frame at least twice the size the resize needs is decoded at 1/2, 1/4 or 1/8 of
+    /// its size in the DCT domain (libjpeg-turbo), then resized as any other: much less work for
+    /// a camera frame, and a tensor a little different from a full decode's (docs/reference.md,
+    /// "Decoding camera frames"). `false` always decodes in full, for bit-exact preprocessing.
+    /// Default: `true`.
+    pub jpeg_draft: Option<bool>,
 }
 
 impl ModelToml {
@@ -99,6 +105,7 @@ impl ModelToml {
             output: self.output.or(base.output),
             resize: self.resize.or(base.resize),
             resize_to: self.resize_to.or(base.resize_to),
+            jpeg_draft: self.jpeg_draft.or(base.jpeg_draft),
         }
     }
 }
@@ -119,11 +126,24 @@ pub struct ModelSpec {
     pub resize: Resize,
     /// With [`Resize::Crop`]: the shorter side before the centre crop.
     pub resize_to: usize,
+    /// Whether a large JPEG may be decoded at a smaller scale ([`ModelToml::jpeg_draft`]).
+    pub jpeg_draft: bool,
 }
 
 impl ModelSpec {
     pub fn channels(&self) -> usize {
         self.color.channels()
+    }
+
+    /// The least size a decoded frame must keep for this model's resize; `None` where frames
+    /// are always decoded in full (`jpeg_draft = false`).
+    pub fn min_decoded_size(&self) -> Option<crate::frame::MinSize> {
+        use crate::frame::MinSize;
+        let min = match self.resize {
+            Resize::Squash => MinSize::Each { width: self.width as u32, height: self.height as u32 },
+            Resize::Crop => MinSize::ShortSide(self.resize_to as u32),
+        };
+        self.jpeg_draft.then_some(min)
     }
 
     /// Number of f32 values one image takes in the input tensor.
@@ -233,6 +253,7 @@ pub fn resolve(model_path: &Path, graph_input: &GraphInput) -> Result<ModelSpec>
     Ok(ModelSpec {
         resize: given.resize.unwrap_or_default(),
         resize_to,
+        jpeg_draft: given.jpeg_draft.unwrap_or(true),
         name: stem,
         layout,
         height,

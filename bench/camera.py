@@ -1,0 +1,158 @@
+"""Camera-size frames: one worker's throughput, and where its time goes, as the frames grow from
+the 455x256 photos of the other benchmarks to what cameras send (640x480, 1280x720, 1920x1080
+JPEG), for MobileNetV2 and for a deliberately cheap model (`pool_linear`: an average pool and a
+linear layer, about 0.04 ms an image, standing in for a model on a GPU), kafray against the Python
+peer (`bench/peer.py`, which uses Pillow's `draft` on JPEGs), in one run.
+
+    .venv/bin/python -m bench.camera                 # a few minutes on 2 cores
+    .venv/bin/python -m bench.camera --frames 1000   # steadier figures
+
+Each cell is the sweep's (bench/sweep.py, `run_cell`): fresh topics, one worker as a Ray actor
+(one CPU), the frames published as fast as the broker takes them, throughput from the first
+frame's produce timestamp to the last result, and the worker's time per image in each stage.
+Results go to `--out`: `camera.csv`, `run.json`, `tables.md` and the chart `camera.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+from bench.harness import PHOTOS, ROOT, CLI, Pool, connect_ray, machine, read_csv, start_broker, write_csv
+from bench.sweep import run_cell
+
+SIZES = ("455x256", "640x480", "1280x720", "1920x1080")
+MODELS = ("mobilenet_v2", "pool_linear")
+SYSTEMS = ("kafray", "peer")
+
+
+def plot(out: Path, rows: list[dict], meta: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
+    for col, model in enumerate(models):
+        ax = axes[0][col]
+        for system, style in (("kafray", "o-"), ("peer", "s--")):
+            pts = [(s, float(r["images_per_s"])) for s in SIZES for r in rows
+                   if r["model"] == model and r["system"] == system and r["size"] == s]
+            if pts:
+                ax.plot([SIZES.index(s) for s, _ in pts], [v for _, v in pts], style, label=system)
+        ax.set_xticks(range(len(SIZES)), SIZES)
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("images / s, 1 worker")
+        ax.set_title(model, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax = axes[1][col]
+        kafray_rows = [r for s in SIZES for r in rows if r["model"] == model and r["system"] == "kafray" and r["size"] == s]
+        bottom = [0.0] * len(kafray_rows)
+        for stage in ("decode", "infer", "produce", "poll"):
+            vals = [float(r[f"{stage}_ms_per_image"]) for r in kafray_rows]
+            ax.bar(range(len(vals)), vals, bottom=bottom, label=stage)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_xticks(range(len(kafray_rows)), [r["size"] for r in kafray_rows])
+        ax.set_ylabel("kafray thread time per image, ms")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Camera-size JPEG frames, 1 worker, {meta['machine']['cores']} cores, batch {meta['batch']}",
+                 fontsize=11)
+    fig.tight_layout()
+    path = out / "camera.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def tables(rows: list[dict], meta: dict) -> str:
+    cell = {(r["system"], r["model"], r["size"]): r for r in rows}
+    lines = [f"{meta['started']}, {meta['machine']['cpu']} ({meta['machine']['cores']} cores), command "
+             f"`{meta['command']}`, {meta['frames']} frames per cell, batch {meta['batch']}.", "",
+             "| model | size | kafray img/s | of its 455x256 rate | peer img/s | kafray/peer | kafray decode ms "
+             "| infer ms | produce ms | p50 / p99 ms kafray |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for model in MODELS:
+        base = cell.get(("kafray", model, SIZES[0]))
+        for size in SIZES:
+            k, p = cell.get(("kafray", model, size)), cell.get(("peer", model, size))
+            if not k:
+                continue
+            kr = float(k["images_per_s"])
+            lines.append(
+                f"| {model} | {size} | {kr:.0f} | {kr / float(base['images_per_s']):.2f} | "
+                + (f"{float(p['images_per_s']):.0f} | **{kr / float(p['images_per_s']):.2f}** | " if p else "- | - | ")
+                + f"{float(k['decode_ms_per_image']):.2f} | {float(k['infer_ms_per_image']):.2f} | "
+                f"{float(k['produce_ms_per_image']):.2f} | {k['latency_ms_p50']} / {k['latency_ms_p99']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--sizes", default=",".join(SIZES))
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--frames", type=int, default=400, help="frames per cell")
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--max-wait-ms", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--photos", type=Path, default=PHOTOS)
+    p.add_argument("--brokers")
+    p.add_argument("--address")
+    p.add_argument("--poll-s", type=float, default=0.1)
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "bench/results/camera")
+    p.add_argument("--plot-only", action="store_true")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        meta = json.loads((args.out / "run.json").read_text())
+        rows = read_csv(args.out / "camera.csv")
+        print(f"wrote {plot(args.out, rows, meta)}")
+        (args.out / "tables.md").write_text(tables(rows, meta))
+        return 0
+    if not CLI.is_file():
+        p.error(f"{CLI} is missing: run `cargo build --release` first")
+    models, sizes, systems = (a.split(",") for a in (args.models, args.sizes, args.systems))
+    began = time.time()
+    meta = {"command": " ".join([".venv/bin/python", "-m", "bench.camera", *sys.argv[1:]]),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(), "frames": args.frames,
+            "batch": args.batch}
+    broker, brokers, meta["broker"] = start_broker(args.brokers)
+    ours = connect_ray(args.address, 1)
+    rows = []
+    try:
+        for model in models:
+            for system in systems:
+                pool = Pool(system, 1, model, args.threads)
+                try:
+                    for size in sizes:
+                        row = run_cell(pool, system, model, 1, args.batch, args.frames, args, str(int(began)),
+                                       brokers, 1, size)
+                        row["size"] = size
+                        rows.append(row)
+                        print(f"{system:<6} {model:<13} {size:>9}: {row['images_per_s']:>7.0f} img/s  decode "
+                              f"{row['decode_ms_per_image']:.2f} ms  infer {row['infer_ms_per_image']:.2f} ms", flush=True)
+                        write_csv(args.out / "camera.csv", rows)
+                finally:
+                    pool.close()
+    finally:
+        if ours:
+            ray.shutdown()
+        if broker is not None:
+            broker.stop()
+    meta["seconds"] = round(time.time() - began, 1)
+    (args.out / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {plot(args.out, rows, meta)}")
+    (args.out / "tables.md").write_text(tables(rows, meta))
+    print((args.out / "tables.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
