@@ -2,8 +2,9 @@
 # Installs what kafray needs beyond cargo, once (later runs skip what is there). Without options,
 # what the demo needs (README's first command):
 #  - from Debian: OpenSSL's and libcurl's headers (libssl-dev, libcurl4-openssl-dev) and
-#    pkg-config, which librdkafka is built against (TLS, SASL/SCRAM, OIDC tokens); cmake and
-#    nasm, with which libjpeg-turbo is built (its SIMD code is in assembly);
+#    pkg-config, which librdkafka is built against (TLS, SASL/SCRAM, OIDC tokens); libjpeg-turbo's
+#    TurboJPEG library (libturbojpeg0-dev), which decodes camera frames at the scale the model
+#    needs;
 #  - ONNX Runtime: the libonnxruntime.so inside the PyPI `onnxruntime` wheel, in .venv
 #    (kafray loads it at run time; ORT_DYLIB_PATH overrides);
 #  - the local Kafka-protocol broker for the demo and tests: Tansu (crates.io `nisshi`), built
@@ -73,7 +74,7 @@ apt_install() {
   fi
   $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
-apt_install libssl-dev libcurl4-openssl-dev pkg-config cmake nasm
+apt_install libssl-dev libcurl4-openssl-dev pkg-config libturbojpeg0-dev
 if [ "$with_python" = 1 ]; then
   apt_install openssl kcat prometheus
 fi

@@ -83,6 +83,13 @@ fn only_large_jpegs_are_decoded_smaller() {
     assert_eq!(size(&big), (240, 135));
     assert_eq!(size(&to_jpeg(&photo, FrameSize::square(40), 90).unwrap()), (40, 40), "not twice 28: in full");
     assert_eq!(size(&photo), (451, 300), "a PNG: in full");
+    // A frame cut short gets the full decode's verdict: libjpeg-turbo's complaint sends it there.
+    let cut = &big[..big.len() / 2];
+    let (scaled, full) = (frame::decode_at_least(cut, &headers, min), frame::decode(cut, &headers));
+    assert_eq!(scaled.is_ok(), full.is_ok(), "scaled {scaled:?}, full {full:?}");
+    if let (Ok(Pixels::Image(scaled)), Ok(Pixels::Image(full))) = (&scaled, &full) {
+        assert_eq!(scaled.width(), full.width(), "decoded in full, as before");
+    }
     let none = frame::decode_at_least(&big, &headers, None).unwrap();
     assert!(matches!(none, Pixels::Image(ref img) if img.width() == 1920), "without a size: in full");
     // Made with Pillow: chelsea.png at 224x224, .convert("CMYK").save("cmyk.jpg", quality=90).

@@ -219,22 +219,21 @@ fn scaled_jpeg(value: &[u8], min: MinSize) -> Option<DynamicImage> {
         if denominator == 1 {
             return None;
         }
-        let factor = turbojpeg::ScalingFactor::new(1, denominator as usize);
-        let scaled = header.scaled(factor);
+        // TurboJPEG decodes at the largest scale whose size fits the output's: asking for the
+        // sides divided by `denominator` (rounded up, as it rounds) gets exactly 1/denominator.
+        let (w, h) = (width.div_ceil(denominator), height.div_ceil(denominator));
         let gray = header.colorspace == turbojpeg::Colorspace::Gray;
         let format = if gray { turbojpeg::PixelFormat::GRAY } else { turbojpeg::PixelFormat::RGB };
         let channels = format.size();
-        let mut pixels = vec![0u8; scaled.width * scaled.height * channels];
+        let mut pixels = vec![0u8; w as usize * h as usize * channels];
         let image = turbojpeg::Image {
             pixels: &mut pixels[..],
-            width: scaled.width,
-            pitch: scaled.width * channels,
-            height: scaled.height,
+            width: w as usize,
+            pitch: w as usize * channels,
+            height: h as usize,
             format,
         };
-        jpeg.set_scaling_factor(factor).ok()?;
         jpeg.decompress(value, image).ok()?;
-        let (w, h) = (scaled.width as u32, scaled.height as u32);
         if gray {
             image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8)
         } else {
