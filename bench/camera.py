@@ -36,7 +36,7 @@ def plot(out: Path, rows: list[dict], meta: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
     for col, model in enumerate(models):
         ax = axes[0][col]
@@ -48,7 +48,7 @@ def plot(out: Path, rows: list[dict], meta: dict) -> Path:
         ax.set_xticks(range(len(SIZES)), SIZES)
         ax.set_ylim(bottom=0)
         ax.set_ylabel("images / s, 1 worker")
-        ax.set_title(model, fontsize=10)
+        ax.set_title(Path(model).stem if "/" in model else model, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax = axes[1][col]
@@ -77,7 +77,7 @@ def tables(rows: list[dict], meta: dict) -> str:
              f"`{meta['command']}`, {meta['frames']} frames per cell, batch {meta['batch']}.", "",
              "| model | size | kafray img/s | of its 455x256 rate | peer img/s | kafray/peer | kafray decode ms "
              "| infer ms | produce ms | p50 / p99 ms kafray |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for model in MODELS:
+    for model in dict.fromkeys(r["model"] for r in rows):
         base = cell.get(("kafray", model, SIZES[0]))
         for size in SIZES:
             k, p = cell.get(("kafray", model, size)), cell.get(("peer", model, size))
@@ -85,7 +85,8 @@ def tables(rows: list[dict], meta: dict) -> str:
                 continue
             kr = float(k["images_per_s"])
             lines.append(
-                f"| {model} | {size} | {kr:.0f} | {kr / float(base['images_per_s']):.2f} | "
+                f"| {model} | {size} | {kr:.0f} | "
+                + (f"{kr / float(base['images_per_s']):.2f} | " if base else "- | ")
                 + (f"{float(p['images_per_s']):.0f} | **{kr / float(p['images_per_s']):.2f}** | " if p else "- | - | ")
                 + f"{float(k['decode_ms_per_image']):.2f} | {float(k['infer_ms_per_image']):.2f} | "
                 f"{float(k['produce_ms_per_image']):.2f} | {k['latency_ms_p50']} / {k['latency_ms_p99']} |")
@@ -94,7 +95,8 @@ def tables(rows: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="built-in names or .onnx paths (e.g. a copy with jpeg_draft = false in its TOML)")
     p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--frames", type=int, default=400, help="frames per cell")

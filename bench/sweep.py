@@ -55,7 +55,8 @@ STAGES = ("poll", "decode", "handoff", "idle", "infer", "produce")
 
 def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, frames: int, args, run_id: str,
              brokers: str, partitions: int, size: str = "224") -> dict:
-    topic = f"sweep-{run_id}-{model}-{system}-w{workers}-b{batch}-{size}"
+    # A model given as a path names its topic by its file name (a topic name takes no "/").
+    topic = f"sweep-{run_id}-{Path(model).stem}-{system}-w{workers}-b{batch}-{size}"
     out = f"{topic}.predictions"
     t_started = time.monotonic()
     create_topics(brokers, [(topic, partitions), (out, partitions), (f"{topic}.dlq", 1)])
