@@ -5,7 +5,7 @@
 # a fresh HOME and CARGO_HOME (no crates downloaded, no broker built, no pip cache); the Rust
 # toolchain is the one rustup already has. Debian packages already installed stay installed
 # (remove them first to count their install). cargo's --timings reports of both builds (the
-# broker's and kafray's) are kept for "where the time goes". About 10 minutes on 2 cores.
+# broker's and kafray's) are kept as CSV for "where the time goes". About 10 minutes on 2 cores.
 # Prints the seconds to the end of setup and to the report; writes bench/results/first_run/.
 set -euo pipefail
 repo=$(realpath "${1:-$(dirname "$0")/..}")
@@ -27,7 +27,17 @@ bash scripts/setup.sh
 setup_s=$(( $(date +%s) - start ))
 cargo run --release -- demo | tee "$out/demo.txt"
 total_s=$(( $(date +%s) - start ))
-cp target/cargo-timings/cargo-timing.html "$out/kafray-timing.html"
-cp "$work/broker-target/cargo-timings/cargo-timing.html" "$out/broker-timing.html"
+# cargo's --timings reports as CSV, one row per compiled unit, longest first.
+for build in "kafray:target" "broker:$work/broker-target"; do
+  python3 - "${build#*:}/cargo-timings/cargo-timing.html" "$out/${build%%:*}-timings.csv" <<'PY'
+import csv, json, re, sys
+units = json.loads(re.search(r"const UNIT_DATA = (\[.*?\]);", open(sys.argv[1]).read(), re.S).group(1))
+with open(sys.argv[2], "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["unit", "version", "target", "start_s", "duration_s"])
+    for u in sorted(units, key=lambda u: -u["duration"]):
+        w.writerow([u["name"], u["version"], u.get("target", "").strip(), round(u["start"], 1), round(u["duration"], 1)])
+PY
+done
 echo "first run: setup (apt, broker and kafray builds) $setup_s s, to the demo's report $total_s s" | tee "$out/summary.txt"
 rm -rf "$work"
