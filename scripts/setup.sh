@@ -88,15 +88,26 @@ if ! command -v nisshi >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/nisshi" ]; th
   # Memory storage (the demo, most tests) and SQLite (the tests of a broker that restarts), at
   # -O1: as fast as -O3 for the demo (docs/reference.md, "The local broker") in half the build
   # time; crates no demo or test request goes through (schemas, the generator, codecs' C code,
-  # OpenTelemetry's protobuf) at -O0. KAFRAY_BROKER_OPT_LEVEL=3 builds it all at -O3 instead.
+  # OpenTelemetry's protobuf) at -O0. KAFRAY_BROKER_OPT_LEVEL=3 builds it all at -O3 instead;
+  # KAFRAY_BROKER_OPT_LEVEL=0 all at -O0 but the request path (a shorter build, a slower broker).
   # Plain --locked fails: a dependency of the default features wants a newer rustc.
-  profile=()
-  if [ "${KAFRAY_BROKER_OPT_LEVEL:-1}" != 3 ]; then
-    profile=(--config profile.release.opt-level=1 --config profile.release.debug=0)
-    for cold in jsonschema rhai nisshi-generator nisshi-perf protobuf zstd-sys lz4-sys; do
-      profile+=(--config "profile.release.package.$cold.opt-level=0")
-    done
-  fi
+  profile=(--config profile.release.debug=0)
+  case "${KAFRAY_BROKER_OPT_LEVEL:-1}" in
+    3) profile=() ;;
+    0)
+      profile+=(--config profile.release.opt-level=0)
+      for hot in nisshi-broker nisshi-service nisshi-sans-io nisshi-storage nisshi-storage-dynostore \
+          nisshi-model object_store bytes tokio rama-core rama-net crc-fast; do
+        profile+=(--config "profile.release.package.$hot.opt-level=1")
+      done
+      ;;
+    *)
+      profile+=(--config profile.release.opt-level=1)
+      for cold in jsonschema rhai nisshi-generator nisshi-perf protobuf zstd-sys lz4-sys; do
+        profile+=(--config "profile.release.package.$cold.opt-level=0")
+      done
+      ;;
+  esac
   cargo install "${profile[@]}" nisshi --version "$NISSHI_VERSION" --locked --ignore-rust-version \
     --no-default-features --features dynostore,libsql
   wait "$kafray_build" || { echo "setup: building kafray failed (above)" >&2; exit 1; }
