@@ -179,11 +179,10 @@ pub fn decode_at_least(value: &[u8], headers: &FrameHeaders, min: Option<MinSize
             }
             Ok(Pixels::Raw { shape, data: value.to_vec() })
         }
-        PixelFormat::Jpeg if min.is_some() => match min.and_then(|min| scaled_jpeg(value, min)) {
-            Some(img) => Ok(Pixels::Image(img)),
-            None => decode(value, headers),
-        },
         PixelFormat::Png | PixelFormat::Jpeg => {
+            if let Some(img) = min.filter(|_| format == PixelFormat::Jpeg).and_then(|min| scaled_jpeg(value, min)) {
+                return Ok(Pixels::Image(img));
+            }
             let fmt = if format == PixelFormat::Png { ImageFormat::Png } else { ImageFormat::Jpeg };
             let mut limits = image::Limits::default();
             limits.max_image_width = Some(MAX_SIDE);
