@@ -20,9 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import ray
-
-from bench.harness import PHOTOS, ROOT, CLI, Pool, connect_ray, machine, read_csv, start_broker, write_csv
+from bench.harness import PHOTOS, ROOT, CLI, Pool, cluster, machine, read_csv, write_csv
 from bench.sweep import run_cell
 
 SIZES = ("455x256", "640x480", "1280x720", "1920x1080")
@@ -125,10 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": " ".join([".venv/bin/python", "-m", "bench.camera", *sys.argv[1:]]),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(), "frames": args.frames,
             "batch": args.batch}
-    broker, brokers, meta["broker"] = start_broker(args.brokers)
-    ours = connect_ray(args.address, 1)
-    rows = []
-    try:
+    with cluster(args.brokers, args.address, 1) as (brokers, meta["broker"]):
+        rows = []
         for model in models:
             for system in systems:
                 pool = Pool(system, 1, model, args.threads)
@@ -143,11 +139,6 @@ def main(argv: list[str] | None = None) -> int:
                         write_csv(args.out / "camera.csv", rows)
                 finally:
                     pool.close()
-    finally:
-        if ours:
-            ray.shutdown()
-        if broker is not None:
-            broker.stop()
     meta["seconds"] = round(time.time() - began, 1)
     (args.out / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {plot(args.out, rows, meta)}")

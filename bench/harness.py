@@ -4,7 +4,7 @@ the tests of crates/kafray-py/tests) share.
 - where things are: the checkout (ROOT), the release CLI (CLI), MNIST, the photos of ../shared;
 - the machine: `machine()` for run.json, CPU time of processes, threads and the whole machine;
 - the cluster: a broker (`start_broker`: the one given, or a local Tansu in memory), Ray
-  (`connect_ray`), topics (`create_topics`);
+  (`connect_ray`), both for one run (`cluster`), topics (`create_topics`);
 - the load: `produce_command` (the `kafray produce` command line) and `evaluate` (`kafray eval`);
 - the workers: `Pool`, W Ray actors of one system (kafray's Rust worker, `KafrayWorker`, or the
   Python peer, `peer.PeerWorker`) behind one interface;
@@ -15,6 +15,7 @@ root on its path through the repository's pytest.ini).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -159,6 +160,23 @@ def connect_ray(address: str | None, cpus: int) -> bool:
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                  object_store_memory=256 * 2**20)
     return True
+
+
+@contextlib.contextmanager
+def cluster(brokers: str | None, address: str | None, cpus: int):
+    """The broker (`start_broker`) and Ray (`connect_ray`) a run measures on, each stopped at the
+    end if this run started it. Yields (bootstrap servers, the broker's description for run.json)."""
+    broker, bootstrap, described = start_broker(brokers)
+    try:
+        ours = connect_ray(address, cpus)
+        try:
+            yield bootstrap, described
+        finally:
+            if ours:
+                ray.shutdown()
+    finally:
+        if broker is not None:
+            broker.stop()
 
 
 def create_topics(brokers: str, names: list[tuple[str, int]]) -> None:

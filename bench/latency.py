@@ -35,8 +35,8 @@ from pathlib import Path
 import ray
 
 from bench import harness
-from bench.harness import (CLI, MODEL_TITLES, PHOTOS, ROOT, Pool, connect_ray, cpu_seconds, create_topics, machine,
-                           machine_busy, read_csv, start_broker, write_csv)
+from bench.harness import (CLI, MODEL_TITLES, PHOTOS, ROOT, Pool, cluster, cpu_seconds, create_topics, machine,
+                           machine_busy, read_csv, write_csv)
 
 if __name__ != "__main__":
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -325,20 +325,13 @@ def main(argv: list[str] | None = None) -> int:
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(), "workers": args.workers,
             "partitions": args.partitions, "seconds": args.seconds, "burst_high": args.burst_high,
             "burst_low": args.burst_low, "systems": {s: all_systems[s] for s in chosen}, "note": args.note}
-    broker, brokers, meta["broker"] = start_broker(args.brokers)
-    ours = connect_ray(args.address, args.workers)
-    run_id = str(int(began))
-    rows = []
-    try:
+    with cluster(args.brokers, args.address, args.workers) as (brokers, meta["broker"]):
+        run_id = str(int(began))
+        rows = []
         for model in models:
             for name in chosen:
                 rows += run_system(model, name, all_systems[name], args, run_id, brokers)
                 write_csv(args.out / "cells.csv", rows)
-    finally:
-        if ours:
-            ray.shutdown()
-        if broker is not None:
-            broker.stop()
     meta["seconds_total"] = round(time.time() - began, 1)
     (args.out / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     for path in plot(args.out, rows, meta):

@@ -40,9 +40,9 @@ import ray
 
 import kafray
 
-from bench.harness import (CLI, CPU_CLASSES, MNIST, MODEL_TITLES, PHOTOS, ROOT, Pool, connect_ray, cpu_by_thread,
+from bench.harness import (CLI, CPU_CLASSES, MNIST, MODEL_TITLES, PHOTOS, ROOT, Pool, cluster, cpu_by_thread,
                            cpu_seconds, create_topics, evaluate, machine, machine_busy, produce_command, read_csv,
-                           start_broker, write_csv)
+                           write_csv)
 
 PROFILES = {
     "short": dict(workers=[1, 2, 4], batches=[1, 10, 40], frames={"mnist": 10000, "mobilenet_v2": 400}),
@@ -369,12 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     raw = raw_limits(models, batches, workers, args)
     write_csv(out / "raw.csv", raw)
 
-    broker, brokers, meta["broker"] = start_broker(args.brokers)
-    ours = connect_ray(args.address, max(workers))
-    meta["ray_cpus"] = ray.cluster_resources().get("CPU")
-    run_id = str(int(began))
-    rows = []
-    try:
+    with cluster(args.brokers, args.address, max(workers)) as (brokers, meta["broker"]):
+        meta["ray_cpus"] = ray.cluster_resources().get("CPU")
+        run_id = str(int(began))
+        rows = []
         for model in models:
             frames = args.frames or prof["frames"][model]
             for w in workers:
@@ -390,11 +388,6 @@ def main(argv: list[str] | None = None) -> int:
                             write_csv(out / "sweep.csv", rows)
                     finally:
                         pool.close()
-    finally:
-        if ours:
-            ray.shutdown()
-        if broker is not None:
-            broker.stop()
     attach_ratios(rows, raw)
     write_csv(out / "sweep.csv", rows)
     meta["seconds"] = round(time.time() - began, 1)
