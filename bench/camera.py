@@ -7,6 +7,9 @@ peer (`bench/peer.py`, which uses Pillow's `draft` on JPEGs), in one run.
     .venv/bin/python -m bench.camera                 # a few minutes on 2 cores
     .venv/bin/python -m bench.camera --frames 1000   # steadier figures
 
+kafray runs with each of `--decode-threads` (1: the polling thread decodes; 2: a pool of two
+decode threads while it polls).
+
 Each cell is the sweep's (bench/sweep.py, `run_cell`): fresh topics, one worker as a Ray actor
 (one CPU), the frames published as fast as the broker takes them, throughput from the first
 frame's produce timestamp to the last result, and the worker's time per image in each stage.
@@ -38,11 +41,13 @@ def plot(out: Path, rows: list[dict], meta: dict) -> Path:
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
     for col, model in enumerate(models):
         ax = axes[0][col]
-        for system, style in (("kafray", "o-"), ("peer", "s--")):
+        for system, label, style in [("kafray", f"kafray, {d} decode thread(s)", "o-" if d == "1" else "D-")
+                                     for d in decoders(rows)] + [("peer", "peer (Pillow draft)", "s--")]:
             pts = [(s, float(r["images_per_s"])) for s in SIZES for r in rows
-                   if r["model"] == model and r["system"] == system and r["size"] == s]
+                   if r["model"] == model and r["system"] == system and r["size"] == s
+                   and (system == "peer" or f"{r['decode_threads']} decode" in label)]
             if pts:
-                ax.plot([SIZES.index(s) for s, _ in pts], [v for _, v in pts], style, label=system)
+                ax.plot([SIZES.index(s) for s, _ in pts], [v for _, v in pts], style, label=label)
         ax.set_xticks(range(len(SIZES)), SIZES)
         ax.set_ylim(bottom=0)
         ax.set_ylabel("images / s, 1 worker")
@@ -50,14 +55,16 @@ def plot(out: Path, rows: list[dict], meta: dict) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax = axes[1][col]
-        kafray_rows = [r for s in SIZES for r in rows if r["model"] == model and r["system"] == "kafray" and r["size"] == s]
+        most = decoders(rows)[-1]
+        kafray_rows = [r for s in SIZES for r in rows if r["model"] == model and r["system"] == "kafray"
+                       and r["size"] == s and r["decode_threads"] == most]
         bottom = [0.0] * len(kafray_rows)
         for stage in ("decode", "infer", "produce", "poll"):
             vals = [float(r[f"{stage}_ms_per_image"]) for r in kafray_rows]
             ax.bar(range(len(vals)), vals, bottom=bottom, label=stage)
             bottom = [b + v for b, v in zip(bottom, vals)]
         ax.set_xticks(range(len(kafray_rows)), [r["size"] for r in kafray_rows])
-        ax.set_ylabel("kafray thread time per image, ms")
+        ax.set_ylabel(f"kafray ({most} decode threads): thread time per image, ms")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     fig.suptitle(f"Camera-size JPEG frames, 1 worker, {meta['machine']['cores']} cores, batch {meta['batch']}",
@@ -69,25 +76,33 @@ def plot(out: Path, rows: list[dict], meta: dict) -> Path:
     return path
 
 
+def decoders(rows: list[dict]) -> list[str]:
+    """The decode-thread counts kafray ran with, fewest first."""
+    return sorted({r["decode_threads"] for r in rows if r["system"] == "kafray"}, key=int)
+
+
 def tables(rows: list[dict], meta: dict) -> str:
-    cell = {(r["system"], r["model"], r["size"]): r for r in rows}
+    cell = {(r["system"], r["model"], r["size"], r["decode_threads"]): r for r in rows}
     lines = [f"{meta['started']}, {meta['machine']['cpu']} ({meta['machine']['cores']} cores), command "
              f"`{meta['command']}`, {meta['frames']} frames per cell, batch {meta['batch']}.", "",
-             "| model | size | kafray img/s | of its 455x256 rate | peer img/s | kafray/peer | kafray decode ms "
-             "| infer ms | produce ms | p50 / p99 ms kafray |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | size | decode threads | kafray img/s | of its 455x256 rate | of 1 decode thread | peer img/s "
+             "| kafray/peer | decode ms | infer ms | produce ms | p50 / p99 ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model in dict.fromkeys(r["model"] for r in rows):
-        base = cell.get(("kafray", model, SIZES[0]))
         for size in SIZES:
-            k, p = cell.get(("kafray", model, size)), cell.get(("peer", model, size))
-            if not k:
-                continue
-            kr = float(k["images_per_s"])
-            lines.append(
-                f"| {model} | {size} | {kr:.0f} | "
-                + (f"{kr / float(base['images_per_s']):.2f} | " if base else "- | ")
-                + (f"{float(p['images_per_s']):.0f} | **{kr / float(p['images_per_s']):.2f}** | " if p else "- | - | ")
-                + f"{float(k['decode_ms_per_image']):.2f} | {float(k['infer_ms_per_image']):.2f} | "
-                f"{float(k['produce_ms_per_image']):.2f} | {k['latency_ms_p50']} / {k['latency_ms_p99']} |")
+            p = cell.get(("peer", model, size, "-"))
+            for d in decoders(rows):
+                k = cell.get(("kafray", model, size, d))
+                if not k:
+                    continue
+                kr = float(k["images_per_s"])
+                base, one = cell.get(("kafray", model, SIZES[0], d)), cell.get(("kafray", model, size, "1"))
+                ratio = lambda other: f"{kr / float(other['images_per_s']):.2f}" if other else "-"  # noqa: E731
+                lines.append(
+                    f"| {model} | {size} | {d} | {kr:.0f} | {ratio(base)} | {ratio(one)} | "
+                    + (f"{float(p['images_per_s']):.0f} | **{ratio(p)}** | " if p else "- | - | ")
+                    + f"{float(k['decode_ms_per_image']):.2f} | {float(k['infer_ms_per_image']):.2f} | "
+                    f"{float(k['produce_ms_per_image']):.2f} | {k['latency_ms_p50']} / {k['latency_ms_p99']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--max-wait-ms", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--decode-threads", default="1,2", help="kafray's decode_threads, one run of each")
     p.add_argument("--photos", type=Path, default=PHOTOS)
     p.add_argument("--brokers")
     p.add_argument("--address")
@@ -130,13 +146,16 @@ def main(argv: list[str] | None = None) -> int:
                 pool = Pool(system, 1, model, args.threads)
                 try:
                     for size in sizes:
-                        row = run_cell(pool, system, model, 1, args.batch, args.frames, args, str(int(began)),
-                                       brokers, 1, size)
-                        row["size"] = size
-                        rows.append(row)
-                        print(f"{system:<6} {model:<13} {size:>9}: {row['images_per_s']:>7.0f} img/s  decode "
-                              f"{row['decode_ms_per_image']:.2f} ms  infer {row['infer_ms_per_image']:.2f} ms", flush=True)
-                        write_csv(args.out / "camera.csv", rows)
+                        for d in args.decode_threads.split(",") if system == "kafray" else ["-"]:
+                            settings = {"decode_threads": int(d)} if system == "kafray" else {}
+                            row = run_cell(pool, system, model, 1, args.batch, args.frames, args,
+                                           str(int(began)), brokers, 1, size, settings)
+                            row["size"], row["decode_threads"] = size, d
+                            rows.append(row)
+                            print(f"{system:<6} {model:<13} {size:>9} decode threads {d}: {row['images_per_s']:>7.0f} "
+                                  f"img/s  decode {row['decode_ms_per_image']:.2f} ms  infer "
+                                  f"{row['infer_ms_per_image']:.2f} ms", flush=True)
+                            write_csv(args.out / "camera.csv", rows)
                 finally:
                     pool.close()
     meta["seconds"] = round(time.time() - began, 1)

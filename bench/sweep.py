@@ -54,14 +54,17 @@ STAGES = ("poll", "decode", "handoff", "idle", "infer", "produce")
 
 
 def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, frames: int, args, run_id: str,
-             brokers: str, partitions: int, size: str = "224") -> dict:
+             brokers: str, partitions: int, size: str = "224", settings: dict | None = None) -> dict:
+    """`settings`: further kafray worker settings (e.g. decode_threads), named in the topic."""
+    settings = settings or {}
     # A model given as a path names its topic by its file name (a topic name takes no "/").
-    topic = f"sweep-{run_id}-{Path(model).stem}-{system}-w{workers}-b{batch}-{size}"
+    named = "".join(f"-{k}{v}" for k, v in sorted(settings.items())).replace("_", "")
+    topic = f"sweep-{run_id}-{Path(model).stem}-{system}-w{workers}-b{batch}-{size}{named}"
     out = f"{topic}.predictions"
     t_started = time.monotonic()
     create_topics(brokers, [(topic, partitions), (out, partitions), (f"{topic}.dlq", 1)])
     ray.get([a.start.remote(brokers, topic, out, f"{topic}-group", batch, args.max_wait_ms,
-                            max(1000, 4 * batch)) for a in pool.actors], timeout=120)
+                            max(1000, 4 * batch), **settings) for a in pool.actors], timeout=120)
     cell = f"{system} w{workers} b{batch}"
 
     def settled(s):  # every partition owned, every worker owning some

@@ -140,6 +140,9 @@ struct WorkerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decode_threads: Option<usize>,
     #[arg(long, value_name = "DEVICE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     device: Option<String>,
@@ -350,6 +353,8 @@ mod tests {
                 "5",
                 "--threads",
                 "2",
+                "--decode-threads",
+                "3",
                 "--device",
                 "auto",
                 "--top-k",
@@ -385,7 +390,7 @@ mod tests {
         let connected: Vec<_> = c.client_properties().unwrap().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
         assert_eq!(connected, ["enable.ssl.certificate.verification=false", "linger.ms=5", "linger.ms=1"]);
         assert_eq!((c.batch_size, c.status_interval_s, c.create_topics, c.stall_after_s), (3, 1, Some(2), 7));
-        assert_eq!(c.device, "auto");
+        assert_eq!((c.device.as_str(), c.decode_threads), ("auto", Some(3)));
         assert_eq!(c.kafka, vec![("linger.ms".to_string(), "1".to_string())]);
     }
 

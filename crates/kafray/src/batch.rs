@@ -175,12 +175,32 @@ impl BatchQueue {
     /// shrink meanwhile, so the batch never passes `max_size`.
     pub fn push(&self, meta: FrameMeta, tensor: &[f32]) {
         debug_assert_eq!(tensor.len(), self.input_len);
-        let mut s = self.state.lock().unwrap();
+        self.append(self.state.lock().unwrap(), meta, tensor);
+    }
+
+    fn append(&self, mut s: std::sync::MutexGuard<'_, Building>, meta: FrameMeta, tensor: &[f32]) {
         s.batch.input.extend_from_slice(tensor);
         s.batch.frames.push(meta);
         s.first_at.get_or_insert_with(Instant::now);
         drop(s);
         self.filled.notify_one();
+    }
+
+    /// Adds a preprocessed frame once the batch being built is below the limit: for several
+    /// threads that push at once, the wait and the push are one step. Gives up (false, nothing
+    /// added) if `give_up` says so on a wake-up: every [`wake`](Self::wake), every batch taken
+    /// and at least every 100 ms.
+    pub fn push_when_room(&self, meta: FrameMeta, tensor: &[f32], give_up: impl Fn() -> bool) -> bool {
+        debug_assert_eq!(tensor.len(), self.input_len);
+        let mut s = self.state.lock().unwrap();
+        while s.batch.len() >= s.policy.limit {
+            if give_up() {
+                return false;
+            }
+            s = self.room.wait_timeout(s, Duration::from_millis(100)).unwrap().0;
+        }
+        self.append(s, meta, tensor);
+        true
     }
 
     /// For the inference thread, once free: the next batch as soon as the policy dispatches

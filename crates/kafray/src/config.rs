@@ -42,6 +42,13 @@ pub struct WorkerConfig {
     pub latency_target_ms: Option<u64>,
     /// ONNX Runtime intra-op threads per worker (1 is robust when workers share cores).
     pub threads: usize,
+    /// Threads that decode and preprocess frames. With 1 the polling thread decodes each frame
+    /// itself; with more, a pool decodes while it polls, and frames join batches as their
+    /// decoding ends (offsets are still stored in each partition's order). `auto`: the CPUs this
+    /// process may use, less `threads`, at least 1, so that workers on a host sized by their
+    /// CPU share (as on Ray) do not oversubscribe it.
+    #[schemars(extend("x-shown-default" = "auto"))]
+    pub decode_threads: Option<usize>,
     /// Where the model runs: `cpu`, `cuda` or `cuda:N` (GPU N; fails where ONNX Runtime has
     /// no CUDA), or `auto` (CUDA where it works, else the CPU with a warning). CUDA needs the
     /// `onnxruntime-gpu` build of libonnxruntime (`ORT_DYLIB_PATH`).
@@ -131,6 +138,7 @@ impl Default for WorkerConfig {
             max_wait_ms: 0,
             latency_target_ms: None,
             threads: 1,
+            decode_threads: None,
             device: "cpu".into(),
             top_k: 5,
             max_in_flight: 1000,
@@ -270,6 +278,11 @@ impl WorkerConfig {
         }
         if self.threads == 0 {
             return bad("--threads must be at least 1".into());
+        }
+        if self.decode_threads == Some(0) {
+            return bad(
+                "--decode-threads must be at least 1 (1: the polling thread decodes), or left out for auto".into()
+            );
         }
         crate::model::Device::parse(&self.device)?;
         if self.top_k == 0 {
@@ -499,6 +512,8 @@ mod tests {
         assert!(c.validate().is_err());
         let c = WorkerConfig { kafka: vec![("enable.auto.offset.store".into(), "true".into())], ..Default::default() };
         assert!(c.validate().is_err());
+        let c = WorkerConfig { decode_threads: Some(0), ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("left out for auto"));
         assert!(WorkerConfig::default().validate().is_ok());
     }
 

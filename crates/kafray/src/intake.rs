@@ -1,19 +1,18 @@
 //! The intake thread's side of a worker: poll, decode and preprocess into the batch being
 //! built, with backpressure, offset stores, the worker's health and the status line. Kept apart
 //! from the wiring in [`crate::worker`] so that what happens to one polled frame reads in one place.
-use crate::batch::{BatchQueue, FrameMeta};
+use crate::batch::BatchQueue;
 use crate::config::WorkerConfig;
+use crate::decode::{decode_one, Handoff, Polled, PoolFailure};
 use crate::error::{Error, Result};
-use crate::frame::{FrameHeaders, HEADER_FORMAT, HEADER_LABEL, HEADER_SEQ, HEADER_SHAPE};
 use crate::metrics::{DeadLetterReason, Health, Metrics, Snapshot, StageTimers, WorkerState};
 use crate::model::ModelSpec;
 use crate::offsets::OffsetTracker;
-use crate::sink::{now_ms, Ack, Refused, ResultSink};
+use crate::sink::{Ack, Refused, ResultSink};
 use crate::source::{self, ConsumerError, FrameSource};
 use crate::worker::POLL_SLICE;
+use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::Message;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -35,17 +34,24 @@ const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// for it (librdkafka says so when it loses the brokers, not when it finds them again).
 const BROKER_TROUBLE_WINDOW: Duration = Duration::from_secs(10);
 
+/// Who decodes the frames the intake polls ([`crate::decode`]).
+pub(crate) enum Decode<'a> {
+    /// The intake itself, for this model, through one model input, before it polls the next frame.
+    Inline { spec: &'a ModelSpec, tensor: Vec<f32> },
+    /// A pool of decode threads, fed through `jobs`; a frame polled while every thread was busy
+    /// waits in `pending`, and nothing more is polled until it is handed over.
+    Pool { jobs: Option<Sender<Polled>>, pending: Option<Polled>, failure: &'a PoolFailure },
+}
+
 /// The intake thread's state: borrowed wiring, and what it tracks of partitions and health.
 pub(crate) struct Intake<'a, S> {
     config: &'a WorkerConfig,
-    spec: &'a ModelSpec,
     source: &'a S,
     sink: &'a dyn ResultSink,
     tracker: &'a OffsetTracker,
     metrics: &'a Metrics,
     queue: &'a BatchQueue,
-    /// One preprocessed frame, before it joins the batch.
-    tensor: Vec<f32>,
+    decode: Decode<'a>,
     /// Partitions kafray paused. librdkafka keeps an application's pause across a revoke and a
     /// re-assignment, so kafray owns each pause: a partition that comes (back) is resumed unless
     /// a long hold is on, and every pause it made is undone when the hold ends.
@@ -71,22 +77,21 @@ pub(crate) struct Intake<'a, S> {
 impl<'a, S: FrameSource> Intake<'a, S> {
     pub(crate) fn new(
         config: &'a WorkerConfig,
-        spec: &'a ModelSpec,
         source: &'a S,
         sink: &'a dyn ResultSink,
         tracker: &'a OffsetTracker,
         metrics: &'a Metrics,
         queue: &'a BatchQueue,
+        decode: Decode<'a>,
     ) -> Self {
         Intake {
             config,
-            spec,
             source,
             sink,
             tracker,
             metrics,
             queue,
-            tensor: vec![0.0; spec.input_len()],
+            decode,
             paused: BTreeSet::new(),
             held_since: None,
             owned: HashMap::new(),
@@ -131,12 +136,7 @@ impl<'a, S: FrameSource> Intake<'a, S> {
                 return Err(Error::Internal("the inference thread stopped".into()));
             }
             let stages = &self.metrics.stages;
-            // The batch being built is at the limit while the model runs the one before: wait
-            // for the model to take it rather than read frames that could not join a batch.
-            let handed = Instant::now();
-            let room = self.queue.wait_for_room(POLL_SLICE);
-            StageTimers::add(&stages.handoff_us, handed);
-            if !room {
+            if !self.room_for_a_frame()? {
                 continue;
             }
             self.follow_assignment();
@@ -215,6 +215,49 @@ impl<'a, S: FrameSource> Intake<'a, S> {
             }
         }
         Ok(())
+    }
+
+    /// Waits up to [`POLL_SLICE`] for room for one more frame; true if there is. Inline, the
+    /// batch being built may be at the limit while the model runs the one before: the intake
+    /// waits for the model to take it rather than read frames that could not join a batch. With
+    /// a pool, a frame waiting for a decode thread is handed over first.
+    fn room_for_a_frame(&mut self) -> Result<bool> {
+        let handed = Instant::now();
+        let room = match &mut self.decode {
+            Decode::Inline { .. } => self.queue.wait_for_room(POLL_SLICE),
+            Decode::Pool { jobs, pending, failure } => {
+                if let Some(e) = failure.take() {
+                    return Err(e);
+                }
+                match (pending.take(), jobs.as_ref()) {
+                    (Some(frame), Some(jobs)) => match jobs.send_timeout(frame, POLL_SLICE) {
+                        Ok(()) => true,
+                        Err(SendTimeoutError::Timeout(frame)) => {
+                            *pending = Some(frame);
+                            false
+                        }
+                        Err(SendTimeoutError::Disconnected(_)) => return Err(decoders_gone()),
+                    },
+                    _ => true,
+                }
+            }
+        };
+        StageTimers::add(&self.metrics.stages.handoff_us, handed);
+        Ok(room)
+    }
+
+    /// No more frames will be polled: a frame still waiting goes to the pool (unless it failed:
+    /// then it stays unacknowledged and is read again), and the pool's threads end once they
+    /// have decoded what they hold.
+    pub(crate) fn stop_decoding(&mut self) {
+        if let Decode::Pool { jobs, pending, failure } = &mut self.decode {
+            if let (Some(frame), Some(sender)) = (pending.take(), jobs.as_ref()) {
+                if !failure.failed() {
+                    let _ = sender.send(frame);
+                }
+            }
+            *jobs = None;
+        }
     }
 
     fn store_safe(&self) {
@@ -366,45 +409,32 @@ impl<'a, S: FrameSource> Intake<'a, S> {
         Ok(())
     }
 
-    /// Decodes a frame into the batch being built, or sends it to the dead-letter topic.
-    fn accept(&mut self, msg: &impl Message) -> Result<()> {
-        let (partition, offset) = (msg.partition(), msg.offset());
-        self.tracker.begin(partition, offset);
+    /// Tracks a polled frame, then decodes it into the batch being built (or dead-letters it),
+    /// or hands it to the decode pool.
+    fn accept(&mut self, msg: &impl rdkafka::Message) -> Result<()> {
+        let frame = Polled::from_message(msg);
+        self.tracker.begin(frame.partition, frame.offset);
         self.metrics.consumed.fetch_add(1, Relaxed);
-        let headers = read_headers(msg);
-        let ts_produce_ms = msg.timestamp().to_millis();
-        let value = msg.payload().unwrap_or_default();
-        let (spec, tensor) = (self.spec, &mut self.tensor);
-        let decoding = Instant::now();
-        self.last_polled.insert(partition, decoding);
-        let result = crate::model::preprocess::frame_to_tensor(spec, value, &headers, tensor);
-        let queued_at = StageTimers::add(&self.metrics.stages.decode_us, decoding);
-        match result {
-            Ok(()) => {
-                let meta = FrameMeta {
-                    partition,
-                    offset,
-                    key: msg.key().map(<[u8]>::to_vec),
-                    seq: headers.seq,
-                    truth: headers.label,
-                    ts_produce_ms,
-                    fetch_us: ts_produce_ms.map_or(0, |ts| (now_ms() - ts).max(0) as u64 * 1000),
-                    decode_us: queued_at.duration_since(decoding).as_micros() as u64,
-                    queued_at,
-                    value: value.to_vec(),
-                    headers: msg.headers().map(owned_headers),
-                };
-                self.queue.push(meta, &self.tensor);
+        self.last_polled.insert(frame.partition, Instant::now());
+        match &mut self.decode {
+            Decode::Inline { spec, tensor } => {
+                decode_one(frame, spec, tensor, self.queue, self.sink, self.metrics, Handoff::Checked)
             }
-            Err(rejection) => {
-                tracing::debug!(partition, offset, "dead letter: {rejection}");
-                let ack = Ack::new(partition, offset, ts_produce_ms);
-                let headers = msg.headers().map(owned_headers);
-                self.sink.dead_letter(msg.key(), value, headers, &rejection.0, DeadLetterReason::Undecodable, ack)?;
-            }
+            Decode::Pool { jobs: Some(jobs), pending, .. } => match jobs.try_send(frame) {
+                Ok(()) => Ok(()),
+                Err(TrySendError::Full(frame)) => {
+                    *pending = Some(frame);
+                    Ok(())
+                }
+                Err(TrySendError::Disconnected(_)) => Err(decoders_gone()),
+            },
+            Decode::Pool { jobs: None, .. } => Err(decoders_gone()),
         }
-        Ok(())
     }
+}
+
+fn decoders_gone() -> Error {
+    Error::Internal("the decode threads stopped".into())
 }
 
 /// Stores what became safe, and notes each partition's progress (for the restart budget).
@@ -412,30 +442,6 @@ pub(crate) fn store_safe<S: FrameSource>(source: &S, topic: &str, tracker: &Offs
     for (partition, next) in source::store_safe(source, topic, tracker) {
         metrics.progressed(partition, next);
     }
-}
-
-/// A copy of a record's headers, to publish again with its dead letter.
-fn owned_headers(headers: &impl Headers) -> OwnedHeaders {
-    headers.iter().fold(OwnedHeaders::new_with_capacity(headers.count()), |out, h| {
-        out.insert(Header { key: h.key, value: h.value })
-    })
-}
-
-fn read_headers(msg: &impl Message) -> FrameHeaders {
-    let mut out = FrameHeaders::default();
-    if let Some(headers) = msg.headers() {
-        for h in headers.iter() {
-            let Some(value) = h.value.and_then(|v| std::str::from_utf8(v).ok()) else { continue };
-            match h.key {
-                HEADER_FORMAT => out.format = Some(value.to_string()),
-                HEADER_SHAPE => out.shape = Some(value.to_string()),
-                HEADER_SEQ => out.seq = value.trim().parse().ok(),
-                HEADER_LABEL => out.label = Some(value.to_string()),
-                _ => {}
-            }
-        }
-    }
-    out
 }
 
 /// The periodic status line: rates since the last one, and the worker's state.

@@ -1,17 +1,19 @@
 //! One worker = one consumer-group member:
 //! poll -> decode + preprocess -> micro-batch -> infer -> produce -> (ack) -> store offset.
-//! Polling and decoding run on the calling thread, inference on a second one, so the two
+//! Polling runs on the calling thread, and so does decoding unless a pool of decode threads
+//! does it (`decode_threads`); inference runs on a thread of its own, so decoding and inference
 //! overlap; librdkafka's own threads do the network I/O and call back on acknowledgement.
-//! The two threads meet in a [`BatchQueue`]: the model, once free, takes whatever frames are
-//! ready, so a frame waits for the model and not for a batch window.
+//! Decoding and inference meet in a [`BatchQueue`]: the model, once free, takes whatever frames
+//! are ready, so a frame waits for the model and not for a batch window.
 //!
-//! This module starts, restarts and stops a worker; the two threads' loops are in `intake.rs`
-//! and `infer.rs`.
+//! This module starts, restarts and stops a worker; the threads' loops are in `intake.rs`,
+//! `decode.rs` and `infer.rs`.
 use crate::batch::{BatchPolicy, BatchQueue};
 use crate::config::{ValidConfig, WorkerConfig};
+use crate::decode::{decode_loop, PoolFailure};
 use crate::error::{Error, Result};
 use crate::infer::infer_loop;
-use crate::intake::{store_safe, Intake};
+use crate::intake::{store_safe, Decode, Intake};
 use crate::metrics::{Metrics, Snapshot, WorkerState};
 use crate::model::{Device, Model};
 use crate::offsets::OffsetTracker;
@@ -32,6 +34,8 @@ pub(crate) const POLL_SLICE: Duration = Duration::from_millis(100);
 /// before the worker gives up (waiting 1, 2, 4 s): enough to ride out one broker fault, not to
 /// loop on one frame.
 const RESTARTS_IN_A_ROW: u32 = 3;
+/// How long a worker waits for its consumer to close before it goes on without it.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Serves the metrics and probes at `config.metrics_addr`, and loads and warms the model named
 /// in `config`, then runs until `stop` is set.
@@ -228,7 +232,36 @@ fn run_connected(
         metrics.clone(),
         stop.clone(),
     )?);
-    run_pipeline(config, model, &consumer, sink, tracker, stop, metrics)
+    let outcome = run_pipeline(config, model, &consumer, sink, tracker, stop, metrics);
+    close_consumer(consumer);
+    outcome
+}
+
+/// Closes a consumer that has left its group, waiting at most [`CLOSE_WAIT`] for it. librdkafka's
+/// close looks for the group coordinator until it finds one (confluentinc/librdkafka#3740): with
+/// every broker down it would hold a restart, or a stop, until the broker came back. Past the
+/// wait the close goes on in the background and ends once a broker answers; nothing is lost by
+/// not waiting for it, since only offsets already safe were stored.
+fn close_consumer(consumer: source::Source) {
+    let (closed_tx, closed) = std::sync::mpsc::channel();
+    let closing = std::thread::Builder::new().name("kafray-close".into()).spawn(move || {
+        let began = Instant::now();
+        drop(consumer);
+        if closed_tx.send(()).is_err() {
+            tracing::info!("the previous consumer closed after {:.0} s", began.elapsed().as_secs_f64());
+        }
+    });
+    match closing {
+        Ok(_) => {
+            if closed.recv_timeout(CLOSE_WAIT).is_err() {
+                tracing::warn!(
+                    "the consumer's close waits for the group coordinator (no broker answers); going on, \
+                     and it closes in the background once one does"
+                );
+            }
+        }
+        Err(e) => tracing::warn!("no thread to close the consumer on: {e}"),
+    }
 }
 
 /// The data path from poll to stored offset, over any [`FrameSource`] and [`ResultSink`] (the
@@ -250,10 +283,13 @@ pub fn run_pipeline<S: FrameSource>(
         config.latency_target_ms.map(Duration::from_millis),
     );
     metrics.batch_limit.store(policy.limit(), Relaxed);
+    let decode_threads =
+        crate::decode::decode_threads(config.decode_threads, config.threads, crate::decode::cpu_share());
     tracing::info!(
         worker = %worker_id, model = %model.path.display(), device = %model.device, input = %config.input_topic,
         output = %config.output_topic, group = %config.group, batch_size = config.batch_size,
-        max_wait_ms = config.max_wait_ms, latency_target_ms = ?config.latency_target_ms, "worker started"
+        max_wait_ms = config.max_wait_ms, latency_target_ms = ?config.latency_target_ms, decode_threads,
+        "worker started"
     );
 
     let spec = model.spec.clone();
@@ -271,8 +307,35 @@ pub fn run_pipeline<S: FrameSource>(
             .map_err(|e| Error::io("start the inference thread", e))?
     };
 
-    let mut intake = Intake::new(config, &spec, source, sink.as_ref(), &tracker, &metrics, &queue);
-    let outcome = intake.run(&stop, &infer_stopped);
+    // Each pool thread holds one frame and one more may wait for it: enough to keep them busy.
+    let (jobs, pool_jobs) = crossbeam_channel::bounded(decode_threads);
+    let pool_failure = PoolFailure::default();
+    let decode = match decode_threads {
+        1 => Decode::Inline { spec: &spec, tensor: vec![0.0; spec.input_len()] },
+        _ => Decode::Pool { jobs: Some(jobs), pending: None, failure: &pool_failure },
+    };
+    let mut intake = Intake::new(config, source, sink.as_ref(), &tracker, &metrics, &queue, decode);
+    let outcome = std::thread::scope(|scope| {
+        for i in (0..decode_threads).filter(|_| decode_threads > 1) {
+            let (jobs, spec, queue, sink) = (pool_jobs.clone(), &spec, &*queue, sink.as_ref());
+            let (metrics, infer_stopped, failure) = (&*metrics, &*infer_stopped, &pool_failure);
+            let started = std::thread::Builder::new()
+                .name(format!("kafray-decode-{i}"))
+                .spawn_scoped(scope, move || decode_loop(jobs, spec, queue, sink, metrics, infer_stopped, failure));
+            if let Err(e) = started {
+                // The threads already started end once the intake lets go of the pool.
+                intake.stop_decoding();
+                return Err(Error::io("start a decode thread", e));
+            }
+        }
+        drop(pool_jobs);
+        let outcome = intake.run(&stop, &infer_stopped);
+        // The scope ends once the pool has decoded what it was handed, into the open queue.
+        intake.stop_decoding();
+        outcome
+    });
+    // A failure of the pool after the intake stopped (while it drained).
+    let outcome = outcome.and_then(|()| pool_failure.take().map_or(Ok(()), Err));
     if outcome.is_ok() {
         metrics.set_state(WorkerState::Draining, None);
     }

@@ -138,6 +138,9 @@ struct FakeSink {
     /// (and without it too, if `refuse_bare`).
     refuse_dead_letter_offset: Option<i64>,
     refuse_bare: bool,
+    /// While closed, a dead letter waits in `dead_letter` (its sender is held up on it).
+    dead_letter_gate: Mutex<bool>,
+    gate_opened: Condvar,
     predicted: Mutex<Vec<(i64, usize)>>,
     /// Dead letters sent: offset, reason, and whether the frame's value was left out.
     dead: Mutex<Vec<(i64, String, bool)>>,
@@ -176,6 +179,10 @@ impl FakeSink {
             self.context.settle(&held.remove(i), Ok(()), TOPIC, None);
         }
     }
+    fn open_dead_letter_gate(&self) {
+        *self.dead_letter_gate.lock().unwrap() = false;
+        self.gate_opened.notify_all();
+    }
     fn release_all(&self) {
         let offsets: Vec<i64> = self.held.lock().unwrap().iter().map(|a| a.offset).collect();
         self.release(&offsets);
@@ -197,6 +204,8 @@ impl ResultSink for FakeSink {
         class: DeadLetterReason,
         ack: Ack,
     ) -> Result<()> {
+        let gate = self.dead_letter_gate.lock().unwrap();
+        drop(self.gate_opened.wait_while(gate, |closed| *closed).unwrap());
         self.dead.lock().unwrap().push((ack.offset, reason.to_string(), value.is_empty()));
         self.send(Ack { dead_letter: Some(class), bare: value.is_empty(), ..ack });
         Ok(())
@@ -244,6 +253,8 @@ struct Setup {
     refuse_bare: bool,
     max_in_flight: Option<usize>,
     stall_after_s: Option<u64>,
+    decode_threads: Option<usize>,
+    close_dead_letter_gate: bool,
 }
 
 fn start(model: Model, hold: bool, fail_offset: Option<i64>, events: Vec<Event>) -> Harness {
@@ -276,6 +287,8 @@ fn start_with(model: Model, setup: Setup, events: Vec<Event>) -> Harness {
         refuse_offset: setup.refuse_offset,
         refuse_dead_letter_offset: setup.refuse_dead_letter_offset,
         refuse_bare: setup.refuse_bare,
+        dead_letter_gate: Mutex::new(setup.close_dead_letter_gate),
+        gate_opened: Condvar::new(),
         predicted: Default::default(),
         dead: Default::default(),
     });
@@ -286,6 +299,7 @@ fn start_with(model: Model, setup: Setup, events: Vec<Event>) -> Harness {
         worker_id: Some("fake".into()),
         max_in_flight: setup.max_in_flight.unwrap_or(defaults.max_in_flight),
         stall_after_s: setup.stall_after_s.unwrap_or(defaults.stall_after_s),
+        decode_threads: Some(setup.decode_threads.unwrap_or(1)),
         ..defaults
     }
     .validated()
@@ -595,4 +609,97 @@ fn a_partition_that_has_read_everything_is_no_stall_however_long_it_is_quiet() {
     assert_eq!(h.metrics.health().state, WorkerState::Ready);
     let (outcome, _) = h.finish();
     outcome.unwrap();
+}
+
+/// A frame that cannot be decoded (the shape header does not match its bytes).
+fn undecodable(partition: i32, offset: i64) -> Event {
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: HEADER_FORMAT, value: Some("raw") })
+        .insert(Header { key: HEADER_SHAPE, value: Some("2x2x1") });
+    let ts = Timestamp::CreateTime(now_ms());
+    Event::Frame(OwnedMessage::new(Some(vec![1]), None, TOPIC.into(), ts, partition, offset, Some(headers)))
+}
+
+#[test]
+fn a_decode_pool_predicts_every_frame_once_and_stores_each_partition_in_order() {
+    let events: Vec<Event> = (0..300).flat_map(|o| [frame(0, o, (o % 10) as u8), frame(1, o, (o % 7) as u8)]).collect();
+    let setup = Setup { hold: true, decode_threads: Some(3), ..Setup::default() };
+    let h = start_with(pixel_model(Pixel::default()), setup, events);
+    wait_until("600 results sent", || h.held() == 600);
+    // Everything acknowledged but frames 0@7 and 1@0: nothing of either partition past them is safe.
+    let held: Vec<(i32, i64)> = h.sink.held.lock().unwrap().iter().map(|a| (a.partition, a.offset)).collect();
+    for (partition, offset) in held {
+        if (partition, offset) != (0, 7) && (partition, offset) != (1, 0) {
+            let mut held = h.sink.held.lock().unwrap();
+            let i = held.iter().position(|a| (a.partition, a.offset) == (partition, offset)).unwrap();
+            h.sink.context.settle(&held.remove(i), Ok(()), TOPIC, None);
+        }
+    }
+    assert_eq!(h.tracker.in_flight(), 2);
+    wait_until("offset 7 stored", || h.source.stored(0) == Some(7));
+    assert_eq!(h.source.stored(1), None, "1@0 is not acknowledged: nothing of partition 1 is safe");
+    h.sink.release_all();
+    wait_until("every offset stored", || h.source.stored(0) == Some(300) && h.source.stored(1) == Some(300));
+    let mut offsets: Vec<i64> = h.sink.predicted.lock().unwrap().iter().map(|&(offset, _)| offset).collect();
+    let (outcome, committed) = h.finish();
+    assert_eq!(outcome.unwrap().predicted, 600);
+    assert_eq!(committed, HashMap::from([(0, 300), (1, 300)]));
+    offsets.sort_unstable();
+    let once_per_partition: Vec<i64> = (0..300).flat_map(|o| [o, o]).collect();
+    assert_eq!(offsets, once_per_partition, "each offset once on each partition");
+}
+
+#[test]
+fn a_frame_held_up_in_the_decode_pool_holds_back_its_partition_while_later_frames_pass() {
+    // Frame 0@3 cannot be decoded, and its dead letter waits for the broker (the gate), so one
+    // decode thread holds it; the other threads decode and the model predicts the frames after it.
+    let mut events = frames(0, 0..3);
+    events.push(undecodable(0, 3));
+    events.extend(frames(0, 4..40));
+    let setup = Setup { decode_threads: Some(3), close_dead_letter_gate: true, ..Setup::default() };
+    let h = start_with(pixel_model(Pixel::default()), setup, events);
+    wait_until("39 frames predicted", || h.metrics.snapshot().predicted == 39);
+    // Every offset that is safe now is stored: nothing is left to store.
+    wait_until("the safe offset stored", || h.source.stored(0).is_some() && h.tracker.committable().is_empty());
+    assert_eq!(h.source.stored(0), Some(3), "0@3 has no result yet: nothing past it is stored");
+    assert_eq!(h.tracker.in_flight(), 1);
+    h.sink.open_dead_letter_gate();
+    wait_until("offset 40 stored", || h.source.stored(0) == Some(40));
+    let dead = h.sink.dead.lock().unwrap().clone();
+    let (outcome, committed) = h.finish();
+    let last = outcome.unwrap();
+    assert_eq!((last.predicted, last.dead_lettered), (39, 1));
+    assert_eq!(dead[0].0, 3);
+    assert!(dead[0].1.contains("shape 2x2x1 needs 4"), "{dead:?}");
+    assert_eq!(committed[&0], 40);
+}
+
+#[test]
+fn a_revoke_while_the_decode_pool_holds_frames_forgets_them_and_the_stream_goes_on() {
+    // The revoke comes while frames of partition 0 may still be decoding or batched: their
+    // results come after it, for a partition no longer owned.
+    let mut events = frames(0, 0..50);
+    events.push(Event::Revoke(vec![0]));
+    events.extend(frames(1, 0..50));
+    let setup = Setup { decode_threads: Some(2), ..Setup::default() };
+    let h = start_with(pixel_model(Pixel::default()), setup, events);
+    wait_until("partition 1 stored", || h.source.stored(1) == Some(50));
+    assert_eq!(h.tracker.in_flight(), 0);
+    let predicted = h.sink.predicted.lock().unwrap().clone();
+    let (outcome, committed) = h.finish();
+    outcome.unwrap();
+    assert_eq!(committed[&1], 50);
+    assert_eq!(predicted.len(), 100, "every frame polled got its result");
+}
+
+#[test]
+fn a_broken_model_stops_a_worker_with_a_decode_pool_without_storing_its_frames() {
+    let backend = Pixel::default();
+    let model = pixel_model(backend.clone());
+    backend.broken.store(true, SeqCst);
+    let setup = Setup { decode_threads: Some(3), ..Setup::default() };
+    let h = start_with(model, setup, frames(0, 0..100));
+    let (outcome, committed) = h.ended();
+    assert!(outcome.unwrap_err().to_string().contains("the device is gone"));
+    assert_eq!(committed.get(&0), None, "the frames are read again after a restart");
 }

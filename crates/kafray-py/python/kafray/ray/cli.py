@@ -35,6 +35,7 @@ _RAY_DEFAULTS = {
     "group": "--name",
     "model": "mnist; read here and shipped to the nodes through Ray",
     "threads": "--num-cpus",
+    "decode_threads": "--num-cpus with --num-gpus, else 1",
     "device": "cuda with --num-gpus (the GPU Ray gives the actor), else cpu",
     "worker_id": "the actor's name",
     "metrics_addr": "the node's address, a free port, listed in the deployment's Prometheus targets file",
@@ -75,6 +76,7 @@ def _add_worker_flags(up: argparse.ArgumentParser) -> None:
     w.add_argument("--max-wait-ms", dest="max_wait_ms", type=int, help=_worker_help("max_wait_ms"))
     w.add_argument("--latency-target-ms", dest="latency_target_ms", type=int, help=_worker_help("latency_target_ms"))
     w.add_argument("--threads", type=int, help=_worker_help("threads"))
+    w.add_argument("--decode-threads", dest="decode_threads", type=int, help=_worker_help("decode_threads"))
     w.add_argument("--device", help=_worker_help("device"))
     w.add_argument("--top-k", dest="top_k", type=int, help=_worker_help("top_k"))
     w.add_argument("--max-in-flight", dest="max_in_flight", type=int, help=_worker_help("max_in_flight"))

@@ -76,6 +76,10 @@ class Deployment:
         connect(address)
         config.setdefault("group", name)
         config.setdefault("threads", max(1, int(num_cpus)))
+        # The actor's share is num_cpus, not the node's cores (which a worker's `auto` would see):
+        # on the CPU its inference threads take the share, and the polling thread decodes; with a
+        # GPU inferring, the share decodes.
+        config.setdefault("decode_threads", max(1, int(num_cpus)) if num_gpus > 0 else 1)
         # Ray sets CUDA_VISIBLE_DEVICES to the GPU(s) it gives the actor: "cuda" is GPU 0 of those.
         config.setdefault("device", "cuda" if num_gpus > 0 else "cpu")
         config["model"] = kafray.find_model(config.get("model", "mnist"))
