@@ -4,15 +4,15 @@ JPEG), for MobileNetV2 and for a deliberately cheap model (`pool_linear`: an ave
 linear layer, about 0.04 ms an image, standing in for a model on a GPU), kafray against the Python
 peer (`bench/peer.py`, which uses Pillow's `draft` on JPEGs), in one run.
 
-    .venv/bin/python -m bench.camera                 # a few minutes on 2 cores
-    .venv/bin/python -m bench.camera --frames 1000   # steadier figures
+    .venv/bin/python -m bench.camera                 # about 10 minutes on 2 cores
 
 kafray runs with each of `--decode-threads` (1: the polling thread decodes; 2: a pool of two
 decode threads while it polls).
 
-Each cell is the sweep's (bench/sweep.py, `run_cell`): fresh topics, one worker as a Ray actor
-(one CPU), the frames published as fast as the broker takes them, throughput from the first
-frame's produce timestamp to the last result, and the worker's time per image in each stage.
+Each cell is the sweep's (bench/sweep.py, `run_cell`, as a backlog): fresh topics, the frames
+published first, then one worker as a Ray actor (one CPU) drains them; throughput from its first
+prediction to its last (so the producer, which makes each camera frame as it goes, does not cap
+the cheap model), and the worker's time per image in each stage.
 Results go to `--out`: `camera.csv`, `run.json`, `tables.md` and the chart `camera.png`.
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="built-in names or .onnx paths (e.g. a copy with jpeg_draft = false in its TOML)")
     p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--frames", type=int, default=400, help="frames per cell")
+    p.add_argument("--frames", type=int, default=1000, help="frames per cell")
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--max-wait-ms", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                         for d in args.decode_threads.split(",") if system == "kafray" else ["-"]:
                             settings = {"decode_threads": int(d)} if system == "kafray" else {}
                             row = run_cell(pool, system, model, 1, args.batch, args.frames, args,
-                                           str(int(began)), brokers, 1, size, settings)
+                                           str(int(began)), brokers, 1, size, settings, backlog=True)
                             row["size"], row["decode_threads"] = size, d
                             rows.append(row)
                             print(f"{system:<6} {model:<13} {size:>9} decode threads {d}: {row['images_per_s']:>7.0f} "

@@ -54,8 +54,13 @@ STAGES = ("poll", "decode", "handoff", "idle", "infer", "produce")
 
 
 def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, frames: int, args, run_id: str,
-             brokers: str, partitions: int, size: str = "224", settings: dict | None = None) -> dict:
-    """`settings`: further kafray worker settings (e.g. decode_threads), named in the topic."""
+             brokers: str, partitions: int, size: str = "224", settings: dict | None = None,
+             backlog: bool = False) -> dict:
+    """`settings`: further kafray worker settings (e.g. decode_threads), named in the topic.
+    `backlog`: the frames are published before the workers start, and `images_per_s` is their
+    drain (first prediction to last), so a producer slower than the workers does not cap it;
+    otherwise they are published once the group settled, and it runs from the first frame's
+    produce timestamp to the last prediction."""
     settings = settings or {}
     # A model given as a path names its topic by its file name (a topic name takes no "/").
     named = "".join(f"-{k}{v}" for k, v in sorted(settings.items())).replace("_", "")
@@ -63,6 +68,19 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
     out = f"{topic}.predictions"
     t_started = time.monotonic()
     create_topics(brokers, [(topic, partitions), (out, partitions), (f"{topic}.dlq", 1)])
+
+    def produce():
+        began = time.monotonic()
+        produced = subprocess.run(produce_command(model, brokers, topic, frames, args.photos, size),
+                                  capture_output=True, text=True, timeout=600)
+        if produced.returncode != 0:
+            raise RuntimeError(f"producer failed: {produced.stderr.strip()}")
+        return frames / (time.monotonic() - began)
+
+    producer_rate = produce() if backlog else None
+    cpu0, busy0 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
+    threads0 = cpu_by_thread(pool.pids) if pool.local else {}
+    t0 = time.monotonic()
     ray.get([a.start.remote(brokers, topic, out, f"{topic}-group", batch, args.max_wait_ms,
                             max(1000, 4 * batch), **settings) for a in pool.actors], timeout=120)
     cell = f"{system} w{workers} b{batch}"
@@ -75,16 +93,17 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
         done = sum(x.get("predicted", 0) + x.get("dead_lettered", 0) for x in s)
         return done >= frames, f"{done}/{frames} done"
 
-    pool.wait_until(settled, 90, 0.1, cell)
-    t_settled = time.monotonic()
-    before = pool.stats()
-    cpu0, busy0 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
-    threads0 = cpu_by_thread(pool.pids) if pool.local else {}
-    t0 = time.monotonic()
-    produced = subprocess.run(produce_command(model, brokers, topic, frames, args.photos, size),
-                              capture_output=True, text=True, timeout=600)
-    if produced.returncode != 0:
-        raise RuntimeError(f"producer failed: {produced.stderr.strip()}")
+    if backlog:
+        # The workers drain from their start: every counter of this cell counts.
+        before, t_settled = [{} for _ in pool.actors], t0
+    else:
+        pool.wait_until(settled, 90, 0.1, cell)
+        t_settled = time.monotonic()
+        before = pool.stats()
+        cpu0, busy0 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
+        threads0 = cpu_by_thread(pool.pids) if pool.local else {}
+        t0 = time.monotonic()
+        producer_rate = produce()
     t_produced = time.monotonic()
     pool.wait_until(answered, 600, args.poll_s, cell)
     t1 = time.monotonic()
@@ -94,7 +113,7 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
     t_stopped = time.monotonic()
     report = evaluate(brokers, out, frames)
     if args.verbose:
-        print(f"  settle {t_settled - t_started:.1f} s, produce {t_produced - t0:.1f} s, "
+        print(f"  settle {t_settled - t_started:.1f} s, produce (backlog: start) {t_produced - t0:.1f} s, "
               f"done {t1 - t0:.1f} s, stop {t_stopped - t1:.1f} s, eval {time.monotonic() - t_stopped:.1f} s")
     wall = t1 - t0
     # Stage times over the measurement only (the counters run from the worker's start).
@@ -102,9 +121,10 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
                 - sum(x.get("stages_us", {}).get(k, 0) for x in before) for k in STAGES}
     return {
         "system": system, "model": model, "workers": workers, "batch_size": batch, "frames": frames,
-        "images_per_s": round(frames * 1000 / max(1, report["last_done_ms"] - report["first_produced_ms"]), 1),
+        "images_per_s": round(report["throughput_per_s"], 1) if backlog else
+        round(frames * 1000 / max(1, report["last_done_ms"] - report["first_produced_ms"]), 1),
         "wall_images_per_s": round(frames / wall, 1),
-        "producer_images_per_s": round(frames / (t_produced - t0), 1),
+        "producer_images_per_s": round(producer_rate, 1),
         "latency_ms_p50": report["latency_ms_p50"], "latency_ms_p99": report["latency_ms_p99"],
         "mean_batch": round(report["mean_batch_size"], 2),
         "accuracy": report["accuracy"] if report["accuracy"] is not None else "",

@@ -340,6 +340,30 @@ fn results_undelivered_for_good_restart_the_worker_and_lose_nothing() {
     assert_eq!(report["labelled"], n);
 }
 
+/// A worker told to stop while every broker is down ends within its drain's bounds (deliveries
+/// time out after `message.timeout.ms`, the group is left without an answer), without waiting
+/// for the broker to come back; a worker started after the broker returns predicts every frame.
+#[test]
+fn a_stop_while_the_broker_is_down_ends_the_worker_without_waiting_for_the_broker() {
+    let mut broker = broker();
+    let b = broker.bootstrap();
+    let n = 10_000;
+    run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "2", "--limit", &n.to_string(), "-q"]));
+    let flags = ["--create-topics", "2", "-X", "message.timeout.ms=1500"];
+    let mut worker = WorkerProcess::start(&b, "w-down", &flags);
+    worker.wait_for_predicted(500, Duration::from_secs(60));
+    broker.crash();
+    // 1.5 s for the deliveries to time out, 3 s to leave the group, 5 s for the consumer's close.
+    let exited = worker.stop_within(Duration::from_secs(30));
+    assert!(exited.is_some(), "the worker still runs 30 s after SIGTERM with the broker down:\n{}", worker.log_text());
+    broker.start_again().expect("start the broker again on the same port and storage");
+    let after = WorkerProcess::start(&b, "w-after-down", &flags);
+    let report = eval(&b, "predictions", n, 180);
+    let (clean, log) = after.stop();
+    assert!(clean, "{log}");
+    assert_eq!(report["distinct_frames"], n, "every frame predicted once the broker was back: {report:#}");
+}
+
 /// A tiny in-flight bound on a full topic: the worker pauses and resumes, loses nothing, and
 /// never holds more than the bound (plus what one poll of a just-paused partition may still return).
 #[test]

@@ -106,6 +106,20 @@ impl WorkerProcess {
         (status.success(), self.log_text())
     }
 
+    /// SIGTERM, then wait at most `timeout`: the exit status, or `None` if it still runs (the
+    /// process is left to `Drop`).
+    pub fn stop_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn kill9(&mut self) {
         unsafe { libc_kill(self.child.id() as i32, 9) };
         let _ = self.child.wait();
