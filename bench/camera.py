@@ -7,7 +7,7 @@ peer (`bench/peer.py`, which uses Pillow's `draft` on JPEGs), in one run.
     .venv/bin/python -m bench.camera                 # about 10 minutes on 2 cores
 
 kafray runs with each of `--decode-threads` (1: the polling thread decodes; 2: a pool of two
-decode threads while it polls).
+decode threads while it polls); `kafray-before` is kafray as it was before issue 21 (`BEFORE`).
 
 Each cell is the sweep's (bench/sweep.py, `run_cell`, as a backlog): fresh topics, the frames
 published first, then one worker as a Ray actor (one CPU) drains them; throughput from its first
@@ -20,15 +20,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import kafray
 
 from bench.harness import PHOTOS, ROOT, CLI, Pool, cluster, machine, read_csv, write_csv
 from bench.sweep import run_cell
 
 SIZES = ("455x256", "640x480", "1280x720", "1920x1080")
 MODELS = ("mobilenet_v2", "pool_linear")
-SYSTEMS = ("kafray", "peer")
+SYSTEMS = ("kafray", "kafray-before", "peer")
+# kafray as it was before issue 21, in the same run: every JPEG decoded in full (`jpeg_draft = false`
+# in a TOML beside a copy of the model), on the polling thread, with librdkafka's own 1 s
+# fetch.queue.backoff.ms.
+BEFORE = {"decode_threads": 1, "kafka": [["fetch.queue.backoff.ms", "1000"]]}
+
+
+def full_decode_copy(model: str, folder: Path) -> str:
+    """A copy of `model` (with its labels) whose TOML turns the scaled JPEG decode off."""
+    import shutil
+
+    src = Path(kafray.find_model(model))
+    for f in [src, src.with_name("imagenet_classes.txt")]:
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    (folder / src.with_suffix(".toml").name).write_text("jpeg_draft = false\n")
+    return str(folder / src.name)
 
 
 def plot(out: Path, rows: list[dict], meta: dict) -> Path:
@@ -42,10 +61,11 @@ def plot(out: Path, rows: list[dict], meta: dict) -> Path:
     for col, model in enumerate(models):
         ax = axes[0][col]
         for system, label, style in [("kafray", f"kafray, {d} decode thread(s)", "o-" if d == "1" else "D-")
-                                     for d in decoders(rows)] + [("peer", "peer (Pillow draft)", "s--")]:
+                                     for d in decoders(rows)] + [("kafray-before", "kafray before (full decode, 1 s "
+                                                                  "fetch backoff)", "x:"), ("peer", "peer (Pillow draft)", "s--")]:
             pts = [(s, float(r["images_per_s"])) for s in SIZES for r in rows
                    if r["model"] == model and r["system"] == system and r["size"] == s
-                   and (system == "peer" or f"{r['decode_threads']} decode" in label)]
+                   and (system != "kafray" or f"{r['decode_threads']} decode" in label)]
             if pts:
                 ax.plot([SIZES.index(s) for s, _ in pts], [v for _, v in pts], style, label=label)
         ax.set_xticks(range(len(SIZES)), SIZES)
@@ -85,12 +105,19 @@ def tables(rows: list[dict], meta: dict) -> str:
     cell = {(r["system"], r["model"], r["size"], r["decode_threads"]): r for r in rows}
     lines = [f"{meta['started']}, {meta['machine']['cpu']} ({meta['machine']['cores']} cores), command "
              f"`{meta['command']}`, {meta['frames']} frames per cell, batch {meta['batch']}.", "",
-             "| model | size | decode threads | kafray img/s | of its 455x256 rate | of 1 decode thread | peer img/s "
-             "| kafray/peer | decode ms | infer ms | produce ms | p50 / p99 ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | size | decode threads | kafray img/s | of its 455x256 rate | of 1 decode thread | of before "
+             "| peer img/s | kafray/peer | decode ms | infer ms | produce ms | p50 / p99 ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         for size in SIZES:
-            p = cell.get(("peer", model, size, "-"))
+            p, before = cell.get(("peer", model, size, "-")), cell.get(("kafray-before", model, size, "1"))
+            if before:
+                b = float(before["images_per_s"])
+                lines.append(f"| {model} | {size} | before | {b:.0f} | - | - | 1.00 | "
+                             + (f"{float(p['images_per_s']):.0f} | {b / float(p['images_per_s']):.2f} | " if p else "- | - | ")
+                             + f"{float(before['decode_ms_per_image']):.2f} | {float(before['infer_ms_per_image']):.2f} | "
+                             f"{float(before['produce_ms_per_image']):.2f} | {before['latency_ms_p50']} / "
+                             f"{before['latency_ms_p99']} |")
             for d in decoders(rows):
                 k = cell.get(("kafray", model, size, d))
                 if not k:
@@ -99,7 +126,7 @@ def tables(rows: list[dict], meta: dict) -> str:
                 base, one = cell.get(("kafray", model, SIZES[0], d)), cell.get(("kafray", model, size, "1"))
                 ratio = lambda other: f"{kr / float(other['images_per_s']):.2f}" if other else "-"  # noqa: E731
                 lines.append(
-                    f"| {model} | {size} | {d} | {kr:.0f} | {ratio(base)} | {ratio(one)} | "
+                    f"| {model} | {size} | {d} | {kr:.0f} | {ratio(base)} | {ratio(one)} | {ratio(before)} | "
                     + (f"{float(p['images_per_s']):.0f} | **{ratio(p)}** | " if p else "- | - | ")
                     + f"{float(k['decode_ms_per_image']):.2f} | {float(k['infer_ms_per_image']):.2f} | "
                     f"{float(k['produce_ms_per_image']):.2f} | {k['latency_ms_p50']} / {k['latency_ms_p99']} |")
@@ -141,13 +168,16 @@ def main(argv: list[str] | None = None) -> int:
             "batch": args.batch}
     with cluster(args.brokers, args.address, 1) as (brokers, meta["broker"]):
         rows = []
+        copies = tempfile.TemporaryDirectory()
         for model in models:
             for system in systems:
-                pool = Pool(system, 1, model, args.threads)
+                before = system == "kafray-before"
+                pool = Pool("kafray" if before else system, 1,
+                            full_decode_copy(model, Path(copies.name)) if before else model, args.threads)
                 try:
                     for size in sizes:
-                        for d in args.decode_threads.split(",") if system == "kafray" else ["-"]:
-                            settings = {"decode_threads": int(d)} if system == "kafray" else {}
+                        for d in (args.decode_threads.split(",") if system == "kafray" else ["1"] if before else ["-"]):
+                            settings = BEFORE if before else {"decode_threads": int(d)} if system == "kafray" else {}
                             row = run_cell(pool, system, model, 1, args.batch, args.frames, args,
                                            str(int(began)), brokers, 1, size, settings, backlog=True)
                             row["size"], row["decode_threads"] = size, d

@@ -63,7 +63,7 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
     produce timestamp to the last prediction."""
     settings = settings or {}
     # A model given as a path names its topic by its file name (a topic name takes no "/").
-    named = "".join(f"-{k}{v}" for k, v in sorted(settings.items())).replace("_", "")
+    named = "".join(f"-{k}{v}" for k, v in sorted(settings.items()) if isinstance(v, (int, str))).replace("_", "")
     topic = f"sweep-{run_id}-{Path(model).stem}-{system}-w{workers}-b{batch}-{size}{named}"
     out = f"{topic}.predictions"
     t_started = time.monotonic()
@@ -113,8 +113,9 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
     t_stopped = time.monotonic()
     report = evaluate(brokers, out, frames)
     if args.verbose:
-        print(f"  settle {t_settled - t_started:.1f} s, produce (backlog: start) {t_produced - t0:.1f} s, "
-              f"done {t1 - t0:.1f} s, stop {t_stopped - t1:.1f} s, eval {time.monotonic() - t_stopped:.1f} s")
+        first = f"publish {t0 - t_started:.1f} s, start" if backlog else f"settle {t_settled - t_started:.1f} s, produce"
+        print(f"  {first} {t_produced - t0:.1f} s, done {t1 - t0:.1f} s, stop {t_stopped - t1:.1f} s, "
+              f"eval {time.monotonic() - t_stopped:.1f} s")
     wall = t1 - t0
     # Stage times over the measurement only (the counters run from the worker's start).
     stage_us = {k: sum(x.get("stages_us", {}).get(k, 0) for x in final)

@@ -1,5 +1,6 @@
-//! The intake thread's side of a worker: poll, decode and preprocess into the batch being
-//! built, with backpressure, offset stores, the worker's health and the status line. Kept apart
+//! The intake thread's side of a worker: poll, then decode and preprocess into the batch being
+//! built (or hand the frame to the decode pool), with backpressure, offset stores, the worker's
+//! health and the status line. Kept apart
 //! from the wiring in [`crate::worker`] so that what happens to one polled frame reads in one place.
 use crate::batch::BatchQueue;
 use crate::config::WorkerConfig;

@@ -246,6 +246,11 @@ pub fn subscribe(
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
         .set("partition.assignment.strategy", "cooperative-sticky")
+        // librdkafka prefetches up to queued.max.messages.kbytes (64 MB) and, once past it, waits
+        // fetch.queue.backoff.ms (1 s by default) before it fetches again. 64 MB is only ~200
+        // camera frames of 1080p, which a decode pool drains in well under a second: the worker
+        // then starved for the rest of that second (bench/RESULTS.md, "Camera-size frames").
+        .set("fetch.queue.backoff.ms", "10")
         .set("statistics.interval.ms", stats_interval_ms.to_string());
     for (k, v) in extra {
         cfg.set(k, v);
