@@ -50,6 +50,9 @@ def test_actors_land_on_both_nodes_and_predict_all_10000_digits(ray_cluster, bro
         for path in ("/healthz", "/readyz"):
             status, body = _probe(w["metrics_endpoint"], path)
             assert (status, body["state"]) == (200, "ready"), (w["metrics_endpoint"], path, body)
+    # A CPU actor's share is its num_cpus, which its inference threads take: its polling thread
+    # decodes (the worker's own `auto` would count the node's cores instead).
+    assert (d.config["threads"], d.config["decode_threads"]) == (1, 1), d.config
     finals = d.stop()
     assert sum(f["predicted"] for f in finals) == 10_000 and all(f["error"] is None for f in finals), finals
 
