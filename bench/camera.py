@@ -108,28 +108,26 @@ def tables(rows: list[dict], meta: dict) -> str:
              "| model | size | decode threads | kafray img/s | of its 455x256 rate | of 1 decode thread | of before "
              "| peer img/s | kafray/peer | decode ms | infer ms | produce ms | p50 / p99 ms |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def ratio(r: dict, other: dict | None) -> str:
+        return f"{float(r['images_per_s']) / float(other['images_per_s']):.2f}" if other else "-"
+
+    def line(model: str, size: str, label: str, r: dict, ratios: list[str], peer: dict | None, bold: bool) -> str:
+        vs_peer = f"**{ratio(r, peer)}**" if bold else ratio(r, peer)
+        return (f"| {model} | {size} | {label} | {float(r['images_per_s']):.0f} | {' | '.join(ratios)} | "
+                + (f"{float(peer['images_per_s']):.0f} | {vs_peer} | " if peer else "- | - | ")
+                + f"{float(r['decode_ms_per_image']):.2f} | {float(r['infer_ms_per_image']):.2f} | "
+                f"{float(r['produce_ms_per_image']):.2f} | {r['latency_ms_p50']} / {r['latency_ms_p99']} |")
+
     for model in dict.fromkeys(r["model"] for r in rows):
         for size in SIZES:
             p, before = cell.get(("peer", model, size, "-")), cell.get(("kafray-before", model, size, "1"))
             if before:
-                b = float(before["images_per_s"])
-                lines.append(f"| {model} | {size} | before | {b:.0f} | - | - | 1.00 | "
-                             + (f"{float(p['images_per_s']):.0f} | {b / float(p['images_per_s']):.2f} | " if p else "- | - | ")
-                             + f"{float(before['decode_ms_per_image']):.2f} | {float(before['infer_ms_per_image']):.2f} | "
-                             f"{float(before['produce_ms_per_image']):.2f} | {before['latency_ms_p50']} / "
-                             f"{before['latency_ms_p99']} |")
+                lines.append(line(model, size, "before", before, ["-", "-", "1.00"], p, bold=False))
             for d in decoders(rows):
                 k = cell.get(("kafray", model, size, d))
-                if not k:
-                    continue
-                kr = float(k["images_per_s"])
-                base, one = cell.get(("kafray", model, SIZES[0], d)), cell.get(("kafray", model, size, "1"))
-                ratio = lambda other: f"{kr / float(other['images_per_s']):.2f}" if other else "-"  # noqa: E731
-                lines.append(
-                    f"| {model} | {size} | {d} | {kr:.0f} | {ratio(base)} | {ratio(one)} | {ratio(before)} | "
-                    + (f"{float(p['images_per_s']):.0f} | **{ratio(p)}** | " if p else "- | - | ")
-                    + f"{float(k['decode_ms_per_image']):.2f} | {float(k['infer_ms_per_image']):.2f} | "
-                    f"{float(k['produce_ms_per_image']):.2f} | {k['latency_ms_p50']} / {k['latency_ms_p99']} |")
+                if k:
+                    base, one = cell.get(("kafray", model, SIZES[0], d)), cell.get(("kafray", model, size, "1"))
+                    lines.append(line(model, size, d, k, [ratio(k, base), ratio(k, one), ratio(k, before)], p, bold=True))
     return "\n".join(lines) + "\n"
 
 

@@ -77,10 +77,12 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
             raise RuntimeError(f"producer failed: {produced.stderr.strip()}")
         return frames / (time.monotonic() - began)
 
+    def start_of_measurement():  # the workers' CPU, the machine's, the workers' by thread, the clock
+        return (cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy(),
+                cpu_by_thread(pool.pids) if pool.local else {}, time.monotonic())
+
     producer_rate = produce() if backlog else None
-    cpu0, busy0 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
-    threads0 = cpu_by_thread(pool.pids) if pool.local else {}
-    t0 = time.monotonic()
+    cpu0, busy0, threads0, t0 = start_of_measurement()
     ray.get([a.start.remote(brokers, topic, out, f"{topic}-group", batch, args.max_wait_ms,
                             max(1000, 4 * batch), **settings) for a in pool.actors], timeout=120)
     cell = f"{system} w{workers} b{batch}"
@@ -100,9 +102,7 @@ def run_cell(pool: Pool, system: str, model: str, workers: int, batch: int, fram
         pool.wait_until(settled, 90, 0.1, cell)
         t_settled = time.monotonic()
         before = pool.stats()
-        cpu0, busy0 = cpu_seconds(pool.pids) if pool.local else float("nan"), machine_busy()
-        threads0 = cpu_by_thread(pool.pids) if pool.local else {}
-        t0 = time.monotonic()
+        cpu0, busy0, threads0, t0 = start_of_measurement()
         producer_rate = produce()
     t_produced = time.monotonic()
     pool.wait_until(answered, 600, args.poll_s, cell)

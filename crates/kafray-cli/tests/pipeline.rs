@@ -313,6 +313,23 @@ fn a_broker_crash_mid_stream_loses_no_frame() {
     assert_eq!(report["labelled"], n);
 }
 
+/// Deliveries fail for good after 1.5 s of outage.
+const OUTAGE_FLAGS: [&str; 4] = ["--create-topics", "2", "-X", "message.timeout.ms=1500"];
+
+/// The 10,000 MNIST digits published, a worker `id` working through them with [`OUTAGE_FLAGS`],
+/// and the broker crashed once 500 are predicted, so that results are in flight. Returns the
+/// broker, its address, the number of frames and the worker.
+fn broker_crashed_under_a_backlog(id: &str) -> (kafray_tools::broker::EmbeddedBroker, String, usize, WorkerProcess) {
+    let mut broker = broker();
+    let b = broker.bootstrap();
+    let n = 10_000;
+    run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "2", "--limit", &n.to_string(), "-q"]));
+    let mut worker = WorkerProcess::start(&b, id, &OUTAGE_FLAGS);
+    worker.wait_for_predicted(500, Duration::from_secs(60));
+    broker.crash();
+    (broker, b, n, worker)
+}
+
 /// An outage longer than `message.timeout.ms` fails deliveries for good (as a fatal producer
 /// error does): the worker starts again with new clients by itself, without waiting for the
 /// broker to come back, and every frame is predicted.
@@ -322,13 +339,7 @@ fn a_broker_crash_mid_stream_loses_no_frame() {
 /// a paced producer might have had nothing to deliver, and no reason to restart).
 #[test]
 fn results_undelivered_for_good_restart_the_worker_and_lose_nothing() {
-    let mut broker = broker();
-    let b = broker.bootstrap();
-    let n = 10_000;
-    run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "2", "--limit", &n.to_string(), "-q"]));
-    let mut worker = WorkerProcess::start(&b, "w-outage", &["--create-topics", "2", "-X", "message.timeout.ms=1500"]);
-    worker.wait_for_predicted(500, Duration::from_secs(60));
-    broker.crash();
+    let (mut broker, b, n, mut worker) = broker_crashed_under_a_backlog("w-outage");
     // While the broker is still down: the old clients' close must not wait for it.
     worker.wait_for("starting again", Duration::from_secs(60));
     broker.start_again().expect("start the broker again on the same port and storage");
@@ -345,19 +356,12 @@ fn results_undelivered_for_good_restart_the_worker_and_lose_nothing() {
 /// for the broker to come back; a worker started after the broker returns predicts every frame.
 #[test]
 fn a_stop_while_the_broker_is_down_ends_the_worker_without_waiting_for_the_broker() {
-    let mut broker = broker();
-    let b = broker.bootstrap();
-    let n = 10_000;
-    run_ok(&mut kafray(&["produce", "mnist", "--brokers", &b, "--partitions", "2", "--limit", &n.to_string(), "-q"]));
-    let flags = ["--create-topics", "2", "-X", "message.timeout.ms=1500"];
-    let mut worker = WorkerProcess::start(&b, "w-down", &flags);
-    worker.wait_for_predicted(500, Duration::from_secs(60));
-    broker.crash();
+    let (mut broker, b, n, mut worker) = broker_crashed_under_a_backlog("w-down");
     // 1.5 s for the deliveries to time out, 3 s to leave the group, 5 s for the consumer's close.
     let exited = worker.stop_within(Duration::from_secs(30));
     assert!(exited.is_some(), "the worker still runs 30 s after SIGTERM with the broker down:\n{}", worker.log_text());
     broker.start_again().expect("start the broker again on the same port and storage");
-    let after = WorkerProcess::start(&b, "w-after-down", &flags);
+    let after = WorkerProcess::start(&b, "w-after-down", &OUTAGE_FLAGS);
     let report = eval(&b, "predictions", n, 180);
     let (clean, log) = after.stop();
     assert!(clean, "{log}");
